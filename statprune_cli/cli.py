@@ -1,0 +1,231 @@
+"""The ``statprune`` command line: calibrate, prune, eval-ppl and export, each driven by one YAML config.
+
+Exit codes: 0 success, 2 bad input (config, files, data), 1 a run that failed.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from statprune_cli import __version__
+from statprune_cli.errors import InputError
+
+app = typer.Typer(
+    name="statprune",
+    help="Prune LLMs after training with statistically corrected magnitude pruning. No retraining, no gradients.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a config value: key.path=value (YAML value). Repeatable.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no log lines; errors still go to stderr.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout (for CI jobs and scripts).")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output, once the new one is complete.")]
+
+
+def _exit_codes(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Bad input: one line and exit 2. Any other failure: one line and exit 1 (STATPRUNE_DEBUG=1 for the traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except InputError as e:
+            print(f"statprune: error: {e}", file=sys.stderr)
+            raise typer.Exit(2) from None
+        except (typer.Exit, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            if os.environ.get("STATPRUNE_DEBUG"):
+                raise
+            print(f"statprune: failed: {type(e).__name__}: {e}", file=sys.stderr)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _emit(report: Any, as_json: bool, render: Callable[[], None]) -> None:
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        render()
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"statprune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")] = False,
+) -> None:
+    """statprune: post-training pruning of LLMs with statistical correction."""
+
+
+@app.command()
+@_exit_codes
+def prune(
+    config: Annotated[Path, typer.Argument(help="YAML config file (see configs/).")],
+    set_: SetOpt = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output folder (overrides output.dir).")] = None,
+    overwrite: OverwriteOpt = False,
+    stats: Annotated[Optional[Path], typer.Option("--stats", help="Statistics from `statprune calibrate`: prune with no forward pass (one-shot).")] = None,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Load, calibrate layer by layer, prune, evaluate (if eval.datasets is set), and write the output folder.
+
+    Example: statprune prune configs/smollm2-135m-statprune-50.yaml --set pruning.sparsity=0.6 -o out/sp60
+    """
+    from statprune_cli.config import load_config
+    from statprune_cli.pipeline import run_prune
+    from statprune_cli.report import print_report
+    from statprune_cli.ui import UI
+
+    overrides = list(set_ or []) + ([f"output.dir={output}"] if output else [])
+    cfg = load_config(config, overrides)
+    ui = UI(quiet=quiet)
+    report = run_prune(cfg, overwrite=overwrite, stats_path=stats, ui=ui)
+    _emit(report, as_json, lambda: None if quiet else print_report(report, ui.console))
+
+
+@app.command()
+@_exit_codes
+def calibrate(
+    config: Annotated[Path, typer.Argument(help="YAML config file (its model and calibration sections are used).")],
+    set_: SetOpt = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Statistics file to write (.safetensors); a .json summary goes beside it.")] = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run the calibration pass only and save per-linear channel statistics (count, sum, sum of squares, sum of |x|).
+
+    Reuse them with `statprune prune CONFIG --stats FILE` to sweep sparsities in seconds.
+    Example: statprune calibrate configs/smollm2-135m-statprune-50.yaml -o out/smollm2.stats.safetensors
+    """
+    from rich.table import Table
+
+    from statprune_cli.config import load_config
+    from statprune_cli.pipeline import run_calibrate
+    from statprune_cli.ui import UI
+
+    cfg = load_config(config, list(set_ or []))
+    if output is None:
+        if not cfg.output.dir:
+            raise InputError("--output: required (or set output.dir, which gives OUTPUT_DIR.stats.safetensors)")
+        output = Path(cfg.output.dir.rstrip("/") + ".stats.safetensors")
+    ui = UI(quiet=quiet)
+    summary = run_calibrate(cfg, output, overwrite=overwrite, ui=ui)
+
+    def render() -> None:
+        if quiet:
+            return
+        table = Table(title="largest-energy input channels")
+        for col in ("linears", "tokens", "top channels", "share of energy", "max |mean|"):
+            table.add_column(col)
+        for row in summary["inputs"]:
+            names = ",".join(n.rsplit(".", 1)[-1] for n in row["linears"])
+            layer = row["linears"][0].rsplit(".", 2)[0].rsplit(".", 1)[-1]
+            table.add_row(f"{layer}: {names}", str(row["tokens"]), str(row["top_channels"]), f"{row['top_share']:.1%}",
+                          f"{row['max_abs_mean']:.3g}")
+        ui.console.print(table)
+        ui.console.print(f"statistics: {summary['stats_file']}; summary: {summary['summary_file']}")
+
+    _emit(summary, as_json, render)
+
+
+@app.command("eval-ppl")
+@_exit_codes
+def eval_ppl(
+    target: Annotated[str, typer.Argument(help="A YAML config (evaluates its model) or a model folder / hub id.")],
+    dataset: Annotated[str, typer.Option(help="wikitext2, c4, text:PATH, jsonl:PATH or hf:NAME.")] = "wikitext2",
+    data_files: Annotated[Optional[str], typer.Option(help="Local file or folder of the data set (e.g. ../shared/data/wikitext-2-raw).")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Split (default: test).")] = None,
+    seqlen: Annotated[int, typer.Option(help="Window length in tokens.")] = 2048,
+    max_tokens: Annotated[Optional[int], typer.Option(help="Evaluate only the first windows covering this many tokens.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 1,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16, float16 or auto (default: the config's, else float32).")] = None,
+    gguf_file: Annotated[Optional[str], typer.Option(help="GGUF file inside the model folder.")] = None,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Perplexity with the standard protocol: text joined with "\\n\\n", non-overlapping windows, exp(mean NLL).
+
+    Example: statprune eval-ppl out/smollm2-50 --dataset wikitext2 --data-files ../shared/data/wikitext-2-raw --seqlen 512
+    """
+    from statprune_cli.config import DataConfig, ModelConfig, _build, load_config, validate_data
+    from statprune_cli.errors import ConfigError
+    from statprune_cli.pipeline import run_eval
+    from statprune_cli.ui import UI
+
+    if target.endswith((".yaml", ".yml")):
+        cfg = load_config(target, list(set_ or []))
+        model_cfg = cfg.model
+        runtime_device, offload = cfg.runtime.device, cfg.runtime.offload_activations
+        if device != "auto":
+            runtime_device = device
+    else:
+        model_cfg = ModelConfig(name_or_path=target, gguf_file=gguf_file)
+        runtime_device, offload = device, False
+    if dtype is not None:
+        model_cfg.dtype = dtype
+    data = _build(DataConfig, {"dataset": dataset, "data_files": data_files, "split": split}, "--dataset")
+    validate_data(data, "--dataset")
+    if seqlen < 2:
+        raise ConfigError("--seqlen", f"expected an integer >= 2, got {seqlen}")
+    if max_tokens is not None and max_tokens < seqlen:
+        raise ConfigError("--max-tokens", f"expected at least --seqlen ({seqlen}) tokens, got {max_tokens}")
+    ui = UI(quiet=quiet)
+    results = run_eval(model_cfg, [data], seqlen, max_tokens, batch_size, runtime_device, offload, ui)
+
+    def render() -> None:
+        for r in results:
+            limit = f", max_tokens={r['max_tokens']}" if r["max_tokens"] else ""
+            print(f"{r['dataset']}: perplexity {r['perplexity']:.4f} (seqlen {r['seqlen']}, {r['windows']} windows, "
+                  f"{r['tokens']} tokens{limit}, {r['dtype']})")
+
+    _emit(results, as_json, render)
+
+
+@app.command()
+@_exit_codes
+def export(
+    pruned_dir: Annotated[Path, typer.Argument(help="A folder written by `statprune prune`.")],
+    format: Annotated[str, typer.Option("--format", help="dense (Hugging Face folder) or bitmask (nonzero values + packed bit mask).")] = "bitmask",
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write.")] = Path("exported"),
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a pruned model as a dense Hugging Face folder or as a compressed bitmask folder, and report both sizes.
+
+    Example: statprune export out/smollm2-50 --format bitmask -o out/smollm2-50-bitmask
+    """
+    from statprune_cli.bitmask import export_bitmask, export_dense
+
+    if format not in ("dense", "bitmask"):
+        raise InputError(f"--format: expected dense or bitmask, got {format!r}")
+    if not pruned_dir.is_dir():
+        raise InputError(f"PRUNED_DIR: {pruned_dir} is not a folder")
+    sizes = (export_dense if format == "dense" else export_bitmask)(pruned_dir, output, overwrite=overwrite)
+    result = {"format": format, "output": str(output), **sizes}
+    _emit(result, as_json, lambda: print(
+        f"wrote {output} ({format}): weights {sizes['output_bytes'] / 2**20:.1f} MiB, "
+        f"dense weights {sizes['dense_bytes'] / 2**20:.1f} MiB ({sizes['output_bytes'] / max(sizes['dense_bytes'], 1):.0%})"))
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,319 @@
+"""Run configuration: a typed schema, YAML loading, ``--set`` overrides and validation.
+
+Everything a run does is decided here, before any model loads, so that a typo costs a
+second and not an hour. Errors name the key path and what was expected, on one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from statprune_cli.errors import ConfigError
+
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+BUILTIN_DATASETS = ("c4", "wikitext2")
+DATASET_PREFIXES = ("text:", "jsonl:", "hf:")
+
+
+@dataclass
+class ModelConfig:
+    """Which checkpoint to prune: a hub id or a local folder, optionally a GGUF file in it."""
+
+    name_or_path: str = ""
+    gguf_file: str | None = None
+    dtype: str = "float32"
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    """A text source: a built-in name (c4, wikitext2), ``text:PATH``, ``jsonl:PATH`` or ``hf:NAME``."""
+
+    dataset: str = "c4"
+    data_files: str | None = None
+    split: str | None = None
+    text_column: str = "text"
+    subset: str | None = None
+
+
+@dataclass
+class CalibrationConfig(DataConfig):
+    """Calibration windows, drawn as Wanda and SparseGPT do."""
+
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    batch_size: int = 1
+    skip_first_tokens: int = 0
+
+
+@dataclass
+class PruningConfig:
+    """What to prune and how; ``options`` belong to the method and are checked by it."""
+
+    method: str = "statprune"
+    sparsity: float = 0.5
+    pattern: str = "unstructured"
+    granularity: str = "row"
+    targets: list[str] = field(default_factory=lambda: ["Linear"])
+    ignore: list[str] = field(default_factory=lambda: ["lm_head"])
+    sequential: bool = True
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvalConfig:
+    """Perplexity after pruning; an empty ``datasets`` list skips evaluation."""
+
+    datasets: list[DataConfig] = field(default_factory=list)
+    seqlen: int = 2048
+    max_tokens: int | None = None
+    batch_size: int = 1
+
+
+@dataclass
+class OutputConfig:
+    dir: str | None = None
+    shard_size: str = "5GB"
+
+
+@dataclass
+class RuntimeConfig:
+    device: str = "auto"
+    offload_activations: bool = False
+    threads: int | None = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """``"unstructured"`` -> None, ``"2:4"`` -> (2, 4); anything else is a ConfigError."""
+    if pattern == "unstructured":
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(pattern))
+    if not m:
+        raise ConfigError("pruning.pattern", f"expected 'unstructured' or 'N:M' such as '2:4', got {pattern!r}")
+    n, m_ = int(m.group(1)), int(m.group(2))
+    if not 0 < n < m_:
+        raise ConfigError("pruning.pattern", f"expected N:M with 0 < N < M, got {pattern!r}")
+    return n, m_
+
+
+def parse_size(text: str | int, key: str) -> int:
+    """``"5GB"``, ``"500MB"`` or a byte count -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise ConfigError(key, f"expected a size such as '5GB' or '500MB', got {text!r}")
+    unit = (m.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    return int(float(m.group(1)) * scale)
+
+
+# ---------------------------------------------------------------- building from plain data
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and build nested dataclasses."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if dataclasses.is_dataclass(tp):
+        if tp is DataConfig and isinstance(value, str):
+            value = {"dataset": value}
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a mapping, got {value!r}")
+        return _build(tp, value, key)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str) and item is str:
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(key, f"expected a list, got {value!r}")
+        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected a string, got {value!r}")
+        return value
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} at {key}")  # a bug in the schema, not user input
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise ConfigError(key, f"unknown key; expected one of: {', '.join(sorted(names))}")
+        kwargs[k] = _convert(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(dotted, f"cannot set inside {p!r}, which is not a mapping")
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` strings; values are parsed as YAML (``0.6``, ``true``, ``[a, b]``)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError("--set", f"expected key.path=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        _set_path(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file (or start from defaults), apply overrides, build and validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(str(path), "config file not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(str(path), f"not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(str(path), "expected a YAML mapping at the top level")
+    apply_overrides(data, overrides or [])
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+def validate_data(d: DataConfig, key: str) -> None:
+    name = d.dataset
+    if name not in BUILTIN_DATASETS and not name.startswith(DATASET_PREFIXES):
+        raise ConfigError(f"{key}.dataset", f"expected c4, wikitext2, text:PATH, jsonl:PATH or hf:NAME, got {name!r}")
+    if name.startswith(("text:", "jsonl:")):
+        p = Path(name.split(":", 1)[1])
+        if not p.is_file():
+            raise ConfigError(f"{key}.dataset", f"file not found: {p}")
+    if d.data_files is not None and name in BUILTIN_DATASETS and not d.data_files.startswith(("hf:", "en/")):
+        if not Path(d.data_files).exists():
+            raise ConfigError(f"{key}.data_files", f"file not found: {d.data_files}")
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need no model; ``validate_for_model`` does the rest once the config.json is read."""
+    if not cfg.model.name_or_path:
+        raise ConfigError("model.name_or_path", "required: a hub id or a local folder")
+    if cfg.model.dtype not in DTYPES:
+        raise ConfigError("model.dtype", f"expected one of {', '.join(DTYPES)}, got {cfg.model.dtype!r}")
+    c = cfg.calibration
+    validate_data(c, "calibration")
+    for key, val, lo in (("nsamples", c.nsamples, 1), ("seqlen", c.seqlen, 2), ("batch_size", c.batch_size, 1),
+                         ("skip_first_tokens", c.skip_first_tokens, 0)):
+        if val < lo:
+            raise ConfigError(f"calibration.{key}", f"expected an integer >= {lo}, got {val}")
+    if c.skip_first_tokens >= c.seqlen:
+        raise ConfigError("calibration.skip_first_tokens", f"expected fewer than seqlen ({c.seqlen}), got {c.skip_first_tokens}")
+    p = cfg.pruning
+    from statprune_cli.methods import METHODS  # the registry imports torch; keep it out of module import
+
+    if p.method not in METHODS:
+        raise ConfigError("pruning.method", f"expected one of {', '.join(sorted(METHODS))}, got {p.method!r}")
+    if not 0.0 <= p.sparsity < 1.0:
+        raise ConfigError("pruning.sparsity", f"expected a number in [0, 1), got {p.sparsity}")
+    parse_pattern(p.pattern)
+    if p.granularity not in ("row", "matrix"):
+        raise ConfigError("pruning.granularity", f"expected 'row' or 'matrix', got {p.granularity!r}")
+    for key, pats in (("targets", p.targets), ("ignore", p.ignore)):
+        for i, pat in enumerate(pats):
+            if pat.startswith("re:"):
+                try:
+                    re.compile(pat[3:])
+                except re.error as e:
+                    raise ConfigError(f"pruning.{key}[{i}]", f"invalid regular expression: {e}") from None
+    if not p.targets:
+        raise ConfigError("pruning.targets", "expected at least one target")
+    METHODS[p.method].Options.from_dict(p.options)
+    e = cfg.eval
+    for i, d in enumerate(e.datasets):
+        validate_data(d, f"eval.datasets[{i}]")
+    if e.seqlen < 2:
+        raise ConfigError("eval.seqlen", f"expected an integer >= 2, got {e.seqlen}")
+    if e.max_tokens is not None and e.max_tokens < e.seqlen:
+        raise ConfigError("eval.max_tokens", f"expected at least eval.seqlen ({e.seqlen}) tokens, got {e.max_tokens}")
+    if e.batch_size < 1:
+        raise ConfigError("eval.batch_size", f"expected an integer >= 1, got {e.batch_size}")
+    parse_size(cfg.output.shard_size, "output.shard_size")
+    if cfg.runtime.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", cfg.runtime.device):
+        raise ConfigError("runtime.device", f"expected auto, cpu, cuda or cuda:N, got {cfg.runtime.device!r}")
+    if cfg.runtime.threads is not None and cfg.runtime.threads < 1:
+        raise ConfigError("runtime.threads", f"expected an integer >= 1, got {cfg.runtime.threads}")
+
+
+def options_from_dict(cls: type, data: dict[str, Any], key: str = "pruning.options") -> Any:
+    """Build a method's options dataclass, with the same errors as the rest of the config."""
+    return _build(cls, data, key)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,131 @@
+"""Text sources, calibration windows and evaluation windows.
+
+Calibration windows are drawn as in the Wanda and SparseGPT code: a random document longer than
+the window, then a random offset, from a seeded generator (the same config gives the same
+windows, bit for bit). When too few documents are long enough, windows come from the
+concatenated token stream instead.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from statprune_cli.config import DataConfig
+from statprune_cli.errors import InputError
+
+C4_HUB = ("allenai/c4", "en/c4-train.00000-of-01024.json.gz")
+MAX_CALIBRATION_DOCS = 20_000  # tokenizing more than this buys nothing for a few hundred windows
+
+
+def _read_jsonl(path: Path, column: str, key: str) -> list[str]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    docs = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        first = f.read(1)
+        f.seek(0)
+        records = json.load(f) if first == "[" else (json.loads(line) for line in f if line.strip())
+        for i, rec in enumerate(records):
+            if column not in rec:
+                raise InputError(f"{key}: record {i} of {path} has no column {column!r} (text_column)")
+            docs.append(rec[column])
+    return docs
+
+
+def _wikitext_rows(path: Path) -> list[str]:
+    """Rows of the Hugging Face ``wikitext`` data set from a ``wiki.*.raw`` file (blank line = empty row)."""
+    lines = path.read_text(encoding="utf-8").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return ["" if not line.strip() else line + "\n" for line in lines]
+
+
+def _hub(name: str, subset: str | None, split: str, column: str, data_files: str | None, key: str) -> list[str]:
+    import datasets  # imported lazily: it is slow to import and only the hub path needs it
+
+    try:
+        ds = datasets.load_dataset(name, subset, split=split, data_files=data_files)
+    except Exception as e:  # datasets raises many types: offline, missing split, unknown name
+        raise InputError(f"{key}: cannot load data set {name!r} (split {split!r}): {str(e).splitlines()[0]}") from None
+    if column not in ds.column_names:
+        raise InputError(f"{key}.text_column: {column!r} is not a column of {name!r}; columns: {ds.column_names}")
+    return list(ds[column])
+
+
+def load_documents(d: DataConfig, key: str, default_split: str) -> list[str]:
+    """The documents of a text source, as a list of strings."""
+    split = d.split or default_split
+    if d.dataset == "c4":
+        if d.data_files and Path(d.data_files).exists():
+            return _read_jsonl(Path(d.data_files), d.text_column, key)
+        return _hub(C4_HUB[0], None, "train", d.text_column, {"train": d.data_files or C4_HUB[1]}, key)
+    if d.dataset == "wikitext2":
+        split_file = {"train": "train", "validation": "valid", "valid": "valid", "test": "test"}.get(split, split)
+        if d.data_files:
+            p = Path(d.data_files)
+            p = p / f"wiki.{split_file}.raw" if p.is_dir() else p
+            if not p.is_file():
+                raise InputError(f"{key}.data_files: no wiki.{split_file}.raw at {d.data_files}")
+            return _wikitext_rows(p)
+        return _hub("wikitext", "wikitext-2-raw-v1", split, "text", None, key)
+    kind, ref = d.dataset.split(":", 1)
+    if kind == "text":
+        return [Path(ref).read_text(encoding="utf-8")]
+    if kind == "jsonl":
+        return _read_jsonl(Path(ref), d.text_column, key)
+    return _hub(ref, d.subset, split, d.text_column, d.data_files, key)
+
+
+def eval_text(d: DataConfig, key: str) -> str:
+    """The evaluation text: rows joined with "\\n\\n", as the GPTQ/SparseGPT/Wanda protocol does."""
+    return "\n\n".join(load_documents(d, key, default_split="test"))
+
+
+def calibration_windows(
+    docs: list[str], tokenize: Callable[[list[str]], list[list[int]]], nsamples: int, seqlen: int, seed: int,
+    key: str = "calibration", log: Callable[[str], None] = print,
+) -> tuple[torch.Tensor, str]:
+    """``nsamples`` windows of ``seqlen`` tokens, shape (nsamples, seqlen), int64, and where they came from."""
+    docs = docs[:MAX_CALIBRATION_DOCS]
+    ids = tokenize(docs)
+    rng = random.Random(seed)
+    long_docs = sum(len(t) > seqlen for t in ids)
+    windows = []
+    origin = "documents"
+    if long_docs >= nsamples:
+        while len(windows) < nsamples:
+            t = ids[rng.randint(0, len(ids) - 1)]
+            if len(t) <= seqlen:
+                continue
+            start = rng.randint(0, len(t) - seqlen - 1)
+            windows.append(t[start : start + seqlen])
+    else:
+        stream = [tok for t in ids for tok in t]
+        if len(stream) <= seqlen:
+            raise InputError(f"{key}.dataset: only {len(stream)} tokens of text, need more than seqlen={seqlen}")
+        log(f"only {long_docs} of {len(ids)} documents exceed {seqlen} tokens (need {nsamples}): "
+            "drawing windows from the concatenated token stream")
+        origin = "token stream"
+        for _ in range(nsamples):
+            start = rng.randint(0, len(stream) - seqlen - 1)
+            windows.append(stream[start : start + seqlen])
+    return torch.tensor(windows, dtype=torch.long), origin
+
+
+def eval_windows(ids: torch.Tensor, seqlen: int, max_tokens: int | None) -> torch.Tensor:
+    """Non-overlapping windows of ``seqlen`` tokens over the token stream, tail dropped."""
+    n = ids.numel() // seqlen
+    if max_tokens is not None:
+        n = min(n, max_tokens // seqlen)
+    if n == 0:
+        raise InputError(f"eval: the text has {ids.numel()} tokens, fewer than one window of seqlen={seqlen}")
+    return ids[: n * seqlen].reshape(n, seqlen)
+
+
+def batched(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    return list(torch.split(windows, batch_size))

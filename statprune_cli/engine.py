@@ -1,0 +1,249 @@
+"""The layer-wise ("sequential") engine: one decoder layer on the device at a time.
+
+1. Capture the inputs of every decoder layer's first call: the hidden states entering layer 0
+   and, per layer, every other argument the model passes (masks, rotary embeddings, ...), which
+   differ between layers (Gemma 3 alternates sliding-window and global attention).
+2. For each layer: move it to the device, run the batches through it with hooks that collect
+   input statistics of the target linears, let the method prune them, run the batches again to
+   produce the pruned layer's outputs for the next layer, move it back.
+
+The engine knows nothing of any method: it asks ``method.prune`` for each linear.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from statprune_cli.errors import PruneError
+from statprune_cli.layers import find_decoder_layers, target_linears
+from statprune_cli.methods import Method, Target
+from statprune_cli.stats import ChannelStats
+from statprune_cli.ui import UI
+
+LayerArgs = dict[int, tuple[tuple, dict[str, Any]]]  # batch size -> (extra args, kwargs)
+
+
+class _StopForward(Exception):
+    pass
+
+
+@contextmanager
+def _patched_forwards(layers: nn.ModuleList, make: Callable[[int], Callable[..., Any]]) -> Iterator[None]:
+    """Replace each decoder layer's forward for the duration of a model call."""
+    for i, layer in enumerate(layers):
+        layer.forward = make(i)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+def place_model(model: nn.Module, layers_name: str, device: torch.device) -> None:
+    """Move everything but the decoder layers (embeddings, final norm, head, rotary) to ``device``."""
+    parent_name, _, attr = layers_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    layers = getattr(parent, attr)
+    setattr(parent, attr, nn.ModuleList())
+    try:
+        model.to(device)
+    finally:
+        setattr(parent, attr, layers)
+
+
+@torch.no_grad()
+def capture_inputs(
+    model: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor], device: torch.device, store: torch.device
+) -> tuple[list[torch.Tensor], list[LayerArgs]]:
+    """Hidden states entering layer 0 (one tensor per batch) and every layer's other arguments."""
+    hidden: list[torch.Tensor] = []
+    layer_args: list[LayerArgs] = [{} for _ in layers]
+    last = len(layers) - 1
+
+    def make(i: int) -> Callable[..., Any]:
+        def record(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            layer_args[i].setdefault(hidden_states.shape[0], (args, kwargs))
+            if i == 0:
+                hidden.append(hidden_states.to(store))
+            if i == last:
+                raise _StopForward
+            return hidden_states
+
+        return record
+
+    with _patched_forwards(layers, make):
+        for ids in batches:
+            try:
+                model(input_ids=ids.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    return hidden, layer_args
+
+
+@torch.no_grad()
+def forward_layer(
+    layer: nn.Module, inputs: list[torch.Tensor], args: LayerArgs, device: torch.device, store: torch.device,
+    advance: Callable[[], None] = lambda: None,
+) -> list[torch.Tensor]:
+    outputs = []
+    for x in inputs:
+        extra, kwargs = args[x.shape[0]]
+        y = layer(x.to(device), *extra, **kwargs)
+        outputs.append((y[0] if isinstance(y, tuple) else y).to(store))
+        advance()
+    return outputs
+
+
+@torch.no_grad()
+def head_logits(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, final_hidden: torch.Tensor) -> torch.Tensor:
+    """Logits from the last decoder layer's output, through the model's own final norm and head."""
+    last = len(layers) - 1
+
+    def make(i: int) -> Callable[..., Any]:
+        return lambda hidden_states, *a, **k: final_hidden if i == last else hidden_states
+
+    with _patched_forwards(layers, make):
+        return model(input_ids=ids.to(final_hidden.device), use_cache=False).logits
+
+
+@dataclass
+class LinearResult:
+    shape: tuple[int, int]
+    zeros: int
+    sparsity: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LayerResult:
+    index: int
+    seconds: float
+    linears: dict[str, LinearResult] = field(default_factory=dict)
+
+
+@dataclass
+class EngineResult:
+    layers: list[LayerResult]
+    stats: dict[str, ChannelStats]
+
+
+class LayerwiseEngine:
+    """Runs calibration batches through the decoder stack, one layer on the device at a time."""
+
+    def __init__(self, model: nn.Module, device: torch.device, offload_activations: bool, ui: UI) -> None:
+        self.model = model
+        self.layers_name, self.layers = find_decoder_layers(model)
+        self.device = device
+        self.store = torch.device("cpu") if offload_activations else device
+        self.ui = ui
+        place_model(model, self.layers_name, device)
+
+    def linears(self, index: int, targets: list[str], ignore: list[str]) -> dict[str, nn.Linear]:
+        return target_linears(self.layers[index], f"{self.layers_name}.{index}", targets, ignore)
+
+    def capture(self, batches: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[LayerArgs]]:
+        return capture_inputs(self.model, self.layers, batches, self.device, self.store)
+
+    def hidden_states(self, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The last decoder layer's outputs for ``batches`` (evaluation, or the no-pruning check)."""
+        hidden, args = self.capture(batches)
+        with self.ui.progress("layers", len(self.layers)) as advance:
+            for i, layer in enumerate(self.layers):
+                layer.to(self.device)
+                hidden = forward_layer(layer, hidden, args[i], self.device, self.store)
+                layer.to("cpu")
+                advance()
+        return hidden
+
+    def logits(self, ids: torch.Tensor, final_hidden: torch.Tensor) -> torch.Tensor:
+        return head_logits(self.model, self.layers, ids, final_hidden.to(self.device))
+
+    def run(
+        self,
+        method: Method | None,
+        target_for: Callable[[str], Target],
+        targets: list[str],
+        ignore: list[str],
+        batches: list[torch.Tensor] | None,
+        stats: dict[str, ChannelStats] | None = None,
+        sequential: bool = True,
+        skip_first: int = 0,
+    ) -> EngineResult:
+        """Prune every target linear with ``method`` (None: only collect statistics).
+
+        ``stats`` given: no forward pass at all, masks come from those statistics ("one-shot").
+        """
+        collect = stats is None and (method is None or method.needs_calibration)
+        if collect and not batches:
+            raise ValueError("calibration batches are needed to collect statistics")
+        hidden, args = self.capture(batches) if collect else ([], [])
+        all_stats: dict[str, ChannelStats] = dict(stats or {})
+        results = []
+        with self.ui.progress("pruning layers" if method else "calibrating layers", len(self.layers)) as advance:
+            for i, layer in enumerate(self.layers):
+                t0 = time.perf_counter()
+                layer.to(self.device)
+                linears = self.linears(i, targets, ignore)
+                outputs = None
+                if collect:
+                    layer_stats, outputs = self._collect(layer, linears, hidden, args[i], skip_first)
+                    all_stats.update(layer_stats)
+                result = LayerResult(i, 0.0)
+                if method is not None:
+                    for name, linear in linears.items():
+                        result.linears[name] = self._prune_one(method, name, linear, all_stats.get(name), target_for(name))
+                    if collect and sequential:
+                        outputs = forward_layer(layer, hidden, args[i], self.device, self.store)
+                hidden = outputs or []
+                layer.to("cpu")
+                result.seconds = time.perf_counter() - t0
+                results.append(result)
+                advance()
+        return EngineResult(results, all_stats)
+
+    def _collect(
+        self, layer: nn.Module, linears: dict[str, nn.Linear], hidden: list[torch.Tensor], args: LayerArgs, skip_first: int
+    ) -> tuple[dict[str, ChannelStats], list[torch.Tensor]]:
+        """One pass through ``layer`` that accumulates each target linear's input statistics.
+
+        Linears that read the same tensor (q/k/v, gate/up) share one computation of its statistics.
+        """
+        collected = {name: ChannelStats.empty(lin.in_features) for name, lin in linears.items()}
+        memo: dict[str, Any] = {"x": None, "stats": None}
+
+        def hook(name: str) -> Callable[..., None]:
+            def fn(module: nn.Module, inp: tuple[torch.Tensor, ...]) -> None:
+                x = inp[0]
+                if memo["x"] is not x:
+                    xs = x[:, skip_first:] if skip_first and x.dim() >= 3 else x
+                    memo["x"], memo["stats"] = x, ChannelStats.of(xs)
+                collected[name].add(memo["stats"])
+
+            return fn
+
+        handles = [lin.register_forward_pre_hook(hook(name)) for name, lin in linears.items()]
+        try:
+            outputs = forward_layer(layer, hidden, args, self.device, self.store)
+        finally:
+            for h in handles:
+                h.remove()
+        return collected, outputs
+
+    @staticmethod
+    def _prune_one(method: Method, name: str, linear: nn.Linear, stats: ChannelStats | None, target: Target) -> LinearResult:
+        if method.needs_calibration:
+            if stats is None:
+                raise PruneError(f"no calibration statistics for {name}")
+            stats.check_finite(name)
+        if not torch.isfinite(linear.weight).all():
+            raise PruneError(f"non-finite weights in {name}")
+        info = method.prune(linear, stats, target)
+        zeros = int((linear.weight == 0).sum())
+        return LinearResult(tuple(linear.weight.shape), zeros, zeros / linear.weight.numel(), info)

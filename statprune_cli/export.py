@@ -1,0 +1,54 @@
+"""Write output folders atomically: build in a temporary sibling, rename at the end.
+
+A run that fails leaves no folder that looks complete; an existing folder is replaced only
+with ``--overwrite``, and only once the new one is whole.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from statprune_cli.errors import InputError
+
+
+def check_output_dir(path: Path, overwrite: bool, key: str = "output.dir") -> None:
+    """Refuse an existing output folder before any heavy work, unless overwriting."""
+    if path.exists() and not overwrite:
+        raise InputError(f"{key}: {path} already exists; pass --overwrite to replace it")
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{key}: {path} exists and is not a folder")
+
+
+@contextmanager
+def atomic_dir(path: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary folder that becomes ``path`` when the block succeeds."""
+    check_output_dir(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = path.parent / f".{path.name}.old-{os.getpid()}"
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def save_model_folder(folder: Path, model: nn.Module, tokenizer: PreTrainedTokenizerBase, shard_size: int) -> None:
+    """A Hugging Face folder that ``AutoModelForCausalLM.from_pretrained`` loads as is."""
+    model.save_pretrained(folder, max_shard_size=shard_size)
+    tokenizer.save_pretrained(folder)

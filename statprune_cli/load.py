@@ -1,0 +1,125 @@
+"""Load a checkpoint (hub id, local folder or GGUF file) and check the config against it.
+
+``check_against_model`` builds the model on the meta device (no weights, seconds even for 70B)
+so that target, N:M and sequence-length errors surface before any weight is read.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+
+from statprune_cli.config import Config, ModelConfig, parse_pattern
+from statprune_cli.errors import ConfigError, InputError
+from statprune_cli.layers import find_decoder_layers, target_linears
+
+BIAS_FLAGS = ("attention_bias", "mlp_bias")
+
+
+def torch_dtype(name: str) -> torch.dtype | str:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}[name]
+
+
+def _source(mc: ModelConfig) -> dict:
+    kw: dict = {"revision": mc.revision, "trust_remote_code": mc.trust_remote_code}
+    if mc.gguf_file:
+        kw["gguf_file"] = mc.gguf_file
+    return kw
+
+
+def _input_error(mc: ModelConfig, what: str, e: Exception) -> InputError:
+    where = f"{mc.name_or_path}" + (f" (gguf_file {mc.gguf_file})" if mc.gguf_file else "")
+    return InputError(f"model.name_or_path: cannot load the {what} of {where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+
+
+def load_model_config(mc: ModelConfig) -> PretrainedConfig:
+    if mc.gguf_file and Path(mc.name_or_path).is_dir() and not (Path(mc.name_or_path) / mc.gguf_file).is_file():
+        raise ConfigError("model.gguf_file", f"no file {mc.gguf_file} in {mc.name_or_path}")
+    try:
+        return AutoConfig.from_pretrained(mc.name_or_path, **_source(mc))
+    except (OSError, ValueError, KeyError) as e:
+        raise _input_error(mc, "config", e) from None
+
+
+def load_tokenizer(mc: ModelConfig) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(mc.name_or_path, **_source(mc))
+    except (OSError, ValueError, KeyError) as e:
+        raise _input_error(mc, "tokenizer", e) from None
+
+
+def load_model(mc: ModelConfig) -> nn.Module:
+    """Weights on CPU in ``model.dtype``, in eval mode, with GGUF quantization metadata dropped."""
+    try:
+        model = AutoModelForCausalLM.from_pretrained(mc.name_or_path, dtype=torch_dtype(mc.dtype), **_source(mc))
+    except (OSError, ValueError, KeyError) as e:
+        raise _input_error(mc, "weights", e) from None
+    # A GGUF checkpoint is dequantized on load; its quantizer must not follow the dense weights into the output.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.use_cache = False
+    return model.eval()
+
+
+def meta_model(config: PretrainedConfig) -> nn.Module:
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def check_against_model(cfg: Config, config: PretrainedConfig) -> dict[str, tuple[int, int]]:
+    """Target, N:M and sequence-length checks that need the architecture but no weights.
+
+    Returns the shape (out, in) of every target linear, by full module name.
+    """
+    skeleton = meta_model(config)
+    layers_name, layers = find_decoder_layers(skeleton)
+    p = cfg.pruning
+    names = target_linears(layers[0], f"{layers_name}.0", p.targets, p.ignore)
+    found = {n: m for i in range(len(layers)) for n, m in target_linears(layers[i], f"{layers_name}.{i}", p.targets, p.ignore).items()}
+    if not found:
+        raise ConfigError("pruning.targets", f"matches no linear layer of the decoder layers (e.g. {layers_name}.0.*); "
+                                             f"linears of layer 0: {', '.join(n.rsplit('.', 2)[-2] + '.' + n.rsplit('.', 1)[-1] for n in names) or 'none'}")
+    nm = parse_pattern(p.pattern)
+    if nm is not None:
+        for name, lin in found.items():
+            if lin.in_features % nm[1]:
+                raise ConfigError("pruning.pattern", f"M={nm[1]} does not divide in_features={lin.in_features} of {name}")
+    context = getattr(config, "max_position_embeddings", None)
+    for key, seqlen in (("calibration.seqlen", cfg.calibration.seqlen), ("eval.seqlen", cfg.eval.seqlen)):
+        if context is not None and seqlen > context:
+            raise ConfigError(key, f"expected at most the model's context ({context} tokens), got {seqlen}")
+    return {n: (m.out_features, m.in_features) for n, m in found.items()}
+
+
+def enable_biases(model: nn.Module, wanted: list[str]) -> list[str]:
+    """Give the linears in ``wanted`` a (zero) bias where the architecture's config allows one.
+
+    Sets e.g. ``attention_bias`` / ``mlp_bias`` and adds zero biases to every linear the flag
+    governs, so the saved checkpoint loads in transformers as is. Returns the flags set; the
+    linears that still have no bias afterwards cannot take one in this architecture.
+    """
+    modules = dict(model.named_modules())
+    missing = {n for n in wanted if modules[n].bias is None}
+    set_flags = []
+    for flag in BIAS_FLAGS:
+        if not missing or getattr(model.config, flag, None) is not False:
+            continue
+        trial = copy.deepcopy(model.config)
+        setattr(trial, flag, True)
+        gained = {n for n, m in meta_model(trial).named_modules() if isinstance(m, nn.Linear) and m.bias is not None
+                  and modules[n].bias is None}
+        if not gained & missing:
+            continue
+        setattr(model.config, flag, True)
+        set_flags.append(flag)
+        for n in gained:
+            lin = modules[n]
+            lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device),
+                                    requires_grad=False)
+        missing -= gained
+    return set_flags

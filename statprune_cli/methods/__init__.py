@@ -1,0 +1,18 @@
+"""The method registry: ``pruning.method`` names a class here. Adding a method = one file + one line."""
+
+from __future__ import annotations
+
+from statprune_cli.methods.base import Method, Options, Target
+from statprune_cli.methods.magnitude import Magnitude
+from statprune_cli.methods.statprune import StatPrune
+from statprune_cli.methods.wanda import Wanda
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Magnitude, Wanda, StatPrune)}
+
+
+def build_method(name: str, options: dict) -> Method:
+    cls = METHODS[name]
+    return cls(cls.Options.from_dict(options))
+
+
+__all__ = ["METHODS", "Method", "Options", "Target", "build_method"]

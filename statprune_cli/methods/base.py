@@ -1,0 +1,63 @@
+"""What a pruning method is: a score, a mask rule and an optional weight update.
+
+The engine calls ``Method.prune`` once per target linear, after calibration; nothing in the
+engine knows which method runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from statprune_cli.config import options_from_dict
+from statprune_cli.masks import make_mask
+from statprune_cli.stats import ChannelStats
+
+
+@dataclass
+class Target:
+    """The sparsity asked of one linear layer."""
+
+    sparsity: float
+    nm: tuple[int, int] | None = None
+    granularity: str = "row"
+
+
+@dataclass
+class Options:
+    """A method's options, read from ``pruning.options``; subclasses add fields."""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Options:
+        return options_from_dict(cls, data)
+
+
+class Method:
+    name: ClassVar[str]
+    needs_calibration: ClassVar[bool] = True
+    Options: ClassVar[type[Options]] = Options
+
+    def __init__(self, options: Options | None = None) -> None:
+        self.options = options if options is not None else self.Options()
+
+    @property
+    def wants_bias(self) -> bool:
+        """True when the update writes into the bias, so the engine adds zero biases first."""
+        return False
+
+    def score(self, weight: torch.Tensor, stats: ChannelStats | None) -> torch.Tensor:
+        """Importance of each weight (higher = keep); weight is float32, shape (out, in)."""
+        raise NotImplementedError
+
+    def update(self, linear: nn.Linear, weight: torch.Tensor, mask: torch.Tensor, stats: ChannelStats | None) -> dict[str, Any]:
+        """Write the pruned weight into ``linear``; subclasses may also compensate. Returns report info."""
+        linear.weight.data.copy_(weight.masked_fill(mask, 0.0))
+        return {}
+
+    def prune(self, linear: nn.Linear, stats: ChannelStats | None, target: Target) -> dict[str, Any]:
+        weight = linear.weight.data.float()
+        mask = make_mask(self.score(weight, stats), target.sparsity, target.nm, target.granularity)
+        return self.update(linear, weight, mask, stats)

@@ -1,0 +1,70 @@
+"""Perplexity with the GPTQ / SparseGPT / Wanda protocol, layer by layer.
+
+The text is tokenized once and cut into non-overlapping windows of ``seqlen`` tokens (tail
+dropped); ppl = exp(mean token NLL). The forward pass goes through the layer-wise engine, so a
+model that only fits one layer at a time on the device can be evaluated too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedTokenizerBase
+
+from statprune_cli.config import DataConfig
+from statprune_cli.data import batched, eval_text, eval_windows
+from statprune_cli.engine import LayerwiseEngine
+
+
+@dataclass
+class EvalSet:
+    name: str
+    windows: torch.Tensor
+    seqlen: int
+    max_tokens: int | None
+
+
+@dataclass
+class PerplexityResult:
+    dataset: str
+    perplexity: float
+    seqlen: int
+    windows: int
+    tokens: int
+    max_tokens: int | None
+    dtype: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_eval_set(tokenizer: PreTrainedTokenizerBase, data: DataConfig, seqlen: int, max_tokens: int | None,
+                  key: str = "eval") -> EvalSet:
+    """Tokenize the evaluation text once, up front, so a bad data set fails before any heavy work."""
+    ids = tokenizer(eval_text(data, key), return_tensors="pt").input_ids[0]
+    name = data.dataset + (f"[{data.split}]" if data.split else "")
+    return EvalSet(name, eval_windows(ids, seqlen, max_tokens), seqlen, max_tokens)
+
+
+@torch.no_grad()
+def window_nll(engine: LayerwiseEngine, windows: torch.Tensor, batch_size: int) -> tuple[float, int]:
+    """Sum of next-token NLL over every window, and the number of predicted tokens."""
+    batches = batched(windows, batch_size)
+    final = engine.hidden_states(batches)
+    total, count = 0.0, 0
+    for ids, hidden in zip(batches, final):
+        logits = engine.logits(ids, hidden).float()
+        target = ids.to(logits.device)[:, 1:]
+        total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
+        count += target.numel()
+    return total, count
+
+
+def evaluate_perplexity(engine: LayerwiseEngine, eval_set: EvalSet, batch_size: int) -> PerplexityResult:
+    nll, count = window_nll(engine, eval_set.windows, batch_size)
+    dtype = str(next(engine.model.parameters()).dtype).replace("torch.", "")
+    w = eval_set.windows
+    return PerplexityResult(eval_set.name, math.exp(nll / count), eval_set.seqlen, w.shape[0], w.numel(), eval_set.max_tokens, dtype)

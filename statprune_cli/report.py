@@ -1,0 +1,99 @@
+"""The run report: ``report.json`` and the table printed at the end of a run."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import resource
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from statprune_cli import __version__
+from statprune_cli.engine import EngineResult
+
+PACKAGES = ("torch", "transformers", "accelerate", "safetensors", "datasets")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"statprune": __version__, "python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def peak_memory() -> dict[str, float | None]:
+    """Peak process RSS (Linux reports KiB) and CUDA max allocated, in MiB."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    cuda = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    return {"peak_rss_mib": round(rss, 1), "cuda_max_allocated_mib": None if cuda is None else round(cuda, 1)}
+
+
+def model_sparsity(model: nn.Module) -> dict[str, float | int]:
+    """Zeros over every parameter of the model (tied tensors counted once)."""
+    seen, zeros, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        zeros += int((p == 0).sum())
+        total += p.numel()
+    return {"zeros": zeros, "parameters": total, "sparsity": zeros / total if total else 0.0}
+
+
+def layer_summary(result: EngineResult, target_for: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Per-layer rows and the total over the pruned linears."""
+    rows, zeros, numel = [], 0, 0
+    for layer in result.layers:
+        lin = {}
+        lz, ln = 0, 0
+        for name, r in layer.linears.items():
+            n = r.shape[0] * r.shape[1]
+            lin[name] = {"shape": list(r.shape), "target_sparsity": target_for(name).sparsity, "sparsity": r.sparsity, **r.info}
+            lz, ln = lz + r.zeros, ln + n
+        zeros, numel = zeros + lz, numel + ln
+        rows.append({"layer": layer.index, "seconds": round(layer.seconds, 4), "sparsity": lz / ln if ln else 0.0, "linears": lin})
+    return rows, {"zeros": zeros, "parameters": numel, "sparsity": zeros / numel if numel else 0.0}
+
+
+def print_report(report: dict[str, Any], console: Console | None = None) -> None:
+    """Per decoder layer: the sparsity of each pruned linear and the time spent; then totals."""
+    console = console or Console(stderr=True)
+    layers = report.get("layers", [])
+    short_names = sorted({n.rsplit(".", 1)[-1] for row in layers for n in row["linears"]},
+                         key=lambda s: [n.rsplit(".", 1)[-1] for row in layers for n in row["linears"]].index(s))
+    table = Table(title=f"statprune: {report['method']} at {report['pattern_label']}", show_lines=False)
+    table.add_column("layer", justify="right")
+    for s in short_names:
+        table.add_column(s, justify="right")
+    table.add_column("layer", justify="right")
+    table.add_column("time (s)", justify="right")
+    for row in layers:
+        by_short = {n.rsplit(".", 1)[-1]: v for n, v in row["linears"].items()}
+        table.add_row(str(row["layer"]), *[f"{by_short[s]['sparsity']:.1%}" if s in by_short else "-" for s in short_names],
+                      f"{row['sparsity']:.1%}", f"{row['seconds']:.2f}")
+    console.print(table)
+    s = report["sparsity"]
+    console.print(f"sparsity: {s['pruned_linears']['sparsity']:.2%} over the pruned linears "
+                  f"({s['pruned_linears']['parameters']:,} weights), {s['all_parameters']['sparsity']:.2%} over all "
+                  f"{s['all_parameters']['parameters']:,} parameters")
+    console.print(f"mode: {report['mode']}; calibration: {report['calibration']['description']}")
+    t = report["timings"]
+    console.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
+    m = report["memory"]
+    cuda = f", CUDA max allocated {m['cuda_max_allocated_mib']:.0f} MiB" if m["cuda_max_allocated_mib"] is not None else ""
+    console.print(f"peak RSS {m['peak_rss_mib']:.0f} MiB{cuda}")
+    for ppl in report.get("perplexity", []):
+        limit = f", max_tokens={ppl['max_tokens']}" if ppl["max_tokens"] else ""
+        console.print(f"[bold]{ppl['dataset']} perplexity {ppl['perplexity']:.4f}[/bold] (seqlen {ppl['seqlen']}, "
+                      f"{ppl['windows']} windows, {ppl['tokens']} tokens{limit}, {ppl['dtype']})")
+    for note in report.get("notes", []):
+        console.print(f"[yellow]note:[/yellow] {note}")
+    if report.get("output_dir"):
+        console.print(f"output: {report['output_dir']}")

@@ -1,0 +1,96 @@
+"""Channel-wise statistics of a linear layer's input: sums, so they merge across batches and processes.
+
+Per input channel j we keep count, sum x_j, sum x_j^2 and sum |x_j| in float64. Every method's
+activation term is a function of these (Wanda's ||X_j||_2 is sqrt(sumsq)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from statprune_cli.errors import InputError, PruneError
+
+FIELDS = ("sum", "sumsq", "sumabs")
+
+
+@dataclass
+class ChannelStats:
+    count: int
+    sum: torch.Tensor
+    sumsq: torch.Tensor
+    sumabs: torch.Tensor
+
+    @classmethod
+    def empty(cls, channels: int) -> ChannelStats:
+        z = torch.zeros(channels, dtype=torch.float64)
+        return cls(0, z.clone(), z.clone(), z.clone())
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> ChannelStats:
+        """Statistics of one batch of inputs, shape (..., channels)."""
+        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+        return cls(x.shape[0], x.sum(0), (x * x).sum(0), x.abs().sum(0))
+
+    def add(self, other: ChannelStats) -> None:
+        self.count += other.count
+        for f in FIELDS:
+            getattr(self, f).add_(getattr(other, f).to(getattr(self, f).device))
+
+    # the moments every method uses
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum / self.count
+
+    @property
+    def m2(self) -> torch.Tensor:
+        return self.sumsq / self.count
+
+    @property
+    def var(self) -> torch.Tensor:
+        return (self.m2 - self.mean**2).clamp_min(0.0)
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return self.sumabs / self.count
+
+    @property
+    def l2(self) -> torch.Tensor:
+        """||X_j||_2 over every calibration token: Wanda's activation norm."""
+        return self.sumsq.sqrt()
+
+    def check_finite(self, name: str) -> None:
+        for f in FIELDS:
+            if not torch.isfinite(getattr(self, f)).all():
+                raise PruneError(f"non-finite input statistics ({f}) in {name}: the model produced inf/nan activations")
+
+
+def save_stats(stats: dict[str, ChannelStats], path: Path, metadata: dict[str, str]) -> None:
+    tensors = {}
+    for name, s in stats.items():
+        for f in FIELDS:
+            tensors[f"{name}.{f}"] = getattr(s, f).contiguous()
+        tensors[f"{name}.count"] = torch.tensor([s.count], dtype=torch.int64)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)
+
+
+def load_stats(path: Path) -> dict[str, ChannelStats]:
+    if not path.is_file():
+        raise InputError(f"--stats: file not found: {path}")
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # safetensors raises several types for a bad file
+        raise InputError(f"--stats: {path} is not a statprune statistics file ({e})") from None
+    names = sorted({k.rsplit(".", 1)[0] for k in tensors})
+    try:
+        return {
+            n: ChannelStats(int(tensors[f"{n}.count"][0]), tensors[f"{n}.sum"], tensors[f"{n}.sumsq"], tensors[f"{n}.sumabs"])
+            for n in names
+        }
+    except KeyError as e:
+        raise InputError(f"--stats: {path} lacks tensor {e}; expected count/sum/sumsq/sumabs per linear") from None

@@ -1,0 +1,78 @@
+"""Tiny random models of every supported architecture, built from configs (no hub access)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, OPTConfig,
+                          PreTrainedTokenizerFast, Qwen2Config)
+
+VOCAB = 128
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256)
+
+
+def tiny_config(arch: str):
+    if arch == "llama":
+        return LlamaConfig(**COMMON)
+    if arch == "mistral":
+        return MistralConfig(**COMMON, sliding_window=8)
+    if arch == "qwen2":
+        return Qwen2Config(**COMMON, sliding_window=8, use_sliding_window=True, max_window_layers=1,
+                           layer_types=["full_attention", "sliding_attention", "sliding_attention"])
+    if arch == "gemma3":
+        return Gemma3TextConfig(**COMMON, head_dim=16, sliding_window=8,
+                                layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    if arch == "opt":
+        return OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
+                         max_position_embeddings=256, word_embed_proj_dim=64)
+    raise ValueError(arch)
+
+
+ARCHS = ["llama", "mistral", "qwen2", "gemma3", "opt"]
+
+
+def tiny_model(arch: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch))
+    model.config.use_cache = False
+    return model.eval()
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level-ish word tokenizer over a fixed vocabulary, built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for i in range(3, VOCAB):
+        vocab[f"w{i}"] = i
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def random_text(n_words: int, seed: int = 0) -> str:
+    g = torch.Generator().manual_seed(seed)
+    return " ".join(f"w{int(i)}" for i in torch.randint(3, VOCAB, (n_words,), generator=g))
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path: Path) -> Path:
+    """A saved tiny Llama checkpoint with tokenizer, as a user's local folder."""
+    d = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def text_files(tmp_path: Path) -> dict[str, Path]:
+    """Calibration (JSON lines) and evaluation (plain text) files over the tiny vocabulary."""
+    cal = tmp_path / "cal.jsonl"
+    cal.write_text("".join(json.dumps({"text": random_text(300, seed=i)}) + "\n" for i in range(20)))
+    ev = tmp_path / "eval.txt"
+    ev.write_text(random_text(2000, seed=99))
+    return {"cal": cal, "eval": ev}
