@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from statprune_cli.errors import InputError
+from statprune_cli.export import atomic_dir
 
 WEIGHTS_NAME = "model.bitmask.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -109,30 +109,32 @@ def export_bitmask(src: Path, dst: Path, *, overwrite: bool = False) -> dict[str
         raise InputError(f"{src}: no safetensors weights (model.safetensors or {INDEX_NAME}) to export")
     if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
         raise InputError(f"{dst}: the bitmask folder must lie outside the source folder {src}")
-    if dst.exists() and not overwrite:
-        raise InputError(f"{dst} already exists (pass overwrite to replace it)")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier crashed run with the same pid
-    tmp.mkdir()
-    try:
+    with atomic_dir(dst, overwrite, key="--output") as tmp:
         _write(src, weights, tmp)
-        if dst.exists():
-            old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-            shutil.rmtree(old, ignore_errors=True)
-            dst.rename(old)
-            try:
-                tmp.rename(dst)
-            except BaseException:
-                old.rename(dst)
-                raise
-            shutil.rmtree(old)
+    return {"dense_bytes": sum(f.stat().st_size for f in weights), "output_bytes": (dst / WEIGHTS_NAME).stat().st_size}
+
+
+def export_dense(src: Path, dst: Path, *, overwrite: bool = False) -> dict[str, int]:
+    """A Hugging Face folder that ``from_pretrained`` loads: a bitmask folder decoded, or a dense one copied."""
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise InputError(f"{src}: not a folder")
+    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
+        raise InputError(f"{dst}: the exported folder must lie outside the source folder {src}")
+    with atomic_dir(dst, overwrite, key="--output") as tmp:
+        if is_bitmask_folder(src):
+            save_file(load_bitmask_state_dict(src), tmp / "model.safetensors", metadata={"format": "pt"})
+            for p in src.iterdir():
+                if p.name != WEIGHTS_NAME:
+                    (shutil.copytree if p.is_dir() else shutil.copy2)(p, tmp / p.name)
         else:
-            tmp.rename(dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return {"dense_bytes": sum(f.stat().st_size for f in weights), "bitmask_bytes": (dst / WEIGHTS_NAME).stat().st_size}
+            if not _weight_files(src):
+                raise InputError(f"{src}: no safetensors weights (model.safetensors or {INDEX_NAME}) to export")
+            shutil.rmtree(tmp)
+            shutil.copytree(src, tmp, symlinks=True)
+    weights = _weight_files(dst)
+    dense = sum(f.stat().st_size for f in weights)
+    return {"dense_bytes": dense, "output_bytes": dense}
 
 
 def is_bitmask_folder(path: Path) -> bool:

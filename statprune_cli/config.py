@@ -132,6 +132,27 @@ def parse_size(text: str | int, key: str) -> int:
     return int(float(m.group(1)) * scale)
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML without base-60 integers: PyYAML would read the pattern ``2:4`` as the number 124."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:int"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
+_Loader.add_implicit_resolver(  # 1e-3: a float in YAML 1.2, a string in PyYAML's YAML 1.1
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+(?:\.[0-9]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 # ---------------------------------------------------------------- building from plain data
 
 
@@ -224,7 +245,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in item:
             raise ConfigError("--set", f"expected key.path=value, got {item!r}")
         key, raw = item.split("=", 1)
-        _set_path(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        _set_path(data, key.strip(), parse_yaml(raw) if raw.strip() else None)
     return data
 
 
@@ -236,7 +257,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not p.is_file():
             raise ConfigError(str(path), "config file not found")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = parse_yaml(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(str(path), f"not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(data, dict):

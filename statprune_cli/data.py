@@ -94,6 +94,10 @@ def calibration_windows(
     docs = docs[:MAX_CALIBRATION_DOCS]
     ids = tokenize(docs)
     rng = random.Random(seed)
+    total = sum(len(t) for t in ids)
+    if total < nsamples * seqlen:
+        raise InputError(f"{key}.dataset: the text has {total} tokens, fewer than nsamples x seqlen = {nsamples * seqlen}; "
+                         "give more text or ask for fewer or shorter windows")
     long_docs = sum(len(t) > seqlen for t in ids)
     windows = []
     origin = "documents"
@@ -106,8 +110,6 @@ def calibration_windows(
             windows.append(t[start : start + seqlen])
     else:
         stream = [tok for t in ids for tok in t]
-        if len(stream) <= seqlen:
-            raise InputError(f"{key}.dataset: only {len(stream)} tokens of text, need more than seqlen={seqlen}")
         log(f"only {long_docs} of {len(ids)} documents exceed {seqlen} tokens (need {nsamples}): "
             "drawing windows from the concatenated token stream")
         origin = "token stream"

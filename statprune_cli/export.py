@@ -27,9 +27,9 @@ def check_output_dir(path: Path, overwrite: bool, key: str = "output.dir") -> No
 
 
 @contextmanager
-def atomic_dir(path: Path, overwrite: bool) -> Iterator[Path]:
+def atomic_dir(path: Path, overwrite: bool, key: str = "output.dir") -> Iterator[Path]:
     """Yield a temporary folder that becomes ``path`` when the block succeeds."""
-    check_output_dir(path, overwrite)
+    check_output_dir(path, overwrite, key)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     if tmp.exists():

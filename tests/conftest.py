@@ -76,3 +76,21 @@ def text_files(tmp_path: Path) -> dict[str, Path]:
     ev = tmp_path / "eval.txt"
     ev.write_text(random_text(2000, seed=99))
     return {"cal": cal, "eval": ev}
+
+
+def write_config(path: Path, model_dir: Path, files: dict[str, Path], out: Path, **sections) -> Path:
+    """A YAML config for the tiny model; ``sections`` update the defaults per section."""
+    import yaml
+
+    cfg = {
+        "model": {"name_or_path": str(model_dir)},
+        "calibration": {"dataset": f"jsonl:{files['cal']}", "nsamples": 8, "seqlen": 32, "batch_size": 4},
+        "pruning": {"method": "wanda", "sparsity": 0.5},
+        "eval": {"datasets": [f"text:{files['eval']}"], "seqlen": 32, "batch_size": 4},
+        "output": {"dir": str(out)},
+        "runtime": {"device": "cpu"},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(cfg))
+    return path

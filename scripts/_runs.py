@@ -1,0 +1,58 @@
+"""Shared by the benchmark scripts: run `statprune` as a subprocess per setting and collect its JSON report.
+
+One subprocess per prune gives each run its own peak RSS, and the exact CLI a user runs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+HF_MODEL = ROOT / "models" / "smollm2-135m-hf"
+BASE_CONFIG = ROOT / "configs" / "smollm2-135m-statprune-50.yaml"
+
+
+def ensure_model() -> Path:
+    if not (HF_MODEL / "config.json").exists():
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "demo_model.py"), str(ROOT / "models" / "smollm2-135m"),
+                        "--hf", str(HF_MODEL)], check=True)
+    return HF_MODEL
+
+
+def statprune(*args: str) -> dict | list:
+    """Run the CLI with --json and return the parsed report; raise with its stderr on failure."""
+    cmd = [sys.executable, "-m", "statprune_cli", *args, "--json", "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout)
+
+
+def prune(overrides: list[str], out: Path) -> dict:
+    try:
+        return statprune("prune", str(BASE_CONFIG), "--overwrite", "--output", str(out),
+                         *[a for o in overrides for a in ("--set", o)])
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def pattern_overrides(setting: str) -> list[str]:
+    """'50%' -> unstructured 0.5; '2:4' -> N:M."""
+    if setting.endswith("%"):
+        return [f"pruning.sparsity={float(setting[:-1]) / 100}", "pruning.pattern=unstructured"]
+    return [f"pruning.pattern={setting}"]
+
+
+def load_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")

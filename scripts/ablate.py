@@ -1,0 +1,101 @@
+"""Ablation of statprune's score and compensation candidates on SmolLM2-135M.
+
+Calibrates on the C4 sample, scores on the WikiText-2 *validation* split (defaults are chosen on
+validation, results are reported on test), at 50% unstructured, 2:4 and 4:8. Each run is one
+`statprune prune` subprocess; results accumulate in bench-out/ablation.jsonl (a rerun skips what
+is there) and the table is written to docs/ablation.md.
+
+Usage: python scripts/ablate.py [--settings 50%,2:4,4:8] [--variants a,b] [--nsamples 32] [--eval-tokens 16384]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _runs import DATA, ROOT, append_jsonl, ensure_model, load_jsonl, pattern_overrides, prune, statprune  # noqa: E402
+
+SP = "pruning.method=statprune"
+VARIANTS: dict[str, list[str]] = {
+    "magnitude": ["pruning.method=magnitude"],
+    "wanda": ["pruning.method=wanda"],
+    # score only
+    "score=variance": [SP, "pruning.options={score: variance, compensation: none}"],
+    "score=tempered(a=0.5)": [SP, "pruning.options={score: tempered, alpha: 0.5, compensation: none}"],
+    "score=first_order": [SP, "pruning.options={score: first_order, compensation: none}"],
+    # compensation only
+    "comp=mean": [SP, "pruning.options={score: magnitude, compensation: mean}"],
+    "wanda+mean": [SP, "pruning.options={score: tempered, alpha: 1.0, compensation: mean}"],
+    "wanda+energy(m2,b=1)": [SP, "pruning.options={score: tempered, alpha: 1.0, compensation: energy, beta: 1.0}"],
+    # both
+    "variance+mean": [SP, "pruning.options={score: variance, compensation: mean}"],
+    "variance+energy(m2,b=1)": [SP, "pruning.options={score: variance, compensation: energy, beta: 1.0}"],
+    "variance+energy(s2,b=1)": [SP, "pruning.options={score: variance, compensation: energy, energy_stat: s2, beta: 1.0}"],
+    "variance+both(m2,b=0.5)": [SP, "pruning.options={score: variance, compensation: both, beta: 0.5}"],
+    "variance+both(m2,b=1)": [SP, "pruning.options={score: variance, compensation: both, beta: 1.0}"],
+    "variance+mean,skip1": [SP, "pruning.options={score: variance, compensation: mean}", "calibration.skip_first_tokens=1"],
+    "tempered(a=0.5)+mean": [SP, "pruning.options={score: tempered, alpha: 0.5, compensation: mean}"],
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--settings", default="50%,2:4,4:8")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--results", type=Path, default=ROOT / "bench-out" / "ablation.jsonl")
+    ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "ablation.md")
+    args = ap.parse_args()
+    model = ensure_model()
+    common = [f"model.name_or_path={model}", "model.gguf_file=null", f"calibration.nsamples={args.nsamples}",
+              f"calibration.seqlen={args.seqlen}", f"eval.seqlen={args.seqlen}", f"eval.max_tokens={args.eval_tokens}",
+              f"eval.datasets=[{{dataset: wikitext2, data_files: '{DATA / 'wikitext-2-raw'}', split: validation}}]"]
+    key = f"n{args.nsamples}-s{args.seqlen}-e{args.eval_tokens}"
+    done = {(r["key"], r["variant"], r["setting"]) for r in load_jsonl(args.results)}
+    if (key, "dense", "-") not in done:
+        res = statprune("eval-ppl", str(model), "--dataset", "wikitext2", "--data-files", str(DATA / "wikitext-2-raw"),
+                        "--split", "validation", "--seqlen", str(args.seqlen), "--max-tokens", str(args.eval_tokens))
+        append_jsonl(args.results, {"key": key, "variant": "dense", "setting": "-", "ppl": res[0]["perplexity"]})
+    for setting in args.settings.split(","):
+        for name in args.variants.split(","):
+            if (key, name, setting) in done:
+                continue
+            report = prune(common + VARIANTS[name] + pattern_overrides(setting), ROOT / "bench-out" / "ablate-tmp")
+            rec = {"key": key, "variant": name, "setting": setting, "ppl": report["perplexity"][0]["perplexity"],
+                   "prune_s": report["timings"]["prune"], "options": report["options"]}
+            append_jsonl(args.results, rec)
+            print(f"{setting:>5} {name:<28} ppl {rec['ppl']:.3f}  prune {rec['prune_s']:.1f}s", flush=True)
+    write_doc(args, key)
+
+
+def write_doc(args: argparse.Namespace, key: str) -> None:
+    rows = [r for r in load_jsonl(args.results) if r["key"] == key]
+    dense = next((r["ppl"] for r in rows if r["variant"] == "dense"), None)
+    settings = args.settings.split(",")
+    ppl = {(r["variant"], r["setting"]): r["ppl"] for r in rows}
+    lines = [
+        "# Ablation: statprune's score and compensation (SmolLM2-135M)",
+        "",
+        f"Calibration: {args.nsamples} windows x {args.seqlen} tokens of the C4 sample, seed 0, sequential. "
+        f"Score: perplexity on the first {args.eval_tokens} tokens of the WikiText-2 **validation** split, seqlen {args.seqlen}, float32, CPU. "
+        f"Dense perplexity: {dense:.3f}." if dense else "",
+        "",
+        f"Made by: `python scripts/ablate.py --settings {args.settings} --nsamples {args.nsamples} --seqlen {args.seqlen} --eval-tokens {args.eval_tokens}`",
+        "",
+        "| variant | " + " | ".join(settings) + " |",
+        "|---|" + "---:|" * len(settings),
+    ]
+    for name in VARIANTS:
+        if any((name, s) in ppl for s in settings):
+            cells = [f"{ppl[(name, s)]:.3f}" if (name, s) in ppl else "" for s in settings]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    args.doc.parent.mkdir(parents=True, exist_ok=True)
+    args.doc.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

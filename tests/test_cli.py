@@ -1,0 +1,195 @@
+"""The command line end to end on a tiny local model: outputs, reports, exit codes and error messages."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import tiny_model, tiny_tokenizer, write_config
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from statprune_cli import __version__
+from statprune_cli.cli import app
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, list(args))
+
+
+@pytest.fixture
+def cfg(tmp_path: Path, tiny_model_dir: Path, text_files: dict[str, Path]) -> Path:
+    return write_config(tmp_path / "run.yaml", tiny_model_dir, text_files, tmp_path / "out")
+
+
+def test_version_and_help() -> None:
+    assert run("--version").stdout.strip() == f"statprune {__version__}"
+    top = run("--help").stdout
+    for cmd in ("prune", "calibrate", "eval-ppl", "export"):
+        assert cmd in top
+        assert "Example:" in run(cmd, "--help").stdout
+
+
+def test_prune_writes_a_loadable_folder_and_report(cfg: Path, tmp_path: Path) -> None:
+    res = run("prune", str(cfg), "--quiet", "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    out = tmp_path / "out"
+    for f in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "statprune.yaml", "report.json"):
+        assert (out / f).is_file(), f
+    assert not list(tmp_path.glob(".out.tmp-*"))
+    assert json.loads((out / "report.json").read_text())["method"] == "wanda"
+    assert report["sparsity"]["pruned_linears"]["sparsity"] == pytest.approx(0.5)
+    assert 0 < report["sparsity"]["all_parameters"]["sparsity"] < 0.5
+    assert report["perplexity"][0]["windows"] > 0 and report["perplexity"][0]["perplexity"] > 1
+    assert len(report["layers"]) == 3 and "peak_rss_mib" in report["memory"]
+    saved = load_file(str(out / "model.safetensors"))
+    model = AutoModelForCausalLM.from_pretrained(out)
+    for name, t in model.state_dict().items():
+        if name in saved:
+            assert torch.equal(saved[name], t)
+    q = model.model.layers[1].self_attn.q_proj.weight
+    assert ((q == 0).sum(1) == q.shape[1] // 2).all()
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+
+
+def test_resolved_config_repeats_the_run_bit_for_bit(cfg: Path, tmp_path: Path) -> None:
+    assert run("prune", str(cfg), "-q").exit_code == 0
+    again = tmp_path / "again"
+    res = run("prune", str(tmp_path / "out" / "statprune.yaml"), "-q", "--output", str(again))
+    assert res.exit_code == 0, res.output
+    a, b = load_file(str(tmp_path / "out" / "model.safetensors")), load_file(str(again / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_existing_output_needs_overwrite(cfg: Path, tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    res = run("prune", str(cfg), "-q")
+    assert res.exit_code == 2 and "already exists; pass --overwrite" in res.stderr
+    assert (tmp_path / "out" / "keep.txt").exists()
+    assert run("prune", str(cfg), "-q", "--overwrite").exit_code == 0
+    assert not (tmp_path / "out" / "keep.txt").exists()
+
+
+def test_statprune_with_mean_compensation_reloads_with_biases(cfg: Path, tmp_path: Path) -> None:
+    res = run("prune", str(cfg), "-q", "--json", "--set", "pruning.method=statprune",
+              "--set", "pruning.options={compensation: both, beta: 0.5}", "--set", "pruning.pattern=2:4")
+    assert res.exit_code == 0, res.output
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["attention_bias"] and config["mlp_bias"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    w = model.model.layers[0].mlp.down_proj.weight
+    assert ((w == 0).reshape(w.shape[0], -1, 4).sum(-1) == 2).all()
+    assert model.model.layers[0].mlp.down_proj.bias.abs().sum() > 0
+
+
+def test_calibrate_then_one_shot_prune(cfg: Path, tmp_path: Path) -> None:
+    stats = tmp_path / "stats.safetensors"
+    res = run("calibrate", str(cfg), "-q", "--json", "--output", str(stats))
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert stats.is_file() and Path(summary["summary_file"]).is_file()
+    first = summary["inputs"][0]
+    assert [n.rsplit(".", 1)[-1] for n in first["linears"]] == ["q_proj", "k_proj", "v_proj"]
+    assert 0 < first["top_share"] <= 1
+    res = run("prune", str(cfg), "-q", "--json", "--stats", str(stats), "--set", "pruning.sparsity=0.7")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["mode"].startswith("one-shot")
+    assert report["sparsity"]["pruned_linears"]["sparsity"] == pytest.approx(0.7, abs=0.015)  # int(cols * 0.7) per row
+    bad = run("prune", str(cfg), "-q", "--overwrite", "--stats", str(tmp_path / "nope.safetensors"))
+    assert bad.exit_code == 2 and "--stats: file not found" in bad.stderr
+
+
+def test_eval_ppl_on_a_model_folder(tiny_model_dir: Path, text_files: dict[str, Path]) -> None:
+    res = run("eval-ppl", str(tiny_model_dir), "--dataset", f"text:{text_files['eval']}", "--seqlen", "32",
+              "--max-tokens", "320", "--json", "-q")
+    assert res.exit_code == 0, res.output
+    (r,) = json.loads(res.stdout)
+    assert r["windows"] == 10 and r["tokens"] == 320 and r["max_tokens"] == 320 and r["dtype"] == "float32"
+    assert 50 < r["perplexity"] < 1000  # a random model over 128 tokens is near-uniform
+    text = run("eval-ppl", str(tiny_model_dir), "--dataset", f"text:{text_files['eval']}", "--seqlen", "32", "-q").stdout
+    assert "perplexity" in text and "seqlen 32" in text
+
+
+def test_export_bitmask_and_back_to_dense(cfg: Path, tmp_path: Path) -> None:
+    assert run("prune", str(cfg), "-q").exit_code == 0
+    res = run("export", str(tmp_path / "out"), "--format", "bitmask", "--output", str(tmp_path / "bm"), "--json")
+    assert res.exit_code == 0, res.output
+    sizes = json.loads(res.stdout)
+    assert sizes["output_bytes"] < sizes["dense_bytes"]
+    res = run("export", str(tmp_path / "bm"), "--format", "dense", "--output", str(tmp_path / "dense"))
+    assert res.exit_code == 0, res.output
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    ids = torch.randint(3, 128, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(a(ids).logits, b(ids).logits)
+    assert run("export", str(tmp_path / "out"), "--format", "zip", "-o", str(tmp_path / "z")).exit_code == 2
+
+
+def test_a_failed_run_leaves_no_output(tmp_path: Path, text_files: dict[str, Path]) -> None:
+    bad = tmp_path / "nan-model"
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.fill_(float("inf"))
+    model.save_pretrained(bad)
+    tiny_tokenizer().save_pretrained(bad)
+    cfg = write_config(tmp_path / "c.yaml", bad, text_files, tmp_path / "out")
+    res = run("prune", str(cfg), "-q")
+    assert res.exit_code == 1
+    assert "non-finite" in res.stderr and "model.layers.0.mlp.up_proj" in res.stderr
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+ERRORS = [
+    (["--set", "pruning.sparsity=1.5"], "pruning.sparsity: expected a number in [0, 1), got 1.5"),
+    (["--set", "pruning.sparsity=half"], "pruning.sparsity: expected a number, got 'half'"),
+    (["--set", "pruning.pattern=4:4"], "pruning.pattern: expected N:M with 0 < N < M"),
+    (["--set", "pruning.pattern=2:5"], "pruning.pattern: M=5 does not divide in_features=64"),
+    (["--set", "pruning.pattern=dense"], "pruning.pattern: expected 'unstructured' or 'N:M'"),
+    (["--set", "pruning.method=obs"], "pruning.method: expected one of magnitude, statprune, wanda, got 'obs'"),
+    (["--set", "pruning.options={gamma: 1}"], "pruning.options.gamma: unknown key"),
+    (["--set", "pruning.method=statprune", "--set", "pruning.options={beta: 2}"], "pruning.options.beta: expected a number in [0, 1]"),
+    (["--set", "pruning.targets=[re:.*nothing]"], "pruning.targets: matches no linear layer"),
+    (["--set", "pruning.targets=['re:(']"], "pruning.targets[0]: invalid regular expression"),
+    (["--set", "pruning.granularity=column"], "pruning.granularity: expected 'row' or 'matrix'"),
+    (["--set", "calibration.seqlen=1"], "calibration.seqlen: expected an integer >= 2, got 1"),
+    (["--set", "calibration.seqlen=512"], "calibration.seqlen: expected at most the model's context (256 tokens), got 512"),
+    (["--set", "calibration.nsamples=0"], "calibration.nsamples: expected an integer >= 1"),
+    (["--set", "calibration.dataset=jsonl:/no/such.jsonl"], "calibration.dataset: file not found: /no/such.jsonl"),
+    (["--set", "calibration.dataset=pile"], "calibration.dataset: expected c4, wikitext2"),
+    (["--set", "calibration.nsamples=40000", "--set", "calibration.seqlen=256"], "fewer than nsamples x seqlen"),
+    (["--set", "model.dtype=int8"], "model.dtype: expected one of float32, bfloat16, float16, auto"),
+    (["--set", "model.name_or_path=/no/such/model"], "model.name_or_path: cannot load the config of /no/such/model"),
+    (["--set", "runtime.colour=red"], "runtime.colour: unknown key; expected one of"),
+    (["--set", "eval.max_tokens=8"], "eval.max_tokens: expected at least eval.seqlen"),
+    (["--set", "output.shard_size=lots"], "output.shard_size: expected a size"),
+    (["--set", "sparsity"], "--set: expected key.path=value"),
+]
+
+
+@pytest.mark.parametrize("args,message", ERRORS)
+def test_bad_input_is_one_line_and_exit_2(cfg: Path, tmp_path: Path, args: list[str], message: str | None) -> None:
+    res = run("prune", str(cfg), "-q", *args)
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("statprune: error: ")
+    if message:
+        assert message in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_or_broken_config_file(tmp_path: Path) -> None:
+    res = run("prune", str(tmp_path / "none.yaml"))
+    assert res.exit_code == 2 and "none.yaml: config file not found" in res.stderr
+    (tmp_path / "bad.yaml").write_text("model: [unclosed")
+    res = run("prune", str(tmp_path / "bad.yaml"))
+    assert res.exit_code == 2 and "not valid YAML" in res.stderr
+    (tmp_path / "list.yaml").write_text(yaml.safe_dump({"model": {"name_or_path": "x"}, "pruning": {"sparsity": [1]}}))
+    assert "pruning.sparsity: expected a number" in run("prune", str(tmp_path / "list.yaml")).stderr

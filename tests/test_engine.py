@@ -1,0 +1,150 @@
+"""The layer-wise engine on tiny random models of every supported architecture."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ARCHS, tiny_model
+from transformers import AutoModelForCausalLM
+
+from statprune_cli.engine import LayerwiseEngine
+from statprune_cli.layers import find_decoder_layers, target_linears
+from statprune_cli.load import enable_biases
+from statprune_cli.methods import Target, build_method
+from statprune_cli.stats import ChannelStats
+from statprune_cli.ui import UI
+
+SEQ = 24  # longer than the tiny models' sliding window (8), so sliding and global layers differ
+
+
+def windows(n: int = 6, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 128, (n, SEQ), generator=torch.Generator().manual_seed(seed))
+
+
+def engine(model) -> LayerwiseEngine:
+    return LayerwiseEngine(model, torch.device("cpu"), offload_activations=True, ui=UI(quiet=True))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_layerwise_forward_equals_full_forward(arch: str) -> None:
+    model = tiny_model(arch)
+    ids = windows()
+    _, layers = find_decoder_layers(model)
+    seen = []
+    hook = layers[-1].register_forward_hook(lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out))
+    with torch.no_grad():
+        logits = model(ids).logits
+    hook.remove()
+    eng = engine(model)
+    batches = list(ids.split(4))  # uneven last batch: arguments are captured per batch size
+    final = eng.hidden_states(batches)
+    assert torch.equal(torch.cat(final), seen[0])
+    assert torch.equal(torch.cat([eng.logits(b, h) for b, h in zip(batches, final)]), logits)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_engine_with_zero_sparsity_changes_nothing(arch: str) -> None:
+    model = tiny_model(arch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = engine(model).run(build_method("wanda", {}), lambda n: Target(0.0), ["Linear"], ["lm_head"], list(windows().split(3)))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert len(res.layers) == model.config.num_hidden_layers
+    assert all(r.zeros == 0 for layer in res.layers for r in layer.linears.values())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_engine_prunes_every_target_row(arch: str) -> None:
+    model = tiny_model(arch)
+    res = engine(model).run(build_method("statprune", {}), lambda n: Target(0.5), ["Linear"], ["lm_head"], list(windows().split(3)))
+    name, layers = find_decoder_layers(model)
+    for i, layer in enumerate(layers):
+        lins = target_linears(layer, f"{name}.{i}", ["Linear"], [])
+        assert set(lins) == set(res.layers[i].linears)
+        for lin in lins.values():
+            assert ((lin.weight == 0).sum(1) == lin.in_features // 2).all()
+
+
+def test_collected_stats_equal_the_layer_inputs() -> None:
+    model = tiny_model("llama")
+    ids = windows()
+    _, layers = find_decoder_layers(model)
+    seen = {}
+    hooks = [layers[1].mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.setdefault("down", a[0])),
+             layers[1].self_attn.q_proj.register_forward_pre_hook(lambda m, a: seen.setdefault("q", a[0]))]
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    res = engine(model).run(None, lambda n: Target(0.0), ["Linear"], [], [ids])
+    for key, name in (("down", "model.layers.1.mlp.down_proj"), ("q", "model.layers.1.self_attn.q_proj")):
+        ref = ChannelStats.of(seen[key])
+        got = res.stats[name]
+        assert got.count == ids.numel()
+        assert torch.allclose(got.sumsq, ref.sumsq, rtol=1e-6) and torch.allclose(got.sum, ref.sum, rtol=1e-6, atol=1e-6)
+
+
+def test_skip_first_tokens_leaves_the_first_positions_out() -> None:
+    model = tiny_model("llama")
+    ids = windows()
+    res = engine(model).run(None, lambda n: Target(0.0), ["re:.*q_proj"], [], [ids], skip_first=2)
+    assert all(s.count == ids.shape[0] * (SEQ - 2) for s in res.stats.values())
+    assert set(res.stats) == {f"model.layers.{i}.self_attn.q_proj" for i in range(3)}
+
+
+def test_sequential_uses_pruned_outputs() -> None:
+    ids = list(windows().split(3))
+    runs = {}
+    for seq in (True, False):
+        model = tiny_model("llama")
+        engine(model).run(build_method("wanda", {}), lambda n: Target(0.5), ["Linear"], [], ids, sequential=seq)
+        runs[seq] = model.model.layers[2].mlp.down_proj.weight.clone()
+    assert not torch.equal(runs[True], runs[False])
+
+
+def test_one_shot_from_saved_stats_matches_dense_activation_run() -> None:
+    ids = list(windows().split(3))
+    dense = tiny_model("llama")
+    stats = engine(dense).run(None, lambda n: Target(0.0), ["Linear"], [], ids).stats
+    a, b = tiny_model("llama"), tiny_model("llama")
+    engine(a).run(build_method("wanda", {}), lambda n: Target(0.5), ["Linear"], [], None, stats=stats)
+    engine(b).run(build_method("wanda", {}), lambda n: Target(0.5), ["Linear"], [], ids, sequential=False)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+@pytest.mark.parametrize("arch,flags,without_bias", [
+    ("llama", ["attention_bias", "mlp_bias"], set()),
+    ("qwen2", [], {"o_proj", "gate_proj", "up_proj", "down_proj"}),
+    ("gemma3", ["attention_bias"], {"gate_proj", "up_proj", "down_proj"}),
+    ("opt", [], set()),
+])
+def test_enable_biases_follows_the_architecture(arch: str, flags: list[str], without_bias: set[str]) -> None:
+    model = tiny_model(arch)
+    name, layers = find_decoder_layers(model)
+    targets = [n for i in range(len(layers)) for n in target_linears(layers[i], f"{name}.{i}", ["Linear"], [])]
+    assert enable_biases(model, targets) == flags
+    modules = dict(model.named_modules())
+    assert {n.rsplit(".", 1)[-1] for n in targets if modules[n].bias is None} == without_bias
+
+
+def test_compensated_model_reloads_in_transformers(tmp_path: Path) -> None:
+    model = tiny_model("llama")
+    ids = windows()
+    name, layers = find_decoder_layers(model)
+    enable_biases(model, [n for n, m in model.named_modules() if n.startswith(f"{name}.") and isinstance(m, torch.nn.Linear)])
+    engine(model).run(build_method("statprune", {"compensation": "both"}), lambda n: Target(0.5), ["Linear"], [], [ids])
+    assert model.model.layers[0].self_attn.q_proj.bias.abs().sum() > 0
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
+
+
+def test_non_finite_weights_stop_with_the_layer_name() -> None:
+    from statprune_cli.errors import PruneError
+
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(PruneError, match=r"model\.layers\.1\.mlp\.up_proj"):
+        engine(model).run(build_method("magnitude", {}), lambda n: Target(0.5), ["Linear"], [], None)

@@ -1,0 +1,38 @@
+import pytest
+import torch
+
+from statprune_cli.masks import nm_mask, unstructured_mask
+
+
+def test_unstructured_row_prunes_exact_count_per_row() -> None:
+    score = torch.rand(16, 40)
+    mask = unstructured_mask(score, 0.5, "row")
+    assert (mask.sum(1) == 20).all()
+    # the pruned entries are the lowest scores of each row
+    assert (score.masked_fill(~mask, -1).max(1).values <= score.masked_fill(mask, 2).min(1).values).all()
+
+
+def test_unstructured_matrix_prunes_global_lowest() -> None:
+    score = torch.rand(8, 10)
+    mask = unstructured_mask(score, 0.3, "matrix")
+    assert int(mask.sum()) == 24
+    assert score[mask].max() <= score[~mask].min()
+
+
+def test_zero_sparsity_prunes_nothing() -> None:
+    assert not unstructured_mask(torch.rand(4, 8), 0.0).any()
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4), (3, 8)])
+def test_nm_has_exact_zeros_per_group(n: int, m: int) -> None:
+    score = torch.rand(12, 64)
+    mask = nm_mask(score, n, m)
+    groups = mask.reshape(12, 64 // m, m)
+    assert (groups.sum(-1) == n).all()
+    s = score.reshape(12, 64 // m, m)
+    assert (s.masked_fill(~groups, -1).amax(-1) <= s.masked_fill(groups, 2).amin(-1)).all()
+
+
+def test_nm_rejects_indivisible_columns() -> None:
+    with pytest.raises(ValueError, match="divisible"):
+        nm_mask(torch.rand(2, 10), 2, 4)

@@ -1,0 +1,137 @@
+"""Each method against its reference formula, on a single linear layer with known inputs."""
+
+import pytest
+import torch
+from torch import nn
+
+from statprune_cli.methods import METHODS, Target, build_method
+from statprune_cli.stats import ChannelStats
+
+
+def layer_and_inputs(seed: int = 0, bias: bool = True) -> tuple[nn.Linear, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(32, 16, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(16, 32, generator=g))
+        if bias:
+            lin.bias.copy_(torch.randn(16, generator=g))
+    # channels with different means and scales, one outlier channel with a large constant offset
+    x = torch.randn(4, 50, 32, generator=g) * torch.linspace(0.2, 3.0, 32) + torch.linspace(-1, 1, 32)
+    x[..., 5] += 20.0
+    return lin, x
+
+
+def wanda_reference_mask(w: torch.Tensor, x: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Wanda's released code: |W| * sqrt(scaler_row), sort each row (stable), prune the lowest."""
+    metric = w.abs() * x.reshape(-1, x.shape[-1]).double().norm(dim=0).float()
+    idx = torch.sort(metric, dim=-1, stable=True)[1][:, : int(w.shape[1] * sparsity)]
+    return torch.zeros_like(w, dtype=torch.bool).scatter_(1, idx, True)
+
+
+def test_wanda_matches_reference_formula() -> None:
+    lin, x = layer_and_inputs()
+    w = lin.weight.detach().clone()
+    stats = ChannelStats.of(x)
+    score = METHODS["wanda"]().score(w, stats)
+    assert torch.equal(score, w.abs() * x.reshape(-1, 32).double().norm(dim=0).float())
+    METHODS["wanda"]().prune(lin, stats, Target(0.5))
+    assert torch.equal(lin.weight == 0, wanda_reference_mask(w, x, 0.5))
+
+
+def test_stats_merge_across_batches_equals_one_pass() -> None:
+    _, x = layer_and_inputs()
+    whole = ChannelStats.of(x)
+    merged = ChannelStats.empty(32)
+    for part in x.split(1):
+        merged.add(ChannelStats.of(part))
+    assert merged.count == whole.count == 200
+    for f in ("sum", "sumsq", "sumabs"):
+        assert torch.allclose(getattr(merged, f), getattr(whole, f), rtol=1e-12)
+    x64 = x.reshape(-1, 32).double()
+    assert torch.allclose(whole.var, x64.var(0, unbiased=False), rtol=1e-9)
+
+
+@pytest.mark.parametrize("score,expected", [
+    ("variance", lambda x: x.var(0, unbiased=False).sqrt()),
+    ("tempered", lambda x: (x * x).mean(0).pow(0.25)),
+    ("first_order", lambda x: x.abs().mean(0)),
+    ("magnitude", lambda x: torch.ones(x.shape[1], dtype=x.dtype)),
+])
+def test_statprune_scores(score: str, expected) -> None:
+    lin, x = layer_and_inputs()
+    w = lin.weight.detach()
+    method = build_method("statprune", {"score": score, "alpha": 0.5})
+    got = method.score(w, ChannelStats.of(x))
+    want = w.abs() * expected(x.reshape(-1, 32).double()).float()
+    assert torch.allclose(got, want, rtol=1e-6)
+
+
+def test_variance_score_ignores_constant_offset_that_wanda_follows() -> None:
+    lin, x = layer_and_inputs()
+    stats = ChannelStats.of(x)
+    w = lin.weight.detach()
+    wanda = METHODS["wanda"]().score(w, stats)
+    var = build_method("statprune", {"score": "variance"}).score(w, stats)
+    # channel 5 carries a +20 offset: Wanda keeps it in every row, the variance score prunes it where |W| is small
+    from statprune_cli.masks import unstructured_mask
+
+    assert not unstructured_mask(wanda, 0.5)[:, 5].any()
+    assert unstructured_mask(var, 0.5)[:, 5].sum() >= 4
+
+
+def outputs(lin: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return lin(x).reshape(-1, lin.out_features).double()
+
+
+def test_mean_compensation_keeps_output_mean() -> None:
+    lin, x = layer_and_inputs()
+    dense_mean = outputs(lin, x).mean(0)
+    build_method("statprune", {"compensation": "mean"}).prune(lin, ChannelStats.of(x), Target(0.5))
+    assert (lin.weight == 0).sum(1).eq(16).all()
+    assert torch.allclose(outputs(lin, x).mean(0), dense_mean, atol=1e-4)
+    # without compensation the mean moves (the check above can fail)
+    lin2, _ = layer_and_inputs()
+    build_method("statprune", {"compensation": "none"}).prune(lin2, ChannelStats.of(x), Target(0.5))
+    assert not torch.allclose(outputs(lin2, x).mean(0), dense_mean, atol=1e-2)
+
+
+def test_energy_compensation_scales_kept_weights_by_gamma() -> None:
+    lin, x = layer_and_inputs()
+    w = lin.weight.detach().double().clone()
+    stats = ChannelStats.of(x)
+    build_method("statprune", {"compensation": "energy", "beta": 0.5, "score": "variance"}).prune(lin, stats, Target(0.5))
+    mask = lin.weight == 0
+    kept = w.masked_fill(mask, 0)
+    gamma = (((w * w) @ stats.m2) / ((kept * kept) @ stats.m2)) ** 0.25
+    assert torch.allclose(lin.weight.double(), kept * gamma[:, None], rtol=1e-6)
+    assert (gamma > 1).all()
+
+
+def test_both_compensations_restore_the_dense_mean_after_scaling() -> None:
+    lin, x = layer_and_inputs()
+    dense_mean = outputs(lin, x).mean(0)
+    build_method("statprune", {"compensation": "both", "beta": 1.0}).prune(lin, ChannelStats.of(x), Target(0.5))
+    assert torch.allclose(outputs(lin, x).mean(0), dense_mean, atol=1e-4)
+
+
+def test_mean_compensation_without_a_bias_is_reported_not_applied() -> None:
+    lin, x = layer_and_inputs(bias=False)
+    info = build_method("statprune", {"compensation": "mean"}).prune(lin, ChannelStats.of(x), Target(0.5))
+    assert lin.bias is None
+    assert "cannot take a bias" in info["mean_compensation"]
+
+
+def test_magnitude_needs_no_data_and_prunes_smallest() -> None:
+    lin, _ = layer_and_inputs()
+    w = lin.weight.detach().clone()
+    METHODS["magnitude"]().prune(lin, None, Target(0.25))
+    mask = lin.weight == 0
+    assert (mask.sum(1) == 8).all()
+    assert (w.abs().masked_fill(~mask, -1).amax(1) <= w.abs().masked_fill(mask, 1e9).amin(1)).all()
+
+
+def test_nm_through_a_method() -> None:
+    lin, x = layer_and_inputs()
+    build_method("statprune", {}).prune(lin, ChannelStats.of(x), Target(0.5, nm=(2, 4)))
+    assert ((lin.weight == 0).reshape(16, 8, 4).sum(-1) == 2).all()
