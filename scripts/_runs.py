@@ -48,6 +48,20 @@ def pattern_overrides(setting: str) -> list[str]:
     return [f"pruning.pattern={setting}"]
 
 
+def common_overrides(model: Path, nsamples: int, seqlen: int, eval_tokens: int, split: str) -> list[str]:
+    """The protocol shared by the benchmarks: C4-sample calibration, WikiText-2 perplexity of ``split``."""
+    wiki = DATA / "wikitext-2-raw"
+    return [f"model.name_or_path={model}", "model.gguf_file=null", f"calibration.nsamples={nsamples}",
+            f"calibration.seqlen={seqlen}", f"eval.seqlen={seqlen}", f"eval.max_tokens={eval_tokens}",
+            f"eval.datasets=[{{dataset: wikitext2, data_files: '{wiki}', split: {split}}}]"]
+
+
+def dense_ppl(model: Path, seqlen: int, eval_tokens: int, split: str) -> float:
+    res = statprune("eval-ppl", str(model), "--dataset", "wikitext2", "--data-files", str(DATA / "wikitext-2-raw"),
+                    "--split", split, "--seqlen", str(seqlen), "--max-tokens", str(eval_tokens))
+    return res[0]["perplexity"]
+
+
 def load_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 

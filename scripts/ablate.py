@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import DATA, ROOT, append_jsonl, ensure_model, load_jsonl, pattern_overrides, prune, statprune  # noqa: E402
+from _runs import (ROOT, append_jsonl, common_overrides, dense_ppl, ensure_model, load_jsonl,  # noqa: E402
+                  pattern_overrides, prune)
 
 SP = "pruning.method=statprune"
 VARIANTS: dict[str, list[str]] = {
@@ -37,6 +38,10 @@ VARIANTS: dict[str, list[str]] = {
     "variance+both(m2,b=1)": [SP, "pruning.options={score: variance, compensation: both, beta: 1.0}"],
     "variance+mean,skip1": [SP, "pruning.options={score: variance, compensation: mean}", "calibration.skip_first_tokens=1"],
     "tempered(a=0.5)+mean": [SP, "pruning.options={score: tempered, alpha: 0.5, compensation: mean}"],
+    # robust statistics: the first position of each window (attention sink) left out of the statistics
+    "wanda,skip1": ["pruning.method=wanda", "calibration.skip_first_tokens=1"],
+    "wanda+mean,skip1": [SP, "pruning.options={score: tempered, alpha: 1.0, compensation: mean}", "calibration.skip_first_tokens=1"],
+    "tempered(a=0.5),skip1": [SP, "pruning.options={score: tempered, alpha: 0.5, compensation: none}", "calibration.skip_first_tokens=1"],
 }
 
 
@@ -51,15 +56,12 @@ def main() -> None:
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "ablation.md")
     args = ap.parse_args()
     model = ensure_model()
-    common = [f"model.name_or_path={model}", "model.gguf_file=null", f"calibration.nsamples={args.nsamples}",
-              f"calibration.seqlen={args.seqlen}", f"eval.seqlen={args.seqlen}", f"eval.max_tokens={args.eval_tokens}",
-              f"eval.datasets=[{{dataset: wikitext2, data_files: '{DATA / 'wikitext-2-raw'}', split: validation}}]"]
+    common = common_overrides(model, args.nsamples, args.seqlen, args.eval_tokens, "validation")
     key = f"n{args.nsamples}-s{args.seqlen}-e{args.eval_tokens}"
     done = {(r["key"], r["variant"], r["setting"]) for r in load_jsonl(args.results)}
     if (key, "dense", "-") not in done:
-        res = statprune("eval-ppl", str(model), "--dataset", "wikitext2", "--data-files", str(DATA / "wikitext-2-raw"),
-                        "--split", "validation", "--seqlen", str(args.seqlen), "--max-tokens", str(args.eval_tokens))
-        append_jsonl(args.results, {"key": key, "variant": "dense", "setting": "-", "ppl": res[0]["perplexity"]})
+        ppl = dense_ppl(model, args.seqlen, args.eval_tokens, "validation")
+        append_jsonl(args.results, {"key": key, "variant": "dense", "setting": "-", "ppl": ppl})
     for setting in args.settings.split(","):
         for name in args.variants.split(","):
             if (key, name, setting) in done:
