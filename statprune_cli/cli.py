@@ -93,8 +93,9 @@ def prune(
     from statprune_cli.report import print_report
     from statprune_cli.ui import UI
 
-    overrides = list(set_ or []) + ([f"output.dir={output}"] if output else [])
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, list(set_ or []))
+    if output is not None:
+        cfg.output.dir = str(output)
     ui = UI(quiet=quiet)
     report = run_prune(cfg, overwrite=overwrite, stats_path=stats, ui=ui)
     _emit(report, as_json, lambda: None if quiet else print_report(report, ui.console))
@@ -103,7 +104,7 @@ def prune(
 @app.command()
 @_exit_codes
 def calibrate(
-    config: Annotated[Path, typer.Argument(help="YAML config file (its model and calibration sections are used).")],
+    config: Annotated[Path, typer.Argument(help="YAML config file (model, calibration, pruning.targets/ignore and runtime are used).")],
     set_: SetOpt = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Statistics file to write (.safetensors); a .json summary goes beside it.")] = None,
     overwrite: OverwriteOpt = False,
@@ -149,14 +150,14 @@ def calibrate(
 @app.command("eval-ppl")
 @_exit_codes
 def eval_ppl(
-    target: Annotated[str, typer.Argument(help="A YAML config (evaluates its model) or a model folder / hub id.")],
-    dataset: Annotated[str, typer.Option(help="wikitext2, c4, text:PATH, jsonl:PATH or hf:NAME.")] = "wikitext2",
+    target: Annotated[str, typer.Argument(help="A YAML config (evaluates its model.name_or_path with its eval section) or a model folder / hub id.")],
+    dataset: Annotated[Optional[str], typer.Option(help="wikitext2, c4, text:PATH, jsonl:PATH or hf:NAME (default: the config's eval.datasets, else wikitext2).")] = None,
     data_files: Annotated[Optional[str], typer.Option(help="Local file or folder of the data set (e.g. ../shared/data/wikitext-2-raw).")] = None,
     split: Annotated[Optional[str], typer.Option(help="Split (default: test).")] = None,
-    seqlen: Annotated[int, typer.Option(help="Window length in tokens.")] = 2048,
+    seqlen: Annotated[Optional[int], typer.Option(help="Window length in tokens (default: the config's eval.seqlen, else 2048).")] = None,
     max_tokens: Annotated[Optional[int], typer.Option(help="Evaluate only the first windows covering this many tokens.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 1,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    batch_size: Annotated[Optional[int], typer.Option(help="Windows per forward pass (default: the config's, else 1).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N (default: the config's, else auto).")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16, float16 or auto (default: the config's, else float32).")] = None,
     gguf_file: Annotated[Optional[str], typer.Option(help="GGUF file inside the model folder.")] = None,
     set_: SetOpt = None,
@@ -167,30 +168,27 @@ def eval_ppl(
 
     Example: statprune eval-ppl out/smollm2-50 --dataset wikitext2 --data-files ../shared/data/wikitext-2-raw --seqlen 512
     """
-    from statprune_cli.config import DataConfig, ModelConfig, _build, load_config, validate_data
-    from statprune_cli.errors import ConfigError
+    from statprune_cli.config import Config, DataConfig, EvalConfig, ModelConfig, _build, load_config, validate
     from statprune_cli.pipeline import run_eval
     from statprune_cli.ui import UI
 
     if target.endswith((".yaml", ".yml")):
         cfg = load_config(target, list(set_ or []))
-        model_cfg = cfg.model
-        runtime_device, offload = cfg.runtime.device, cfg.runtime.offload_activations
-        if device != "auto":
-            runtime_device = device
     else:
-        model_cfg = ModelConfig(name_or_path=target, gguf_file=gguf_file)
-        runtime_device, offload = device, False
+        cfg = Config(model=ModelConfig(name_or_path=target, gguf_file=gguf_file), eval=EvalConfig())
+    e = cfg.eval
+    if dataset is not None or not e.datasets:
+        e.datasets = [_build(DataConfig, {"dataset": dataset or "wikitext2", "data_files": data_files, "split": split}, "--dataset")]
+    for key, value in (("seqlen", seqlen), ("max_tokens", max_tokens), ("batch_size", batch_size)):
+        if value is not None:
+            setattr(e, key, value)
+    if device is not None:
+        cfg.runtime.device = device
     if dtype is not None:
-        model_cfg.dtype = dtype
-    data = _build(DataConfig, {"dataset": dataset, "data_files": data_files, "split": split}, "--dataset")
-    validate_data(data, "--dataset")
-    if seqlen < 2:
-        raise ConfigError("--seqlen", f"expected an integer >= 2, got {seqlen}")
-    if max_tokens is not None and max_tokens < seqlen:
-        raise ConfigError("--max-tokens", f"expected at least --seqlen ({seqlen}) tokens, got {max_tokens}")
+        cfg.model.dtype = dtype
+    validate(cfg)
     ui = UI(quiet=quiet)
-    results = run_eval(model_cfg, [data], seqlen, max_tokens, batch_size, runtime_device, offload, ui)
+    results = run_eval(cfg, ui)
 
     def render() -> None:
         for r in results:

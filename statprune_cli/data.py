@@ -72,7 +72,7 @@ def load_documents(d: DataConfig, key: str, default_split: str) -> list[str]:
             if not p.is_file():
                 raise InputError(f"{key}.data_files: no wiki.{split_file}.raw at {d.data_files}")
             return _wikitext_rows(p)
-        return _hub("wikitext", "wikitext-2-raw-v1", split, "text", None, key)
+        return _hub("Salesforce/wikitext", "wikitext-2-raw-v1", split, "text", None, key)
     kind, ref = d.dataset.split(":", 1)
     if kind == "text":
         return [Path(ref).read_text(encoding="utf-8")]

@@ -23,7 +23,7 @@ from torch import nn
 
 from statprune_cli.errors import PruneError
 from statprune_cli.layers import find_decoder_layers, target_linears
-from statprune_cli.methods import Method, Target
+from statprune_cli.methods import Method, Refiner, Target
 from statprune_cli.stats import ChannelStats
 from statprune_cli.ui import UI
 
@@ -197,16 +197,35 @@ class LayerwiseEngine:
                     all_stats.update(layer_stats)
                 result = LayerResult(i, 0.0)
                 if method is not None:
+                    refiners = {}
                     for name, linear in linears.items():
-                        result.linears[name] = self._prune_one(method, name, linear, all_stats.get(name), target_for(name))
-                    if collect and sequential:
-                        outputs = forward_layer(layer, hidden, args[i], self.device, self.store)
+                        result.linears[name], refiner = self._prune_one(method, name, linear, all_stats.get(name), target_for(name))
+                        if refiner is not None:
+                            refiners[name] = refiner
+                    if collect and (sequential or refiners):
+                        observers = {linears[n]: r.observe for n, r in refiners.items()}
+                        pruned_outputs = self._forward_observed(layer, observers, hidden, args[i])
+                        outputs = pruned_outputs if sequential else outputs
+                        for name, refiner in refiners.items():
+                            result.linears[name].info.update(refiner.apply())
                 hidden = outputs or []
                 layer.to("cpu")
                 result.seconds = time.perf_counter() - t0
                 results.append(result)
                 advance()
         return EngineResult(results, all_stats)
+
+    def _forward_observed(
+        self, layer: nn.Module, observers: dict[nn.Linear, Callable[[torch.Tensor], None]], hidden: list[torch.Tensor],
+        args: LayerArgs,
+    ) -> list[torch.Tensor]:
+        """One pass through ``layer`` with each observer called on its linear's input."""
+        handles = [lin.register_forward_pre_hook(lambda m, inp, fn=fn: fn(inp[0])) for lin, fn in observers.items()]
+        try:
+            return forward_layer(layer, hidden, args, self.device, self.store)
+        finally:
+            for h in handles:
+                h.remove()
 
     def _collect(
         self, layer: nn.Module, linears: dict[str, nn.Linear], hidden: list[torch.Tensor], args: LayerArgs, skip_first: int
@@ -218,9 +237,8 @@ class LayerwiseEngine:
         collected = {name: ChannelStats.empty(lin.in_features) for name, lin in linears.items()}
         memo: dict[str, Any] = {"x": None, "stats": None}
 
-        def hook(name: str) -> Callable[..., None]:
-            def fn(module: nn.Module, inp: tuple[torch.Tensor, ...]) -> None:
-                x = inp[0]
+        def observer(name: str) -> Callable[[torch.Tensor], None]:
+            def fn(x: torch.Tensor) -> None:
                 if memo["x"] is not x:
                     xs = x[:, skip_first:] if skip_first and x.dim() >= 3 else x
                     memo["x"], memo["stats"] = x, ChannelStats.of(xs)
@@ -228,22 +246,19 @@ class LayerwiseEngine:
 
             return fn
 
-        handles = [lin.register_forward_pre_hook(hook(name)) for name, lin in linears.items()]
-        try:
-            outputs = forward_layer(layer, hidden, args, self.device, self.store)
-        finally:
-            for h in handles:
-                h.remove()
+        outputs = self._forward_observed(layer, {lin: observer(name) for name, lin in linears.items()}, hidden, args)
         return collected, outputs
 
     @staticmethod
-    def _prune_one(method: Method, name: str, linear: nn.Linear, stats: ChannelStats | None, target: Target) -> LinearResult:
+    def _prune_one(
+        method: Method, name: str, linear: nn.Linear, stats: ChannelStats | None, target: Target
+    ) -> tuple[LinearResult, Refiner | None]:
         if method.needs_calibration:
             if stats is None:
                 raise PruneError(f"no calibration statistics for {name}")
             stats.check_finite(name)
         if not torch.isfinite(linear.weight).all():
             raise PruneError(f"non-finite weights in {name}")
-        info = method.prune(linear, stats, target)
+        info, refiner = method.prune(linear, stats, target)
         zeros = int((linear.weight == 0).sum())
-        return LinearResult(tuple(linear.weight.shape), zeros, zeros / linear.weight.numel(), info)
+        return LinearResult(tuple(linear.weight.shape), zeros, zeros / linear.weight.numel(), info), refiner

@@ -66,9 +66,9 @@ def load_model(mc: ModelConfig) -> nn.Module:
     return model.eval()
 
 
-def meta_model(config: PretrainedConfig) -> nn.Module:
+def meta_model(config: PretrainedConfig, trust_remote_code: bool = False) -> nn.Module:
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def check_against_model(cfg: Config, config: PretrainedConfig) -> dict[str, tuple[int, int]]:
@@ -76,7 +76,7 @@ def check_against_model(cfg: Config, config: PretrainedConfig) -> dict[str, tupl
 
     Returns the shape (out, in) of every target linear, by full module name.
     """
-    skeleton = meta_model(config)
+    skeleton = meta_model(config, cfg.model.trust_remote_code)
     layers_name, layers = find_decoder_layers(skeleton)
     p = cfg.pruning
     names = target_linears(layers[0], f"{layers_name}.0", p.targets, p.ignore)
@@ -96,7 +96,7 @@ def check_against_model(cfg: Config, config: PretrainedConfig) -> dict[str, tupl
     return {n: (m.out_features, m.in_features) for n, m in found.items()}
 
 
-def enable_biases(model: nn.Module, wanted: list[str]) -> list[str]:
+def enable_biases(model: nn.Module, wanted: list[str], trust_remote_code: bool = False) -> list[str]:
     """Give the linears in ``wanted`` a (zero) bias where the architecture's config allows one.
 
     Sets e.g. ``attention_bias`` / ``mlp_bias`` and adds zero biases to every linear the flag
@@ -111,7 +111,7 @@ def enable_biases(model: nn.Module, wanted: list[str]) -> list[str]:
             continue
         trial = copy.deepcopy(model.config)
         setattr(trial, flag, True)
-        gained = {n for n, m in meta_model(trial).named_modules() if isinstance(m, nn.Linear) and m.bias is not None
+        gained = {n for n, m in meta_model(trial, trust_remote_code).named_modules() if isinstance(m, nn.Linear) and m.bias is not None
                   and modules[n].bias is None}
         if not gained & missing:
             continue

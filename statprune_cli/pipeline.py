@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from statprune_cli.config import Config, DataConfig, dump_config, parse_pattern, parse_size
+from statprune_cli.config import Config, dump_config, parse_pattern, parse_size
 from statprune_cli.data import batched, calibration_windows, load_documents
 from statprune_cli.engine import LayerwiseEngine
 from statprune_cli.errors import ConfigError, InputError
@@ -85,6 +85,9 @@ def run_prune(cfg: Config, overwrite: bool = False, stats_path: Path | None = No
 
     with timer.phase("prepare"):
         shapes = check_against_model(cfg, load_model_config(cfg.model))
+        if stats_path and method.needs_output_pass:
+            raise InputError("--stats: the method's measured compensation needs calibration data; drop --stats or change "
+                             "pruning.options.compensation")
         stats = load_stats(stats_path) if stats_path else None
         if stats is not None:
             for name, (_, cols) in shapes.items():
@@ -102,11 +105,11 @@ def run_prune(cfg: Config, overwrite: bool = False, stats_path: Path | None = No
         ui.log(f"loading {cfg.model.name_or_path} ({cfg.model.dtype})")
         model = load_model(cfg.model)
         notes = []
-        bias_flags = enable_biases(model, list(shapes)) if method.wants_bias else []
+        bias_flags = enable_biases(model, list(shapes), cfg.model.trust_remote_code) if method.wants_bias else []
         if bias_flags:
             notes.append(f"set {', '.join(bias_flags)} in config.json: the compensation writes biases")
 
-    target = Target(p.sparsity, nm, p.granularity)
+    target = Target(p.sparsity if nm is None else nm[0] / nm[1], nm, p.granularity)
     if stats is not None:
         mode = f"one-shot: masks from dense-model statistics in {stats_path}, no forward pass"
     elif not method.needs_calibration:
@@ -139,7 +142,7 @@ def run_prune(cfg: Config, overwrite: bool = False, stats_path: Path | None = No
         "options": asdict(method.options),
         "pattern": p.pattern,
         "pattern_label": p.pattern if nm else f"{p.sparsity:.0%} unstructured (per {p.granularity})",
-        "target_sparsity": p.sparsity if nm is None else nm[0] / nm[1],
+        "target_sparsity": target.sparsity,
         "mode": mode,
         "calibration": {**asdict(cfg.calibration), "description": calibration},
         "device": str(device),
@@ -209,16 +212,16 @@ def summarize_stats(stats: dict[str, ChannelStats], top: int = 5) -> list[dict[s
     return rows
 
 
-def run_eval(model_cfg: Any, data: list[DataConfig], seqlen: int, max_tokens: int | None, batch_size: int,
-             device_name: str, offload: bool, ui: UI | None = None) -> list[dict[str, Any]]:
+def run_eval(cfg: Config, ui: UI | None = None) -> list[dict[str, Any]]:
+    """Perplexity of ``cfg.model`` on every data set of ``cfg.eval``."""
     ui = ui or UI()
-    device = resolve_device(device_name)
-    config = load_model_config(model_cfg)
+    device = resolve_device(cfg.runtime.device)
+    config = load_model_config(cfg.model)
     context = getattr(config, "max_position_embeddings", None)
-    if context is not None and seqlen > context:
-        raise ConfigError("--seqlen", f"expected at most the model's context ({context} tokens), got {seqlen}")
-    tokenizer = load_tokenizer(model_cfg)
-    sets = [load_eval_set(tokenizer, d, seqlen, max_tokens, key=f"--dataset {d.dataset}") for d in data]
-    model = load_model(model_cfg)
-    engine = LayerwiseEngine(model, device, offload, ui)
-    return [evaluate_perplexity(engine, es, batch_size).to_dict() for es in sets]
+    if context is not None and cfg.eval.seqlen > context:
+        raise ConfigError("eval.seqlen", f"expected at most the model's context ({context} tokens), got {cfg.eval.seqlen}")
+    tokenizer = load_tokenizer(cfg.model)
+    sets = eval_sets(cfg, tokenizer)
+    model = load_model(cfg.model)
+    engine = LayerwiseEngine(model, device, cfg.runtime.offload_activations, ui)
+    return [evaluate_perplexity(engine, es, cfg.eval.batch_size).to_dict() for es in sets]

@@ -193,3 +193,20 @@ def test_missing_or_broken_config_file(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "not valid YAML" in res.stderr
     (tmp_path / "list.yaml").write_text(yaml.safe_dump({"model": {"name_or_path": "x"}, "pruning": {"sparsity": [1]}}))
     assert "pruning.sparsity: expected a number" in run("prune", str(tmp_path / "list.yaml")).stderr
+
+
+def test_eval_ppl_with_a_config_uses_its_eval_section(cfg: Path) -> None:
+    res = run("eval-ppl", str(cfg), "--json", "-q")
+    assert res.exit_code == 0, res.output
+    (r,) = json.loads(res.stdout)
+    assert r["seqlen"] == 32 and r["dataset"].startswith("text:")
+    res = run("eval-ppl", str(cfg), "--json", "-q", "--seqlen", "64")
+    assert json.loads(res.stdout)[0]["seqlen"] == 64
+
+
+def test_measured_compensation_cannot_run_one_shot(cfg: Path, tmp_path: Path) -> None:
+    stats = tmp_path / "s.safetensors"
+    assert run("calibrate", str(cfg), "-q", "-o", str(stats)).exit_code == 0
+    res = run("prune", str(cfg), "-q", "--stats", str(stats), "--set", "pruning.method=statprune",
+              "--set", "pruning.options={compensation: measured}")
+    assert res.exit_code == 2 and "measured compensation needs calibration data" in res.stderr

@@ -148,3 +148,16 @@ def test_non_finite_weights_stop_with_the_layer_name() -> None:
         model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(PruneError, match=r"model\.layers\.1\.mlp\.up_proj"):
         engine(model).run(build_method("magnitude", {}), lambda n: Target(0.5), ["Linear"], [], None)
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_measured_compensation_runs_in_the_engine(sequential: bool) -> None:
+    model = tiny_model("llama")
+    name, layers = find_decoder_layers(model)
+    enable_biases(model, [n for n, m in model.named_modules() if n.startswith(f"{name}.") and isinstance(m, torch.nn.Linear)])
+    method = build_method("statprune", {"compensation": "measured", "measure_tokens": 16})
+    res = engine(model).run(method, lambda n: Target(0.5), ["Linear"], [], list(windows().split(3)), sequential=sequential)
+    for layer in res.layers:
+        for r in layer.linears.values():
+            assert r.sparsity == 0.5 and r.info["measured_tokens"] == 2 * 16 and r.info["scale_mean"] != 1.0
+    assert model.model.layers[2].mlp.down_proj.bias.abs().sum() > 0

@@ -34,7 +34,8 @@ def test_wanda_matches_reference_formula() -> None:
     stats = ChannelStats.of(x)
     score = METHODS["wanda"]().score(w, stats)
     assert torch.equal(score, w.abs() * x.reshape(-1, 32).double().norm(dim=0).float())
-    METHODS["wanda"]().prune(lin, stats, Target(0.5))
+    info, refiner = METHODS["wanda"]().prune(lin, stats, Target(0.5))
+    assert refiner is None
     assert torch.equal(lin.weight == 0, wanda_reference_mask(w, x, 0.5))
 
 
@@ -117,7 +118,7 @@ def test_both_compensations_restore_the_dense_mean_after_scaling() -> None:
 
 def test_mean_compensation_without_a_bias_is_reported_not_applied() -> None:
     lin, x = layer_and_inputs(bias=False)
-    info = build_method("statprune", {"compensation": "mean"}).prune(lin, ChannelStats.of(x), Target(0.5))
+    info, _ = build_method("statprune", {"compensation": "mean"}).prune(lin, ChannelStats.of(x), Target(0.5))
     assert lin.bias is None
     assert "cannot take a bias" in info["mean_compensation"]
 
@@ -135,3 +136,28 @@ def test_nm_through_a_method() -> None:
     lin, x = layer_and_inputs()
     build_method("statprune", {}).prune(lin, ChannelStats.of(x), Target(0.5, nm=(2, 4)))
     assert ((lin.weight == 0).reshape(16, 8, 4).sum(-1) == 2).all()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_measured_compensation_is_the_least_squares_row_map(bias: bool) -> None:
+    lin, x = layer_and_inputs(bias=bias)
+    dense = outputs(lin, x)
+    b0 = lin.bias.detach().double().clone() if bias else 0.0
+    method = build_method("statprune", {"compensation": "measured", "measure_tokens": 10_000})
+    _, refiner = method.prune(lin, ChannelStats.of(x), Target(0.5))
+    pruned = outputs(lin, x)
+    for batch in x.split(2):
+        refiner.observe(batch)
+    info = refiner.apply()
+    assert info["measured_tokens"] == 200
+    fixed = outputs(lin, x)
+    # reference: per row, least squares of the dense output on the pruned one (with an intercept when there is a bias)
+    p, y = pruned - b0, dense - b0
+    if bias:
+        c = ((y - y.mean(0)) * (p - p.mean(0))).mean(0) / (p - p.mean(0)).pow(2).mean(0)
+    else:
+        c = (y * p).mean(0) / (p * p).mean(0)
+    assert torch.allclose(fixed - (lin.bias.detach().double() if bias else 0.0), c.clamp(0.5, 2.0) * p, atol=1e-4)
+    assert ((fixed - dense) ** 2).mean() < ((pruned - dense) ** 2).mean()
+    if bias:
+        assert torch.allclose(fixed.mean(0), dense.mean(0), atol=1e-4)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from statprune_cli.methods.base import Method, Options, Target
+from statprune_cli.methods.base import Method, Options, Refiner, Target
 from statprune_cli.methods.magnitude import Magnitude
 from statprune_cli.methods.statprune import StatPrune
 from statprune_cli.methods.wanda import Wanda
@@ -15,4 +15,4 @@ def build_method(name: str, options: dict) -> Method:
     return cls(cls.Options.from_dict(options))
 
 
-__all__ = ["METHODS", "Method", "Options", "Target", "build_method"]
+__all__ = ["METHODS", "Method", "Options", "Refiner", "Target", "build_method"]

@@ -7,7 +7,7 @@ engine knows which method runs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -35,6 +35,14 @@ class Options:
         return options_from_dict(cls, data)
 
 
+class Refiner(Protocol):
+    """Watches a pruned linear's inputs during the next pass through its layer, then corrects it once."""
+
+    def observe(self, x: torch.Tensor) -> None: ...
+
+    def apply(self) -> dict[str, Any]: ...
+
+
 class Method:
     name: ClassVar[str]
     needs_calibration: ClassVar[bool] = True
@@ -48,6 +56,11 @@ class Method:
         """True when the update writes into the bias, so the engine adds zero biases first."""
         return False
 
+    @property
+    def needs_output_pass(self) -> bool:
+        """True when ``prune`` hands back refiners, which need calibration inputs after the mask is set."""
+        return False
+
     def score(self, weight: torch.Tensor, stats: ChannelStats | None) -> torch.Tensor:
         """Importance of each weight (higher = keep); weight is float32, shape (out, in)."""
         raise NotImplementedError
@@ -57,7 +70,11 @@ class Method:
         linear.weight.data.copy_(weight.masked_fill(mask, 0.0))
         return {}
 
-    def prune(self, linear: nn.Linear, stats: ChannelStats | None, target: Target) -> dict[str, Any]:
-        weight = linear.weight.data.float()
+    def refiner(self, linear: nn.Linear, dense: torch.Tensor, stats: ChannelStats | None) -> Refiner | None:
+        """An optional measured correction of the pruned ``linear``; ``dense`` is its weight before pruning."""
+        return None
+
+    def prune(self, linear: nn.Linear, stats: ChannelStats | None, target: Target) -> tuple[dict[str, Any], Refiner | None]:
+        weight = linear.weight.data.float().clone()
         mask = make_mask(self.score(weight, stats), target.sparsity, target.nm, target.granularity)
-        return self.update(linear, weight, mask, stats)
+        return self.update(linear, weight, mask, stats), self.refiner(linear, weight, stats)

@@ -15,6 +15,9 @@ compensation (after the mask, closed form, per output row i)
   energy: kept W_ij *= gamma_i = (sum_j W_ij^2 v_j / sum_kept W_ij^2 v_j)^(beta/2), v = m2 or s2;
           with v = s2 the bias also absorbs the mean shift the scaling causes
   both:   energy, then the bias restores the dense mean exactly
+  measured: after the mask, the next pass through the layer measures, per output row, the
+          least-squares affine map from the pruned output y' to the dense output y on (a sample of)
+          the calibration tokens: c = Cov(y, y') / Var(y'), b += E[y] - c E[y'] (no bias: c = E[y y'] / E[y'^2])
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from statprune_cli.methods.base import Method, Options
 from statprune_cli.stats import ChannelStats
 
 SCORES = ("variance", "tempered", "first_order", "magnitude")
-COMPENSATIONS = ("none", "mean", "energy", "both")
+COMPENSATIONS = ("none", "mean", "energy", "both", "measured")
 
 
 @dataclass
@@ -40,6 +43,7 @@ class StatPruneOptions(Options):
     compensation: str = "mean"
     beta: float = 1.0
     energy_stat: str = "m2"
+    measure_tokens: int = 256
 
     def __post_init__(self) -> None:
         if self.score not in SCORES:
@@ -49,6 +53,8 @@ class StatPruneOptions(Options):
         for key in ("alpha", "beta"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ConfigError(f"pruning.options.{key}", f"expected a number in [0, 1], got {getattr(self, key)}")
+        if self.measure_tokens < 1:
+            raise ConfigError("pruning.options.measure_tokens", f"expected an integer >= 1, got {self.measure_tokens}")
         if self.energy_stat not in ("m2", "s2"):
             raise ConfigError("pruning.options.energy_stat", f"expected 'm2' or 's2', got {self.energy_stat!r}")
 
@@ -60,7 +66,14 @@ class StatPrune(Method):
     @property
     def wants_bias(self) -> bool:
         o = self.options
-        return o.compensation in ("mean", "both") or (o.compensation == "energy" and o.energy_stat == "s2")
+        return o.compensation in ("mean", "both", "measured") or (o.compensation == "energy" and o.energy_stat == "s2")
+
+    @property
+    def needs_output_pass(self) -> bool:
+        return self.options.compensation == "measured"
+
+    def refiner(self, linear: nn.Linear, dense: torch.Tensor, stats: ChannelStats | None) -> MeasuredCompensation | None:
+        return MeasuredCompensation(linear, dense, self.options.measure_tokens) if self.needs_output_pass else None
 
     def score(self, weight: torch.Tensor, stats: ChannelStats | None) -> torch.Tensor:
         assert stats is not None
@@ -91,7 +104,7 @@ class StatPrune(Method):
             new = kept * gamma[:, None]
             info["gamma_mean"] = float(gamma.mean())
         linear.weight.data.copy_(new.to(linear.weight.dtype))
-        if self.wants_bias:
+        if self.wants_bias and not self.needs_output_pass:
             if linear.bias is None:
                 info["mean_compensation"] = "skipped: this architecture cannot take a bias here"
             else:
@@ -101,3 +114,43 @@ class StatPrune(Method):
                 linear.bias.data.add_(shift.to(linear.bias.dtype))
                 info["bias_shift_abs_mean"] = float(shift.abs().mean())
         return info
+
+
+class MeasuredCompensation:
+    """Least-squares per-row correction of a pruned linear, from its dense and pruned outputs on the same inputs.
+
+    Only ``tokens`` rows of each batch are used: a per-row scalar needs few samples, and the two
+    extra matmuls on a sample keep the cost close to Wanda's.
+    """
+
+    def __init__(self, linear: nn.Linear, dense: torch.Tensor, tokens: int) -> None:
+        self.linear, self.dense, self.tokens = linear, dense, tokens
+        self.bias0 = None if linear.bias is None else linear.bias.detach().double().clone()
+        z = torch.zeros(linear.out_features, dtype=torch.float64, device=dense.device)
+        self.s_yp, self.s_pp, self.s_y, self.s_p, self.n = z.clone(), z.clone(), z.clone(), z.clone(), 0
+
+    def observe(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1])
+        x = x[:: max(1, x.shape[0] // self.tokens)][: self.tokens].float()
+        y = (x @ self.dense.T).double()
+        p = (x @ self.linear.weight.float().T).double()
+        self.s_yp += (y * p).sum(0)
+        self.s_pp += (p * p).sum(0)
+        self.s_y += y.sum(0)
+        self.s_p += p.sum(0)
+        self.n += x.shape[0]
+
+    def apply(self) -> dict[str, Any]:
+        n = self.n
+        if self.bias0 is not None:
+            cov = self.s_yp / n - self.s_y * self.s_p / n**2
+            var = self.s_pp / n - (self.s_p / n) ** 2
+        else:
+            cov, var = self.s_yp, self.s_pp
+        c = torch.where(var > 0, cov / var.clamp_min(1e-300), torch.ones_like(var)).clamp(0.5, 2.0)
+        w = self.linear.weight
+        w.data.copy_((w.data.double() * c[:, None]).to(w.dtype))
+        if self.bias0 is not None:
+            self.linear.bias.data.copy_((self.bias0 + self.s_y / n - c * self.s_p / n).to(self.linear.bias.dtype))
+        self.dense = None  # free the dense copy as soon as the layer is done
+        return {"scale_mean": float(c.mean()), "measured_tokens": n}
