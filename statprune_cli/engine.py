@@ -60,7 +60,8 @@ def place_model(model: nn.Module, layers_name: str, device: torch.device) -> Non
 
 @torch.no_grad()
 def capture_inputs(
-    model: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor], device: torch.device, store: torch.device
+    model: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor], device: torch.device, store: torch.device,
+    advance: Callable[[], None] = lambda: None,
 ) -> tuple[list[torch.Tensor], list[LayerArgs]]:
     """Hidden states entering layer 0 (one tensor per batch) and every layer's other arguments."""
     hidden: list[torch.Tensor] = []
@@ -84,6 +85,7 @@ def capture_inputs(
                 model(input_ids=ids.to(device), use_cache=False)
             except _StopForward:
                 pass
+            advance()
     return hidden, layer_args
 
 
@@ -149,7 +151,12 @@ class LayerwiseEngine:
         return target_linears(self.layers[index], f"{self.layers_name}.{index}", targets, ignore)
 
     def capture(self, batches: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[LayerArgs]]:
-        return capture_inputs(self.model, self.layers, batches, self.device, self.store)
+        with self.ui.progress("capturing layer inputs", len(batches)) as advance:
+            return capture_inputs(self.model, self.layers, batches, self.device, self.store, advance)
+
+    def _forward(self, layer: nn.Module, hidden: list[torch.Tensor], args: LayerArgs, what: str) -> list[torch.Tensor]:
+        with self.ui.progress(what, len(hidden)) as advance:
+            return forward_layer(layer, hidden, args, self.device, self.store, advance)
 
     def hidden_states(self, batches: list[torch.Tensor]) -> list[torch.Tensor]:
         """The last decoder layer's outputs for ``batches`` (evaluation, or the no-pruning check)."""
@@ -157,7 +164,7 @@ class LayerwiseEngine:
         with self.ui.progress("layers", len(self.layers)) as advance:
             for i, layer in enumerate(self.layers):
                 layer.to(self.device)
-                hidden = forward_layer(layer, hidden, args[i], self.device, self.store)
+                hidden = self._forward(layer, hidden, args[i], "windows")
                 layer.to("cpu")
                 advance()
         return hidden
@@ -222,7 +229,7 @@ class LayerwiseEngine:
         """One pass through ``layer`` with each observer called on its linear's input."""
         handles = [lin.register_forward_pre_hook(lambda m, inp, fn=fn: fn(inp[0])) for lin, fn in observers.items()]
         try:
-            return forward_layer(layer, hidden, args, self.device, self.store)
+            return self._forward(layer, hidden, args, "calibration batches")
         finally:
             for h in handles:
                 h.remove()

@@ -55,11 +55,13 @@ def window_nll(engine: LayerwiseEngine, windows: torch.Tensor, batch_size: int) 
     batches = batched(windows, batch_size)
     final = engine.hidden_states(batches)
     total, count = 0.0, 0
-    for ids, hidden in zip(batches, final):
-        logits = engine.logits(ids, hidden).float()
-        target = ids.to(logits.device)[:, 1:]
-        total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
-        count += target.numel()
+    with engine.ui.progress("eval windows", len(batches)) as advance:
+        for ids, hidden in zip(batches, final):
+            logits = engine.logits(ids, hidden).float()
+            target = ids.to(logits.device)[:, 1:]
+            total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
+            count += target.numel()
+            advance()
     return total, count
 
 

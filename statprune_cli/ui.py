@@ -19,6 +19,8 @@ class UI:
         self.quiet = quiet
         self.console = Console(stderr=True)
         self.interactive = sys.stderr.isatty() if interactive is None else interactive
+        self._bar: Progress | None = None
+        self._depth = 0
 
     def log(self, message: str) -> None:
         if self.quiet:
@@ -30,16 +32,35 @@ class UI:
 
     @contextmanager
     def progress(self, description: str, total: int) -> Iterator[Callable[[], None]]:
-        """Yields ``advance()``; a bar on a terminal, a line per ~10% otherwise."""
+        """Yields ``advance()``. On a terminal: one bar per task, nested tasks share one display.
+        Otherwise: a log line per ~10% of the outermost task only, so CI logs stay short."""
         if self.quiet or total <= 0:
             yield lambda: None
             return
-        if self.interactive:
-            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                          console=self.console, transient=True) as bar:
-                task = bar.add_task(description, total=total)
-                yield lambda: bar.advance(task)
-            return
+        self._depth += 1
+        try:
+            if self.interactive:
+                owner = self._bar is None
+                if owner:
+                    self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                         TimeElapsedColumn(), console=self.console, transient=True)
+                    self._bar.start()
+                task = self._bar.add_task(description, total=total)
+                try:
+                    yield lambda: self._bar.advance(task)
+                finally:
+                    self._bar.remove_task(task)
+                    if owner:
+                        self._bar.stop()
+                        self._bar = None
+            elif self._depth > 1:
+                yield lambda: None
+            else:
+                yield self._log_every_tenth(description, total)
+        finally:
+            self._depth -= 1
+
+    def _log_every_tenth(self, description: str, total: int) -> Callable[[], None]:
         done = 0
         step = max(1, total // 10)
 
@@ -49,4 +70,4 @@ class UI:
             if done % step == 0 or done == total:
                 self.log(f"{description}: {done}/{total}")
 
-        yield advance
+        return advance
