@@ -210,3 +210,15 @@ def test_measured_compensation_cannot_run_one_shot(cfg: Path, tmp_path: Path) ->
     res = run("prune", str(cfg), "-q", "--stats", str(stats), "--set", "pruning.method=statprune",
               "--set", "pruning.options={compensation: measured}")
     assert res.exit_code == 2 and "measured compensation needs calibration data" in res.stderr
+
+
+def test_sharded_output_reloads(cfg: Path, tmp_path: Path) -> None:
+    res = run("prune", str(cfg), "-q", "--set", "output.shard_size=100KB")
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "out"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all((out / s).is_file() for s in shards)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    w = model.model.layers[2].mlp.up_proj.weight
+    assert ((w == 0).sum(1) == w.shape[1] // 2).all()

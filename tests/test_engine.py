@@ -161,3 +161,13 @@ def test_measured_compensation_runs_in_the_engine(sequential: bool) -> None:
         for r in layer.linears.values():
             assert r.sparsity == 0.5 and r.info["measured_tokens"] == 2 * 16 and r.info["scale_mean"] != 1.0
     assert model.model.layers[2].mlp.down_proj.bias.abs().sum() > 0
+
+
+def test_non_finite_statistics_stop_with_the_layer_name() -> None:
+    from statprune_cli.errors import PruneError
+
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.embed_tokens.weight.fill_(float("inf"))
+    with pytest.raises(PruneError, match=r"non-finite input statistics.*model\.layers\.0\.self_attn\.q_proj"):
+        engine(model).run(build_method("wanda", {}), lambda n: Target(0.5), ["Linear"], [], [windows()])
