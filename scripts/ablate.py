@@ -36,15 +36,20 @@ VARIANTS: dict[str, list[str]] = {
     "variance+energy(s2/b=1)": [SP, "pruning.options={score: variance, compensation: energy, energy_stat: s2, beta: 1.0}"],
     "variance+both(m2/b=0.5)": [SP, "pruning.options={score: variance, compensation: both, beta: 0.5}"],
     "variance+both(m2/b=1)": [SP, "pruning.options={score: variance, compensation: both, beta: 1.0}"],
-    "variance+mean+skip1": [SP, "pruning.options={score: variance, compensation: mean}", "calibration.skip_first_tokens=1"],
     "tempered(a=0.5)+mean": [SP, "pruning.options={score: tempered, alpha: 0.5, compensation: mean}"],
     # measured: least-squares per-row affine correction from a sample of dense and pruned outputs
     "wanda+measured": [SP, "pruning.options={score: tempered, alpha: 1.0, compensation: measured}"],
     "variance+measured": [SP, "pruning.options={score: variance, compensation: measured}"],
+    "wanda+measured_scale": [SP, "pruning.options={score: tempered, alpha: 1.0, compensation: measured_scale}"],
     # robust statistics: the first position of each window (attention sink) left out of the statistics
     "wanda+skip1": ["pruning.method=wanda", "calibration.skip_first_tokens=1"],
     "wanda+mean+skip1": [SP, "pruning.options={score: tempered, alpha: 1.0, compensation: mean}", "calibration.skip_first_tokens=1"],
     "tempered(a=0.5)+skip1": [SP, "pruning.options={score: tempered, alpha: 0.5, compensation: none}", "calibration.skip_first_tokens=1"],
+    "wanda+skip4": ["pruning.method=wanda", "calibration.skip_first_tokens=4"],
+    "wanda+energy(m2/b=1)+skip1": [SP, "pruning.options={score: tempered, alpha: 1.0, compensation: energy, beta: 1.0}", "calibration.skip_first_tokens=1"],
+    "wanda+measured_scale+skip1": [SP, "pruning.options={score: tempered, alpha: 1.0, compensation: measured_scale}", "calibration.skip_first_tokens=1"],
+    "tempered(a=0.75)+skip1": [SP, "pruning.options={score: tempered, alpha: 0.75, compensation: none}", "calibration.skip_first_tokens=1"],
+    "variance+mean+skip1": [SP, "pruning.options={score: variance, compensation: mean}", "calibration.skip_first_tokens=1"],
 }
 
 

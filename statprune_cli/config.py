@@ -53,7 +53,7 @@ class CalibrationConfig(DataConfig):
     seqlen: int = 2048
     seed: int = 0
     batch_size: int = 1
-    skip_first_tokens: int = 0
+    skip_first_tokens: int | None = None  # None: the method's own choice (statprune leaves out the attention sink)
 
 
 @dataclass
@@ -289,12 +289,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.dtype", f"expected one of {', '.join(DTYPES)}, got {cfg.model.dtype!r}")
     c = cfg.calibration
     validate_data(c, "calibration")
-    for key, val, lo in (("nsamples", c.nsamples, 1), ("seqlen", c.seqlen, 2), ("batch_size", c.batch_size, 1),
-                         ("skip_first_tokens", c.skip_first_tokens, 0)):
+    for key, val, lo in (("nsamples", c.nsamples, 1), ("seqlen", c.seqlen, 2), ("batch_size", c.batch_size, 1)):
         if val < lo:
             raise ConfigError(f"calibration.{key}", f"expected an integer >= {lo}, got {val}")
-    if c.skip_first_tokens >= c.seqlen:
-        raise ConfigError("calibration.skip_first_tokens", f"expected fewer than seqlen ({c.seqlen}), got {c.skip_first_tokens}")
+    if c.skip_first_tokens is not None and not 0 <= c.skip_first_tokens < c.seqlen:
+        raise ConfigError("calibration.skip_first_tokens", f"expected 0 <= k < seqlen ({c.seqlen}), got {c.skip_first_tokens}")
     p = cfg.pruning
     from statprune_cli.methods import METHODS  # the registry imports torch; keep it out of module import
 

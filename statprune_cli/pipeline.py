@@ -21,7 +21,7 @@ from statprune_cli.engine import LayerwiseEngine
 from statprune_cli.errors import ConfigError, InputError
 from statprune_cli.export import atomic_dir, check_output_dir, save_model_folder
 from statprune_cli.load import check_against_model, enable_biases, load_model, load_model_config, load_tokenizer
-from statprune_cli.methods import Target, build_method
+from statprune_cli.methods import Method, Target, build_method
 from statprune_cli.perplexity import EvalSet, evaluate_perplexity, load_eval_set
 from statprune_cli.report import layer_summary, model_sparsity, package_versions, peak_memory
 from statprune_cli.stats import ChannelStats, load_stats, save_stats
@@ -49,6 +49,12 @@ class Timer:
             yield
         finally:
             self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - t0
+
+
+def statistics_skip(cfg: Config, method: Method) -> int:
+    """Positions left out of the statistics: the config's value if set, else the method's own choice."""
+    skip = cfg.calibration.skip_first_tokens
+    return method.skip_first_tokens if skip is None else skip
 
 
 def calibration_batches(cfg: Config, tokenizer: Any, ui: UI) -> tuple[list[torch.Tensor], str]:
@@ -121,7 +127,7 @@ def run_prune(cfg: Config, overwrite: bool = False, stats_path: Path | None = No
     with timer.phase("prune"):
         engine = LayerwiseEngine(model, device, cfg.runtime.offload_activations, ui)
         result = engine.run(method, lambda name: target, p.targets, p.ignore, batches, stats=stats,
-                            sequential=p.sequential, skip_first=cfg.calibration.skip_first_tokens)
+                            sequential=p.sequential, skip_first=statistics_skip(cfg, method))
     skipped = sorted({n for layer in result.layers for n, r in layer.linears.items() if "mean_compensation" in r.info})
     if skipped:
         notes.append(f"mean compensation skipped for {len(skipped)} linears whose architecture cannot take a bias "
@@ -144,7 +150,8 @@ def run_prune(cfg: Config, overwrite: bool = False, stats_path: Path | None = No
         "pattern_label": p.pattern if nm else f"{p.sparsity:.0%} unstructured (per {p.granularity})",
         "target_sparsity": target.sparsity,
         "mode": mode,
-        "calibration": {**asdict(cfg.calibration), "description": calibration},
+        "calibration": {**asdict(cfg.calibration), "description": calibration,
+                        "statistics_skip_first_tokens": None if stats is not None else statistics_skip(cfg, method)},
         "device": str(device),
         "sparsity": {"pruned_linears": pruned, "all_parameters": model_sparsity(model)},
         "layers": rows,
@@ -181,11 +188,13 @@ def run_calibrate(cfg: Config, output: Path, overwrite: bool = False, ui: UI | N
     model = load_model(cfg.model)
     engine = LayerwiseEngine(model, device, cfg.runtime.offload_activations, ui)
     p = cfg.pruning
-    result = engine.run(None, lambda name: Target(0.0), p.targets, p.ignore, batches,
-                        skip_first=cfg.calibration.skip_first_tokens)
+    skip = statistics_skip(cfg, build_method(p.method, p.options))
+    result = engine.run(None, lambda name: Target(0.0), p.targets, p.ignore, batches, skip_first=skip)
     output.parent.mkdir(parents=True, exist_ok=True)
-    save_stats(result.stats, output, {"model": cfg.model.name_or_path, "calibration": calibration})
+    save_stats(result.stats, output, {"model": cfg.model.name_or_path, "calibration": calibration,
+                                      "skip_first_tokens": str(skip)})
     summary = {"stats_file": str(output), "model": cfg.model.name_or_path, "calibration": calibration,
+               "skip_first_tokens": skip,
                "seconds": round(time.perf_counter() - t0, 3), "inputs": summarize_stats(result.stats)}
     summary_path = output.with_suffix(".json")
     tmp = summary_path.with_name(summary_path.name + ".tmp")

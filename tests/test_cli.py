@@ -222,3 +222,12 @@ def test_sharded_output_reloads(cfg: Path, tmp_path: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(out)
     w = model.model.layers[2].mlp.up_proj.weight
     assert ((w == 0).sum(1) == w.shape[1] // 2).all()
+
+
+def test_statprune_leaves_the_attention_sink_out_of_its_statistics_by_default(cfg: Path) -> None:
+    sp = json.loads(run("prune", str(cfg), "-q", "--json", "--overwrite", "--set", "pruning.method=statprune").stdout)
+    assert sp["calibration"]["statistics_skip_first_tokens"] == 1
+    wanda = json.loads(run("prune", str(cfg), "-q", "--json", "--overwrite").stdout)
+    assert wanda["calibration"]["statistics_skip_first_tokens"] == 0
+    forced = json.loads(run("prune", str(cfg), "-q", "--json", "--overwrite", "--set", "calibration.skip_first_tokens=3").stdout)
+    assert forced["calibration"]["statistics_skip_first_tokens"] == 3

@@ -138,12 +138,12 @@ def test_nm_through_a_method() -> None:
     assert ((lin.weight == 0).reshape(16, 8, 4).sum(-1) == 2).all()
 
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_measured_compensation_is_the_least_squares_row_map(bias: bool) -> None:
+@pytest.mark.parametrize("bias,compensation", [(True, "measured"), (False, "measured"), (True, "measured_scale")])
+def test_measured_compensation_is_the_least_squares_row_map(bias: bool, compensation: str) -> None:
     lin, x = layer_and_inputs(bias=bias)
     dense = outputs(lin, x)
     b0 = lin.bias.detach().double().clone() if bias else 0.0
-    method = build_method("statprune", {"compensation": "measured", "measure_tokens": 10_000})
+    method = build_method("statprune", {"compensation": compensation, "measure_tokens": 10_000})
     _, refiner = method.prune(lin, ChannelStats.of(x), Target(0.5))
     pruned = outputs(lin, x)
     for batch in x.split(2):
@@ -153,11 +153,15 @@ def test_measured_compensation_is_the_least_squares_row_map(bias: bool) -> None:
     fixed = outputs(lin, x)
     # reference: per row, least squares of the dense output on the pruned one (with an intercept when there is a bias)
     p, y = pruned - b0, dense - b0
+    if compensation == "measured_scale":
+        assert torch.equal(lin.bias.detach().double(), b0)
+        bias = False
     if bias:
         c = ((y - y.mean(0)) * (p - p.mean(0))).mean(0) / (p - p.mean(0)).pow(2).mean(0)
     else:
         c = (y * p).mean(0) / (p * p).mean(0)
-    assert torch.allclose(fixed - (lin.bias.detach().double() if bias else 0.0), c.clamp(0.5, 2.0) * p, atol=1e-4)
+    b_new = lin.bias.detach().double() if lin.bias is not None else 0.0
+    assert torch.allclose(fixed - b_new, c.clamp(0.5, 2.0) * p, atol=1e-4)
     assert ((fixed - dense) ** 2).mean() < ((pruned - dense) ** 2).mean()
     if bias:
         assert torch.allclose(fixed.mean(0), dense.mean(0), atol=1e-4)

@@ -57,6 +57,11 @@ class Method:
         return False
 
     @property
+    def skip_first_tokens(self) -> int:
+        """Positions at the start of each window left out of the statistics, unless the config says otherwise."""
+        return 0
+
+    @property
     def needs_output_pass(self) -> bool:
         """True when ``prune`` hands back refiners, which need calibration inputs after the mask is set."""
         return False

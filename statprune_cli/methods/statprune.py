@@ -18,6 +18,12 @@ compensation (after the mask, closed form, per output row i)
   measured: after the mask, the next pass through the layer measures, per output row, the
           least-squares affine map from the pruned output y' to the dense output y on (a sample of)
           the calibration tokens: c = Cov(y, y') / Var(y'), b += E[y] - c E[y'] (no bias: c = E[y y'] / E[y'^2])
+  measured_scale: the same without the intercept, c = E[y y'] / E[y'^2], for every architecture
+
+robust statistics: ``skip_first_tokens`` (default 1) leaves the first positions of every window
+out of the statistics. The first token of a window acts as an attention sink and carries massive
+activations in a few channels (e.g. a second moment 13x the rest in SmolLM2's last down_proj),
+which would otherwise decide those channels' scores.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from statprune_cli.methods.base import Method, Options
 from statprune_cli.stats import ChannelStats
 
 SCORES = ("variance", "tempered", "first_order", "magnitude")
-COMPENSATIONS = ("none", "mean", "energy", "both", "measured")
+COMPENSATIONS = ("none", "mean", "energy", "both", "measured", "measured_scale")
 
 
 @dataclass
@@ -44,6 +50,7 @@ class StatPruneOptions(Options):
     beta: float = 1.0
     energy_stat: str = "m2"
     measure_tokens: int = 256
+    skip_first_tokens: int = 1
 
     def __post_init__(self) -> None:
         if self.score not in SCORES:
@@ -53,6 +60,8 @@ class StatPruneOptions(Options):
         for key in ("alpha", "beta"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ConfigError(f"pruning.options.{key}", f"expected a number in [0, 1], got {getattr(self, key)}")
+        if self.skip_first_tokens < 0:
+            raise ConfigError("pruning.options.skip_first_tokens", f"expected an integer >= 0, got {self.skip_first_tokens}")
         if self.measure_tokens < 1:
             raise ConfigError("pruning.options.measure_tokens", f"expected an integer >= 1, got {self.measure_tokens}")
         if self.energy_stat not in ("m2", "s2"):
@@ -69,11 +78,17 @@ class StatPrune(Method):
         return o.compensation in ("mean", "both", "measured") or (o.compensation == "energy" and o.energy_stat == "s2")
 
     @property
+    def skip_first_tokens(self) -> int:
+        return self.options.skip_first_tokens
+
+    @property
     def needs_output_pass(self) -> bool:
-        return self.options.compensation == "measured"
+        return self.options.compensation in ("measured", "measured_scale")
 
     def refiner(self, linear: nn.Linear, dense: torch.Tensor, stats: ChannelStats | None) -> MeasuredCompensation | None:
-        return MeasuredCompensation(linear, dense, self.options.measure_tokens) if self.needs_output_pass else None
+        if not self.needs_output_pass:
+            return None
+        return MeasuredCompensation(linear, dense, self.options.measure_tokens, self.options.compensation == "measured")
 
     def score(self, weight: torch.Tensor, stats: ChannelStats | None) -> torch.Tensor:
         assert stats is not None
@@ -123,9 +138,9 @@ class MeasuredCompensation:
     extra matmuls on a sample keep the cost close to Wanda's.
     """
 
-    def __init__(self, linear: nn.Linear, dense: torch.Tensor, tokens: int) -> None:
+    def __init__(self, linear: nn.Linear, dense: torch.Tensor, tokens: int, intercept: bool = True) -> None:
         self.linear, self.dense, self.tokens = linear, dense, tokens
-        self.bias0 = None if linear.bias is None else linear.bias.detach().double().clone()
+        self.bias0 = linear.bias.detach().double().clone() if intercept and linear.bias is not None else None
         z = torch.zeros(linear.out_features, dtype=torch.float64, device=dense.device)
         self.s_yp, self.s_pp, self.s_y, self.s_p, self.n = z.clone(), z.clone(), z.clone(), z.clone(), 0
 
