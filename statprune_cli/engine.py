@@ -211,7 +211,7 @@ class LayerwiseEngine:
                             refiners[name] = refiner
                     if collect and (sequential or refiners):
                         observers = {linears[n]: r.observe for n, r in refiners.items()}
-                        pruned_outputs = self._forward_observed(layer, observers, hidden, args[i])
+                        pruned_outputs = self._forward_observed(layer, observers, hidden, args[i], skip_first)
                         outputs = pruned_outputs if sequential else outputs
                         for name, refiner in refiners.items():
                             result.linears[name].info.update(refiner.apply())
@@ -224,10 +224,21 @@ class LayerwiseEngine:
 
     def _forward_observed(
         self, layer: nn.Module, observers: dict[nn.Linear, Callable[[torch.Tensor], None]], hidden: list[torch.Tensor],
-        args: LayerArgs,
+        args: LayerArgs, skip_first: int,
     ) -> list[torch.Tensor]:
-        """One pass through ``layer`` with each observer called on its linear's input."""
-        handles = [lin.register_forward_pre_hook(lambda m, inp, fn=fn: fn(inp[0])) for lin, fn in observers.items()]
+        """One pass through ``layer`` with each observer called on its linear's input.
+
+        Observers never see the first ``skip_first`` positions of a window (attention sinks), and
+        linears that read the same tensor (q/k/v, gate/up) get the same sliced view.
+        """
+        memo: dict[str, Any] = {"x": None, "view": None}
+
+        def call(fn: Callable[[torch.Tensor], None], x: torch.Tensor) -> None:
+            if memo["x"] is not x:
+                memo["x"], memo["view"] = x, (x[:, skip_first:] if skip_first and x.dim() >= 3 else x)
+            fn(memo["view"])
+
+        handles = [lin.register_forward_pre_hook(lambda m, inp, fn=fn: call(fn, inp[0])) for lin, fn in observers.items()]
         try:
             return self._forward(layer, hidden, args, "calibration batches")
         finally:
@@ -247,14 +258,13 @@ class LayerwiseEngine:
         def observer(name: str) -> Callable[[torch.Tensor], None]:
             def fn(x: torch.Tensor) -> None:
                 if memo["x"] is not x:
-                    xs = x[:, skip_first:] if skip_first and x.dim() >= 3 else x
-                    memo["x"], memo["stats"] = x, ChannelStats.of(xs)
+                    memo["x"], memo["stats"] = x, ChannelStats.of(x)
                 collected[name].add(memo["stats"])
 
             return fn
 
-        outputs = self._forward_observed(layer, {lin: observer(name) for name, lin in linears.items()}, hidden, args)
-        return collected, outputs
+        observers = {lin: observer(name) for name, lin in linears.items()}
+        return collected, self._forward_observed(layer, observers, hidden, args, skip_first)
 
     @staticmethod
     def _prune_one(
