@@ -48,6 +48,7 @@ VARIANTS: dict[str, list[str]] = {
     "wanda+skip4": ["pruning.method=wanda", "calibration.skip_first_tokens=4"],
     "wanda+energy(m2/b=1)+skip1": [SP, "pruning.options={score: tempered, alpha: 1.0, compensation: energy, beta: 1.0}", "calibration.skip_first_tokens=1"],
     "wanda+measured_scale+skip1": [SP, "pruning.options={score: tempered, alpha: 1.0, compensation: measured_scale}", "calibration.skip_first_tokens=1"],
+    "wanda+measured+skip1": [SP, "pruning.options={score: tempered, alpha: 1.0, compensation: measured}", "calibration.skip_first_tokens=1"],
     "tempered(a=0.75)+skip1": [SP, "pruning.options={score: tempered, alpha: 0.75, compensation: none}", "calibration.skip_first_tokens=1"],
     "variance+mean+skip1": [SP, "pruning.options={score: variance, compensation: mean}", "calibration.skip_first_tokens=1"],
 }
@@ -95,6 +96,11 @@ def write_doc(args: argparse.Namespace, key: str) -> None:
         f"Dense perplexity: {dense:.3f}." if dense else "",
         "",
         f"Made by: `python scripts/ablate.py --settings {args.settings} --nsamples {args.nsamples} --seqlen {args.seqlen} --eval-tokens {args.eval_tokens}`",
+        "",
+        "Variant names: the score (`wanda` = tempered with alpha 1, i.e. |W| m2^(1/2); `variance`; `tempered(a=..)`), "
+        "then the compensation (`mean`, `energy(v/b=beta)`, `both`, `measured` = least-squares affine per row, "
+        "`measured_scale` = the same without intercept), then `skipK` = the first K positions of every window left out of "
+        "the statistics (attention sinks). `wanda` alone is the reference Wanda. Lower is better.",
         "",
         "| variant | " + " | ".join(settings) + " |",
         "|---|" + "---:|" * len(settings),

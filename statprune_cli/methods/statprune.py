@@ -44,9 +44,9 @@ COMPENSATIONS = ("none", "mean", "energy", "both", "measured", "measured_scale")
 
 @dataclass
 class StatPruneOptions(Options):
-    score: str = "variance"
-    alpha: float = 0.5
-    compensation: str = "mean"
+    score: str = "tempered"
+    alpha: float = 1.0
+    compensation: str = "none"
     beta: float = 1.0
     energy_stat: str = "m2"
     measure_tokens: int = 256
