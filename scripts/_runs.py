@@ -70,3 +70,22 @@ def append_jsonl(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def run_grid(results: Path, key: str, label: str, cells: dict[tuple[str, str], list[str]], model: Path, seqlen: int,
+             eval_tokens: int, split: str) -> None:
+    """The dense perplexity, then one `statprune prune` per (name, setting) cell not yet in ``results``."""
+    done = {(r["key"], r[label], r["setting"]) for r in load_jsonl(results)}
+    if (key, "dense", "-") not in done:
+        append_jsonl(results, {"key": key, label: "dense", "setting": "-", "ppl": dense_ppl(model, seqlen, eval_tokens, split)})
+    for (name, setting), overrides in cells.items():
+        if (key, name, setting) in done:
+            continue
+        r = prune(overrides, ROOT / "bench-out" / f"{label}-tmp")
+        rec = {"key": key, label: name, "setting": setting, "ppl": r["perplexity"][0]["perplexity"],
+               "prune_s": r["timings"]["prune"], "peak_rss_mib": r["memory"]["peak_rss_mib"],
+               "sparsity_linears": r["sparsity"]["pruned_linears"]["sparsity"],
+               "sparsity_all": r["sparsity"]["all_parameters"]["sparsity"], "options": r["options"]}
+        append_jsonl(results, rec)
+        print(f"{setting:>5} {name:<28} ppl {rec['ppl']:9.3f}  prune {rec['prune_s']:6.1f}s  RSS {rec['peak_rss_mib']:.0f} MiB",
+              flush=True)

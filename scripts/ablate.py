@@ -15,8 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import (ROOT, append_jsonl, common_overrides, dense_ppl, ensure_model, load_jsonl,  # noqa: E402
-                  pattern_overrides, prune)
+from _runs import ROOT, common_overrides, ensure_model, load_jsonl, pattern_overrides, run_grid  # noqa: E402
 
 SP = "pruning.method=statprune"
 VARIANTS: dict[str, list[str]] = {
@@ -67,19 +66,9 @@ def main() -> None:
     model = ensure_model()
     common = common_overrides(model, args.nsamples, args.seqlen, args.eval_tokens, "validation")
     key = f"n{args.nsamples}-s{args.seqlen}-e{args.eval_tokens}"
-    done = {(r["key"], r["variant"], r["setting"]) for r in load_jsonl(args.results)}
-    if (key, "dense", "-") not in done:
-        ppl = dense_ppl(model, args.seqlen, args.eval_tokens, "validation")
-        append_jsonl(args.results, {"key": key, "variant": "dense", "setting": "-", "ppl": ppl})
-    for setting in args.settings.split(","):
-        for name in args.variants.split(","):
-            if (key, name, setting) in done:
-                continue
-            report = prune(common + VARIANTS[name] + pattern_overrides(setting), ROOT / "bench-out" / "ablate-tmp")
-            rec = {"key": key, "variant": name, "setting": setting, "ppl": report["perplexity"][0]["perplexity"],
-                   "prune_s": report["timings"]["prune"], "options": report["options"]}
-            append_jsonl(args.results, rec)
-            print(f"{setting:>5} {name:<28} ppl {rec['ppl']:.3f}  prune {rec['prune_s']:.1f}s", flush=True)
+    cells = {(name, setting): common + VARIANTS[name] + pattern_overrides(setting)
+             for setting in args.settings.split(",") for name in args.variants.split(",")}
+    run_grid(args.results, key, "variant", cells, model, args.seqlen, args.eval_tokens, "validation")
     write_doc(args, key)
 
 

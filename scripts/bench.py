@@ -17,8 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import (ROOT, append_jsonl, common_overrides, dense_ppl, ensure_model, load_jsonl,  # noqa: E402
-                  pattern_overrides, prune)
+from _runs import ROOT, common_overrides, ensure_model, load_jsonl, pattern_overrides, run_grid  # noqa: E402
 
 
 def main() -> None:
@@ -34,22 +33,9 @@ def main() -> None:
     model = ensure_model()
     common = common_overrides(model, args.nsamples, args.seqlen, args.max_tokens, "test")
     key = f"n{args.nsamples}-s{args.seqlen}-e{args.max_tokens}"
-    done = {(r["key"], r["method"], r["setting"]) for r in load_jsonl(args.results)}
-    if (key, "dense", "-") not in done:
-        ppl = dense_ppl(model, args.seqlen, args.max_tokens, "test")
-        append_jsonl(args.results, {"key": key, "method": "dense", "setting": "-", "ppl": ppl})
-    for setting in args.settings.split(","):
-        for method in args.methods.split(","):
-            if (key, method, setting) in done:
-                continue
-            r = prune(common + [f"pruning.method={method}"] + pattern_overrides(setting), ROOT / "bench-out" / "bench-tmp")
-            rec = {"key": key, "method": method, "setting": setting, "ppl": r["perplexity"][0]["perplexity"],
-                   "prune_s": r["timings"]["prune"], "peak_rss_mib": r["memory"]["peak_rss_mib"],
-                   "sparsity_linears": r["sparsity"]["pruned_linears"]["sparsity"],
-                   "sparsity_all": r["sparsity"]["all_parameters"]["sparsity"], "options": r["options"]}
-            append_jsonl(args.results, rec)
-            print(f"{setting:>5} {method:<10} ppl {rec['ppl']:9.3f}  prune {rec['prune_s']:6.1f}s  "
-                  f"RSS {rec['peak_rss_mib']:.0f} MiB", flush=True)
+    cells = {(method, setting): common + [f"pruning.method={method}"] + pattern_overrides(setting)
+             for setting in args.settings.split(",") for method in args.methods.split(",")}
+    run_grid(args.results, key, "method", cells, model, args.seqlen, args.max_tokens, "test")
     write_doc(args, key)
 
 
