@@ -59,7 +59,7 @@ def write_doc(args: argparse.Namespace, key: str) -> None:
         "|---|" + "---:|" * len(settings),
     ]
     if dense:
-        out.append(f"| dense | " + " | ".join(f"{dense['ppl']:.2f}" for _ in settings) + " |")
+        out.append("| dense | " + " | ".join(f"{dense['ppl']:.2f}" for _ in settings) + " |")
     for m in methods:
         out.append(f"| {m} | " + " | ".join(f"{by[(m, s)]['ppl']:.2f}" if (m, s) in by else "" for s in settings) + " |")
     out += ["", "## Prune wall time (s) and peak RSS (MiB) of each `statprune prune` process", "",

@@ -66,8 +66,7 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
     """Per decoder layer: the sparsity of each pruned linear and the time spent; then totals."""
     console = console or Console(stderr=True)
     layers = report.get("layers", [])
-    short_names = sorted({n.rsplit(".", 1)[-1] for row in layers for n in row["linears"]},
-                         key=lambda s: [n.rsplit(".", 1)[-1] for row in layers for n in row["linears"]].index(s))
+    short_names = list(dict.fromkeys(n.rsplit(".", 1)[-1] for row in layers for n in row["linears"]))
     table = Table(title=f"statprune: {report['method']} at {report['pattern_label']}", show_lines=False)
     table.add_column("layer", justify="right")
     for s in short_names:

@@ -17,8 +17,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 class UI:
     def __init__(self, quiet: bool = False, interactive: bool | None = None) -> None:
         self.quiet = quiet
-        self.console = Console(stderr=True)
         self.interactive = sys.stderr.isatty() if interactive is None else interactive
+        # In a CI log there is no terminal width: 80 columns would truncate the per-layer table's names.
+        self.console = Console(stderr=True, width=None if self.interactive else 160)
         self._bar: Progress | None = None
         self._depth = 0
 

@@ -231,3 +231,12 @@ def test_statprune_leaves_the_attention_sink_out_of_its_statistics_by_default(cf
     assert wanda["calibration"]["statistics_skip_first_tokens"] == 0
     forced = json.loads(run("prune", str(cfg), "-q", "--json", "--overwrite", "--set", "calibration.skip_first_tokens=3").stdout)
     assert forced["calibration"]["statistics_skip_first_tokens"] == 3
+
+
+def test_the_report_table_and_plain_log_lines(cfg: Path) -> None:
+    res = run("prune", str(cfg))
+    assert res.exit_code == 0, res.output
+    err = res.stderr
+    assert "[statprune " in err and "pruning layers: 3/3" in err  # plain log lines: not a terminal
+    assert "q_proj" in err and "down_proj" in err and "50.0%" in err
+    assert "over the pruned linears" in err and "perplexity" in err and "mode: sequential" in err
