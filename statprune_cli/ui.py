@@ -63,7 +63,7 @@ class UI:
 
     def _log_every_tenth(self, description: str, total: int) -> Callable[[], None]:
         done = 0
-        step = max(1, total // 10)
+        step = max(1, -(-total // 10))  # at most ten lines per task
 
         def advance() -> None:
             nonlocal done
