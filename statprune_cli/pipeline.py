@@ -28,6 +28,13 @@ from statprune_cli.stats import ChannelStats, load_stats, save_stats
 from statprune_cli.ui import UI
 
 
+def setup_runtime(cfg: Config) -> torch.device:
+    """Apply ``runtime.threads`` and resolve ``runtime.device``: the same for every command."""
+    if cfg.runtime.threads:
+        torch.set_num_threads(cfg.runtime.threads)
+    return resolve_device(cfg.runtime.device)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -81,13 +88,12 @@ def run_prune(cfg: Config, overwrite: bool = False, stats_path: Path | None = No
         raise ConfigError("output.dir", "required: where to write the pruned model (or pass --output)")
     out = Path(cfg.output.dir)
     check_output_dir(out, overwrite)
-    if cfg.runtime.threads:
-        torch.set_num_threads(cfg.runtime.threads)
+    device = setup_runtime(cfg)
     timer = Timer()
     p = cfg.pruning
     nm = parse_pattern(p.pattern)
     method = build_method(p.method, p.options)
-    device = resolve_device(cfg.runtime.device)
+    skip = statistics_skip(cfg, method)
 
     with timer.phase("prepare"):
         shapes = check_against_model(cfg, load_model_config(cfg.model))
@@ -127,7 +133,7 @@ def run_prune(cfg: Config, overwrite: bool = False, stats_path: Path | None = No
     with timer.phase("prune"):
         engine = LayerwiseEngine(model, device, cfg.runtime.offload_activations, ui)
         result = engine.run(method, lambda name: target, p.targets, p.ignore, batches, stats=stats,
-                            sequential=p.sequential, skip_first=statistics_skip(cfg, method))
+                            sequential=p.sequential, skip_first=skip)
     skipped = sorted({n for layer in result.layers for n, r in layer.linears.items() if "mean_compensation" in r.info})
     if skipped:
         notes.append(f"mean compensation skipped for {len(skipped)} linears whose architecture cannot take a bias "
@@ -141,8 +147,9 @@ def run_prune(cfg: Config, overwrite: bool = False, stats_path: Path | None = No
     model.to("cpu")
 
     rows, pruned = layer_summary(result, lambda name: target)
+    versions = package_versions()
     report = {
-        "statprune_version": package_versions()["statprune"],
+        "statprune_version": versions["statprune"],
         "model": cfg.model.name_or_path,
         "method": p.method,
         "options": asdict(method.options),
@@ -151,7 +158,7 @@ def run_prune(cfg: Config, overwrite: bool = False, stats_path: Path | None = No
         "target_sparsity": target.sparsity,
         "mode": mode,
         "calibration": {**asdict(cfg.calibration), "description": calibration,
-                        "statistics_skip_first_tokens": None if stats is not None else statistics_skip(cfg, method)},
+                        "statistics_skip_first_tokens": None if stats is not None else skip},
         "device": str(device),
         "sparsity": {"pruned_linears": pruned, "all_parameters": model_sparsity(model)},
         "layers": rows,
@@ -159,7 +166,7 @@ def run_prune(cfg: Config, overwrite: bool = False, stats_path: Path | None = No
         "timings": {},
         "memory": {},
         "notes": notes,
-        "versions": package_versions(),
+        "versions": versions,
         "output_dir": str(out),
     }
     with timer.phase("save"):
@@ -178,9 +185,7 @@ def run_calibrate(cfg: Config, output: Path, overwrite: bool = False, ui: UI | N
     ui = ui or UI()
     if output.exists() and not overwrite:
         raise InputError(f"--output: {output} already exists; pass --overwrite to replace it")
-    if cfg.runtime.threads:
-        torch.set_num_threads(cfg.runtime.threads)
-    device = resolve_device(cfg.runtime.device)
+    device = setup_runtime(cfg)
     check_against_model(cfg, load_model_config(cfg.model))
     tokenizer = load_tokenizer(cfg.model)
     batches, calibration = calibration_batches(cfg, tokenizer, ui)
@@ -224,7 +229,7 @@ def summarize_stats(stats: dict[str, ChannelStats], top: int = 5) -> list[dict[s
 def run_eval(cfg: Config, ui: UI | None = None) -> list[dict[str, Any]]:
     """Perplexity of ``cfg.model`` on every data set of ``cfg.eval``."""
     ui = ui or UI()
-    device = resolve_device(cfg.runtime.device)
+    device = setup_runtime(cfg)
     config = load_model_config(cfg.model)
     context = getattr(config, "max_position_embeddings", None)
     if context is not None and cfg.eval.seqlen > context:
