@@ -57,13 +57,23 @@ class CalibrationConfig(DataConfig):
 
 
 @dataclass
+class OwlConfig:
+    """OWL's layer-wise sparsity: outliers are scores above ``m`` times their layer's mean; +-``lam`` spread."""
+
+    m: float = 5.0
+    lam: float = 0.08
+
+
+@dataclass
 class PruningConfig:
     """What to prune and how; ``options`` belong to the method and are checked by it."""
 
     method: str = "statprune"
     sparsity: float = 0.5
     pattern: str = "unstructured"
-    granularity: str = "row"
+    granularity: str | None = None  # row or matrix; None: the method's own (row for Wanda, matrix for SparseGPT, RIA)
+    profile: str = "uniform"  # uniform or owl: how the sparsity is spread over the decoder layers
+    owl: OwlConfig = field(default_factory=OwlConfig)
     targets: list[str] = field(default_factory=lambda: ["Linear"])
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])
     sequential: bool = True
@@ -297,9 +307,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("pruning.method", f"expected one of {', '.join(sorted(METHODS))}, got {p.method!r}")
     if not 0.0 <= p.sparsity < 1.0:
         raise ConfigError("pruning.sparsity", f"expected a number in [0, 1), got {p.sparsity}")
-    parse_pattern(p.pattern)
-    if p.granularity not in ("row", "matrix"):
+    nm = parse_pattern(p.pattern)
+    if p.granularity not in (None, "row", "matrix"):
         raise ConfigError("pruning.granularity", f"expected 'row' or 'matrix', got {p.granularity!r}")
+    validate_profile(p, nm)
     for key, pats in (("targets", p.targets), ("ignore", p.ignore)):
         for i, pat in enumerate(pats):
             if pat.startswith("re:"):
@@ -324,6 +335,21 @@ def validate(cfg: Config) -> None:
         raise ConfigError("runtime.device", f"expected auto, cpu, cuda or cuda:N, got {cfg.runtime.device!r}")
     if cfg.runtime.threads is not None and cfg.runtime.threads < 1:
         raise ConfigError("runtime.threads", f"expected an integer >= 1, got {cfg.runtime.threads}")
+
+
+def validate_profile(p: PruningConfig, nm: tuple[int, int] | None) -> None:
+    if p.profile not in ("uniform", "owl"):
+        raise ConfigError("pruning.profile", f"expected 'uniform' or 'owl', got {p.profile!r}")
+    if p.profile != "owl":
+        return
+    if nm is not None:
+        raise ConfigError("pruning.profile", f"owl spreads an unstructured sparsity over layers; pattern {p.pattern} "
+                                             "fixes every layer's sparsity (use pattern: unstructured)")
+    if p.owl.m <= 0:
+        raise ConfigError("pruning.owl.m", f"expected a number > 0, got {p.owl.m}")
+    if not 0 <= p.owl.lam or p.sparsity - p.owl.lam < 0 or p.sparsity + p.owl.lam >= 1:
+        raise ConfigError("pruning.owl.lam", f"expected 0 <= lam with sparsity +- lam inside [0, 1), got lam {p.owl.lam} "
+                                             f"at sparsity {p.sparsity}")
 
 
 def options_from_dict(cls: type, data: dict[str, Any], key: str = "pruning.options") -> Any:

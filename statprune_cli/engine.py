@@ -118,6 +118,7 @@ def head_logits(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, fina
 @dataclass
 class LinearResult:
     shape: tuple[int, int]
+    target: float
     zeros: int
     sparsity: float
     info: dict[str, Any] = field(default_factory=dict)
@@ -175,19 +176,23 @@ class LayerwiseEngine:
     def run(
         self,
         method: Method | None,
-        target_for: Callable[[str], Target],
+        target_for: Callable[[int, str], Target],
         targets: list[str],
         ignore: list[str],
         batches: list[torch.Tensor] | None,
         stats: dict[str, ChannelStats] | None = None,
         sequential: bool = True,
         skip_first: int = 0,
+        gram: bool | None = None,
     ) -> EngineResult:
         """Prune every target linear with ``method`` (None: only collect statistics).
 
-        ``stats`` given: no forward pass at all, masks come from those statistics ("one-shot").
+        ``target_for(layer index, linear name)`` gives each linear's sparsity. ``stats`` given: no
+        forward pass at all, masks come from those statistics ("one-shot"). ``gram``: also collect
+        sum x x^T per linear (default: when the method asks for it).
         """
         collect = stats is None and (method is None or method.needs_calibration)
+        gram = bool(method is not None and method.needs_gram) if gram is None else gram
         if collect and not batches:
             raise ValueError("calibration batches are needed to collect statistics")
         hidden, args = self.capture(batches) if collect else ([], [])
@@ -200,13 +205,14 @@ class LayerwiseEngine:
                 linears = self.linears(i, targets, ignore)
                 outputs = None
                 if collect:
-                    layer_stats, outputs = self._collect(layer, linears, hidden, args[i], skip_first)
+                    layer_stats, outputs = self._collect(layer, linears, hidden, args[i], skip_first, gram)
                     all_stats.update(layer_stats)
                 result = LayerResult(i, 0.0)
                 if method is not None:
                     refiners = {}
                     for name, linear in linears.items():
-                        result.linears[name], refiner = self._prune_one(method, name, linear, all_stats.get(name), target_for(name))
+                        result.linears[name], refiner = self._prune_one(method, name, linear, all_stats.get(name),
+                                                                        target_for(i, name))
                         if refiner is not None:
                             refiners[name] = refiner
                     if collect and (sequential or refiners):
@@ -246,7 +252,8 @@ class LayerwiseEngine:
                 h.remove()
 
     def _collect(
-        self, layer: nn.Module, linears: dict[str, nn.Linear], hidden: list[torch.Tensor], args: LayerArgs, skip_first: int
+        self, layer: nn.Module, linears: dict[str, nn.Linear], hidden: list[torch.Tensor], args: LayerArgs, skip_first: int,
+        gram: bool,
     ) -> tuple[dict[str, ChannelStats], list[torch.Tensor]]:
         """One pass through ``layer`` that accumulates each target linear's input statistics.
 
@@ -258,7 +265,7 @@ class LayerwiseEngine:
         def observer(name: str) -> Callable[[torch.Tensor], None]:
             def fn(x: torch.Tensor) -> None:
                 if memo["x"] is not x:
-                    memo["x"], memo["stats"] = x, ChannelStats.of(x)
+                    memo["x"], memo["stats"] = x, ChannelStats.of(x, gram)
                 collected[name].add(memo["stats"])
 
             return fn
@@ -278,4 +285,4 @@ class LayerwiseEngine:
             raise PruneError(f"non-finite weights in {name}")
         info, refiner = method.prune(linear, stats, target)
         zeros = int((linear.weight == 0).sum())
-        return LinearResult(tuple(linear.weight.shape), zeros, zeros / linear.weight.numel(), info), refiner
+        return LinearResult(tuple(linear.weight.shape), target.sparsity, zeros, zeros / linear.weight.numel(), info), refiner

@@ -9,7 +9,7 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +17,13 @@ import torch
 
 from statprune_cli.config import Config, dump_config, parse_pattern, parse_size
 from statprune_cli.data import batched, calibration_windows, load_documents
-from statprune_cli.engine import LayerwiseEngine
+from statprune_cli.engine import EngineResult, LayerwiseEngine
 from statprune_cli.errors import ConfigError, InputError
 from statprune_cli.export import atomic_dir, check_output_dir, save_model_folder
 from statprune_cli.load import check_against_model, enable_biases, load_model, load_model_config, load_tokenizer
 from statprune_cli.methods import Method, Target, build_method
 from statprune_cli.perplexity import EvalSet, evaluate_perplexity, load_eval_set
+from statprune_cli.profile import outlier_ratio, owl_sparsities
 from statprune_cli.report import layer_summary, model_sparsity, package_versions, peak_memory
 from statprune_cli.stats import ChannelStats, load_stats, save_stats
 from statprune_cli.ui import UI
@@ -81,6 +82,100 @@ def eval_sets(cfg: Config, tokenizer: Any) -> list[EvalSet]:
     return [load_eval_set(tokenizer, d, e.seqlen, e.max_tokens, key=f"eval.datasets[{i}]") for i, d in enumerate(e.datasets)]
 
 
+@dataclass
+class Pruned:
+    """What pruning a loaded model gives: the engine (still holding the model) and what it did."""
+
+    engine: LayerwiseEngine
+    result: EngineResult
+    mode: str
+    notes: list[str]
+    skip: int
+    layer_sparsity: list[float] | None
+
+
+def base_target(cfg: Config, method: Method) -> Target:
+    p = cfg.pruning
+    nm = parse_pattern(p.pattern)
+    return Target(p.sparsity if nm is None else nm[0] / nm[1], nm, p.granularity or method.granularity)
+
+
+def needs_batches(cfg: Config, method: Method) -> bool:
+    """Calibration windows are read when the method needs statistics or OWL needs its outlier ratios."""
+    return method.needs_calibration or cfg.pruning.profile == "owl"
+
+
+def describe_mode(cfg: Config, method: Method, stats_path: Path | None) -> str:
+    if stats_path is not None:
+        return f"one-shot: masks from dense-model statistics in {stats_path}, no forward pass"
+    if not method.needs_calibration:
+        return "data-free: no calibration pass"
+    if cfg.pruning.sequential:
+        return "sequential: each layer is calibrated on the outputs of the already-pruned layers"
+    return "dense-activation: each layer is calibrated on the dense model's activations"
+
+
+def prune_model(
+    cfg: Config, model: torch.nn.Module, method: Method, linear_names: list[str], batches: list[torch.Tensor] | None,
+    stats: dict[str, ChannelStats] | None, device: torch.device, ui: UI, stats_path: Path | None = None,
+    dense_stats: dict[int, dict[str, ChannelStats]] | None = None,
+) -> Pruned:
+    """Prune a loaded model in place, layer by layer. ``dense_stats`` caches OWL's statistics pass per skip."""
+    p = cfg.pruning
+    skip = statistics_skip(cfg, method)
+    notes = []
+    bias_flags = enable_biases(model, linear_names, cfg.model.trust_remote_code) if method.wants_bias else []
+    if bias_flags:
+        notes.append(f"set {', '.join(bias_flags)} in config.json: the compensation writes biases")
+    target = base_target(cfg, method)
+    engine = LayerwiseEngine(model, device, cfg.runtime.offload_activations, ui)
+    layer_sparsity = None
+    if p.profile == "owl":
+        cache = dense_stats if dense_stats is not None else {}
+        if stats is not None:
+            cache[skip] = stats
+        if skip not in cache:
+            ui.log("OWL: one dense calibration pass for the layers' outlier ratios")
+            cache[skip] = engine.run(None, lambda i, name: target, p.targets, p.ignore, batches, skip_first=skip).stats
+        ratios = [outlier_ratio(engine.linears(i, p.targets, p.ignore), cache[skip], p.owl.m) for i in range(len(engine.layers))]
+        layer_sparsity = owl_sparsities(ratios, target.sparsity, p.owl.lam)
+        notes.append("OWL layer sparsities: " + ", ".join(f"{s:.3f}" for s in layer_sparsity))
+
+    def target_for(index: int, name: str) -> Target:
+        return target if layer_sparsity is None else replace(target, sparsity=layer_sparsity[index])
+
+    result = engine.run(method, target_for, p.targets, p.ignore, batches, stats=stats,
+                        sequential=p.sequential, skip_first=skip)
+    skipped = sorted({n for layer in result.layers for n, r in layer.linears.items() if "mean_compensation" in r.info})
+    if skipped:
+        notes.append(f"mean compensation skipped for {len(skipped)} linears whose architecture cannot take a bias "
+                     f"(e.g. {skipped[0]})")
+    return Pruned(engine, result, describe_mode(cfg, method, stats_path), notes, skip, layer_sparsity)
+
+
+def perplexities(cfg: Config, engine: LayerwiseEngine, evals: list[EvalSet], ui: UI) -> list[dict[str, Any]]:
+    out = []
+    for es in evals:
+        ui.log(f"evaluating perplexity on {es.name}")
+        out.append(evaluate_perplexity(engine, es, cfg.eval.batch_size).to_dict())
+    return out
+
+
+def check_stats(stats_path: Path, shapes: dict[str, tuple[int, int]], method: Method) -> dict[str, ChannelStats]:
+    """Load a ``--stats`` file and check it covers every target linear with what the method needs."""
+    if method.needs_output_pass:
+        raise InputError("--stats: the method's measured compensation needs calibration data; drop --stats or change "
+                         "pruning.options.compensation")
+    stats = load_stats(stats_path)
+    for name, (_, cols) in shapes.items():
+        if name not in stats or stats[name].sum.numel() != cols:
+            raise InputError(f"--stats: {stats_path} has no statistics of {cols} channels for {name}")
+        if method.needs_gram and stats[name].gram is None:
+            raise InputError(f"--stats: {stats_path} has no input Hessian for {name}; {method.name} needs one "
+                             f"(run `statprune calibrate` with pruning.method: {method.name})")
+    return stats
+
+
 def run_prune(cfg: Config, overwrite: bool = False, stats_path: Path | None = None, ui: UI | None = None) -> dict[str, Any]:
     """Prune the model of ``cfg`` and write the output folder; returns the report."""
     ui = ui or UI()
@@ -91,62 +186,31 @@ def run_prune(cfg: Config, overwrite: bool = False, stats_path: Path | None = No
     device = setup_runtime(cfg)
     timer = Timer()
     p = cfg.pruning
-    nm = parse_pattern(p.pattern)
     method = build_method(p.method, p.options)
-    skip = statistics_skip(cfg, method)
 
     with timer.phase("prepare"):
         shapes = check_against_model(cfg, load_model_config(cfg.model))
-        if stats_path and method.needs_output_pass:
-            raise InputError("--stats: the method's measured compensation needs calibration data; drop --stats or change "
-                             "pruning.options.compensation")
-        stats = load_stats(stats_path) if stats_path else None
-        if stats is not None:
-            for name, (_, cols) in shapes.items():
-                if name not in stats or stats[name].sum.numel() != cols:
-                    raise InputError(f"--stats: {stats_path} has no statistics of {cols} channels for {name}")
+        stats = check_stats(stats_path, shapes, method) if stats_path else None
         tokenizer = load_tokenizer(cfg.model)
         batches, calibration = None, "none (the method needs no data)"
         if stats is not None:
             calibration = f"statistics from {stats_path}"
-        elif method.needs_calibration:
+        elif needs_batches(cfg, method):
             batches, calibration = calibration_batches(cfg, tokenizer, ui)
         evals = eval_sets(cfg, tokenizer)
 
     with timer.phase("load"):
         ui.log(f"loading {cfg.model.name_or_path} ({cfg.model.dtype})")
         model = load_model(cfg.model)
-        notes = []
-        bias_flags = enable_biases(model, list(shapes), cfg.model.trust_remote_code) if method.wants_bias else []
-        if bias_flags:
-            notes.append(f"set {', '.join(bias_flags)} in config.json: the compensation writes biases")
 
-    target = Target(p.sparsity if nm is None else nm[0] / nm[1], nm, p.granularity)
-    if stats is not None:
-        mode = f"one-shot: masks from dense-model statistics in {stats_path}, no forward pass"
-    elif not method.needs_calibration:
-        mode = "data-free: no calibration pass"
-    elif p.sequential:
-        mode = "sequential: each layer is calibrated on the outputs of the already-pruned layers"
-    else:
-        mode = "dense-activation: each layer is calibrated on the dense model's activations"
     with timer.phase("prune"):
-        engine = LayerwiseEngine(model, device, cfg.runtime.offload_activations, ui)
-        result = engine.run(method, lambda name: target, p.targets, p.ignore, batches, stats=stats,
-                            sequential=p.sequential, skip_first=skip)
-    skipped = sorted({n for layer in result.layers for n, r in layer.linears.items() if "mean_compensation" in r.info})
-    if skipped:
-        notes.append(f"mean compensation skipped for {len(skipped)} linears whose architecture cannot take a bias "
-                     f"(e.g. {skipped[0]})")
-
-    perplexities = []
+        pruned = prune_model(cfg, model, method, list(shapes), batches, stats, device, ui, stats_path)
     with timer.phase("eval"):
-        for es in evals:
-            ui.log(f"evaluating perplexity on {es.name}")
-            perplexities.append(evaluate_perplexity(engine, es, cfg.eval.batch_size).to_dict())
+        ppl = perplexities(cfg, pruned.engine, evals, ui)
     model.to("cpu")
 
-    rows, pruned = layer_summary(result, lambda name: target)
+    rows, totals = layer_summary(pruned.result)
+    target = base_target(cfg, method)
     versions = package_versions()
     report = {
         "statprune_version": versions["statprune"],
@@ -154,18 +218,20 @@ def run_prune(cfg: Config, overwrite: bool = False, stats_path: Path | None = No
         "method": p.method,
         "options": asdict(method.options),
         "pattern": p.pattern,
-        "pattern_label": p.pattern if nm else f"{p.sparsity:.0%} unstructured (per {p.granularity})",
+        "pattern_label": pattern_label(cfg, target),
         "target_sparsity": target.sparsity,
-        "mode": mode,
+        "profile": p.profile,
+        "layer_target_sparsity": pruned.layer_sparsity,
+        "mode": pruned.mode,
         "calibration": {**asdict(cfg.calibration), "description": calibration,
-                        "statistics_skip_first_tokens": None if stats is not None else skip},
+                        "statistics_skip_first_tokens": None if stats is not None else pruned.skip},
         "device": str(device),
-        "sparsity": {"pruned_linears": pruned, "all_parameters": model_sparsity(model)},
+        "sparsity": {"pruned_linears": totals, "all_parameters": model_sparsity(model)},
         "layers": rows,
-        "perplexity": perplexities,
+        "perplexity": ppl,
         "timings": {},
         "memory": {},
-        "notes": notes,
+        "notes": pruned.notes,
         "versions": versions,
         "output_dir": str(out),
     }
@@ -178,6 +244,14 @@ def run_prune(cfg: Config, overwrite: bool = False, stats_path: Path | None = No
             (tmp / "report.json").write_text(json.dumps(report, indent=2))
     report["timings"]["save"] = round(timer.phases["save"], 3)
     return report
+
+
+def pattern_label(cfg: Config, target: Target) -> str:
+    p = cfg.pruning
+    if target.nm:
+        return p.pattern
+    owl = ", OWL layer profile" if p.profile == "owl" else ""
+    return f"{p.sparsity:.0%} unstructured (per {target.granularity}{owl})"
 
 
 def run_calibrate(cfg: Config, output: Path, overwrite: bool = False, ui: UI | None = None) -> dict[str, Any]:
@@ -193,8 +267,10 @@ def run_calibrate(cfg: Config, output: Path, overwrite: bool = False, ui: UI | N
     model = load_model(cfg.model)
     engine = LayerwiseEngine(model, device, cfg.runtime.offload_activations, ui)
     p = cfg.pruning
-    skip = statistics_skip(cfg, build_method(p.method, p.options))
-    result = engine.run(None, lambda name: Target(0.0), p.targets, p.ignore, batches, skip_first=skip)
+    method = build_method(p.method, p.options)
+    skip = statistics_skip(cfg, method)
+    result = engine.run(None, lambda i, name: Target(0.0), p.targets, p.ignore, batches, skip_first=skip,
+                        gram=method.needs_gram)
     output.parent.mkdir(parents=True, exist_ok=True)
     save_stats(result.stats, output, {"model": cfg.model.name_or_path, "calibration": calibration,
                                       "skip_first_tokens": str(skip)})

@@ -47,7 +47,7 @@ def model_sparsity(model: nn.Module) -> dict[str, float | int]:
     return {"zeros": zeros, "parameters": total, "sparsity": zeros / total if total else 0.0}
 
 
-def layer_summary(result: EngineResult, target_for: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def layer_summary(result: EngineResult) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Per-layer rows and the total over the pruned linears."""
     rows, zeros, numel = [], 0, 0
     for layer in result.layers:
@@ -55,10 +55,13 @@ def layer_summary(result: EngineResult, target_for: Any) -> tuple[list[dict[str,
         lz, ln = 0, 0
         for name, r in layer.linears.items():
             n = r.shape[0] * r.shape[1]
-            lin[name] = {"shape": list(r.shape), "target_sparsity": target_for(name).sparsity, "sparsity": r.sparsity, **r.info}
+            lin[name] = {"shape": list(r.shape), "target_sparsity": r.target, "sparsity": r.sparsity, **r.info}
             lz, ln = lz + r.zeros, ln + n
         zeros, numel = zeros + lz, numel + ln
-        rows.append({"layer": layer.index, "seconds": round(layer.seconds, 4), "sparsity": lz / ln if ln else 0.0, "linears": lin})
+        targets = {r.target for r in layer.linears.values()}
+        rows.append({"layer": layer.index, "seconds": round(layer.seconds, 4),
+                     "target_sparsity": targets.pop() if len(targets) == 1 else None,
+                     "sparsity": lz / ln if ln else 0.0, "linears": lin})
     return rows, {"zeros": zeros, "parameters": numel, "sparsity": zeros / numel if numel else 0.0}
 
 

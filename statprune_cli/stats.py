@@ -1,7 +1,9 @@
 """Channel-wise statistics of a linear layer's input: sums, so they merge across batches and processes.
 
 Per input channel j we keep count, sum x_j, sum x_j^2 and sum |x_j| in float64. Every method's
-activation term is a function of these (Wanda's ||X_j||_2 is sqrt(sumsq)).
+activation term is a function of these (Wanda's ||X_j||_2 is sqrt(sumsq)). Methods that need the
+full second-moment matrix (SparseGPT's Hessian) also get ``gram`` = sum x x^T in float32, which is a
+sum as well and merges the same way.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class ChannelStats:
     sum: torch.Tensor
     sumsq: torch.Tensor
     sumabs: torch.Tensor
+    gram: torch.Tensor | None = None
 
     @classmethod
     def empty(cls, channels: int) -> ChannelStats:
@@ -30,15 +33,22 @@ class ChannelStats:
         return cls(0, z.clone(), z.clone(), z.clone())
 
     @classmethod
-    def of(cls, x: torch.Tensor) -> ChannelStats:
-        """Statistics of one batch of inputs, shape (..., channels)."""
-        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
-        return cls(x.shape[0], x.sum(0), (x * x).sum(0), x.abs().sum(0))
+    def of(cls, x: torch.Tensor, gram: bool = False) -> ChannelStats:
+        """Statistics of one batch of inputs, shape (..., channels); ``gram`` adds sum x x^T (float32)."""
+        x = x.reshape(-1, x.shape[-1])
+        g = None
+        if gram:
+            x32 = x.float()
+            g = x32.T @ x32
+        x = x.to(torch.float64)
+        return cls(x.shape[0], x.sum(0), (x * x).sum(0), x.abs().sum(0), g)
 
     def add(self, other: ChannelStats) -> None:
         self.count += other.count
         for f in FIELDS:
             getattr(self, f).add_(getattr(other, f).to(getattr(self, f).device))
+        if other.gram is not None:  # stays on the device it was computed on: it can be large
+            self.gram = other.gram.clone() if self.gram is None else self.gram.add_(other.gram.to(self.gram.device))
 
     # the moments every method uses
     @property
@@ -63,8 +73,9 @@ class ChannelStats:
         return self.sumsq.sqrt()
 
     def check_finite(self, name: str) -> None:
-        for f in FIELDS:
-            if not torch.isfinite(getattr(self, f)).all():
+        for f in (*FIELDS, "gram"):
+            t = getattr(self, f)
+            if t is not None and not torch.isfinite(t).all():
                 raise PruneError(f"non-finite input statistics ({f}) in {name}: the model produced inf/nan activations")
 
 
@@ -74,6 +85,8 @@ def save_stats(stats: dict[str, ChannelStats], path: Path, metadata: dict[str, s
         for f in FIELDS:
             tensors[f"{name}.{f}"] = getattr(s, f).contiguous()
         tensors[f"{name}.count"] = torch.tensor([s.count], dtype=torch.int64)
+        if s.gram is not None:
+            tensors[f"{name}.gram"] = s.gram.contiguous()
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
     tmp.replace(path)
@@ -89,7 +102,8 @@ def load_stats(path: Path) -> dict[str, ChannelStats]:
     names = sorted({k.rsplit(".", 1)[0] for k in tensors})
     try:
         return {
-            n: ChannelStats(int(tensors[f"{n}.count"][0]), tensors[f"{n}.sum"], tensors[f"{n}.sumsq"], tensors[f"{n}.sumabs"])
+            n: ChannelStats(int(tensors[f"{n}.count"][0]), tensors[f"{n}.sum"], tensors[f"{n}.sumsq"], tensors[f"{n}.sumabs"],
+                            tensors.get(f"{n}.gram"))
             for n in names
         }
     except KeyError as e:

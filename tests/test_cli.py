@@ -153,7 +153,7 @@ ERRORS = [
     (["--set", "pruning.pattern=4:4"], "pruning.pattern: expected N:M with 0 < N < M"),
     (["--set", "pruning.pattern=2:5"], "pruning.pattern: M=5 does not divide in_features=64"),
     (["--set", "pruning.pattern=dense"], "pruning.pattern: expected 'unstructured' or 'N:M'"),
-    (["--set", "pruning.method=obs"], "pruning.method: expected one of magnitude, statprune, wanda, got 'obs'"),
+    (["--set", "pruning.method=obs"], "pruning.method: expected one of magnitude, ria, sparsegpt, statprune, wanda, got 'obs'"),
     (["--set", "pruning.options={gamma: 1}"], "pruning.options.gamma: unknown key"),
     (["--set", "pruning.method=statprune", "--set", "pruning.options={beta: 2}"], "pruning.options.beta: expected a number in [0, 1]"),
     (["--set", "pruning.targets=[re:.*nothing]"], "pruning.targets: matches no linear layer"),

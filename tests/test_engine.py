@@ -46,7 +46,7 @@ def test_layerwise_forward_equals_full_forward(arch: str) -> None:
 def test_engine_with_zero_sparsity_changes_nothing(arch: str) -> None:
     model = tiny_model(arch)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    res = engine(model).run(build_method("wanda", {}), lambda n: Target(0.0), ["Linear"], ["lm_head"], list(windows().split(3)))
+    res = engine(model).run(build_method("wanda", {}), lambda i, n: Target(0.0), ["Linear"], ["lm_head"], list(windows().split(3)))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert len(res.layers) == model.config.num_hidden_layers
     assert all(r.zeros == 0 for layer in res.layers for r in layer.linears.values())
@@ -55,7 +55,7 @@ def test_engine_with_zero_sparsity_changes_nothing(arch: str) -> None:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_engine_prunes_every_target_row(arch: str) -> None:
     model = tiny_model(arch)
-    res = engine(model).run(build_method("statprune", {}), lambda n: Target(0.5), ["Linear"], ["lm_head"], list(windows().split(3)))
+    res = engine(model).run(build_method("statprune", {}), lambda i, n: Target(0.5), ["Linear"], ["lm_head"], list(windows().split(3)))
     name, layers = find_decoder_layers(model)
     for i, layer in enumerate(layers):
         lins = target_linears(layer, f"{name}.{i}", ["Linear"], [])
@@ -75,7 +75,7 @@ def test_collected_stats_equal_the_layer_inputs() -> None:
         model(ids)
     for h in hooks:
         h.remove()
-    res = engine(model).run(None, lambda n: Target(0.0), ["Linear"], [], [ids])
+    res = engine(model).run(None, lambda i, n: Target(0.0), ["Linear"], [], [ids])
     for key, name in (("down", "model.layers.1.mlp.down_proj"), ("q", "model.layers.1.self_attn.q_proj")):
         ref = ChannelStats.of(seen[key])
         got = res.stats[name]
@@ -86,7 +86,7 @@ def test_collected_stats_equal_the_layer_inputs() -> None:
 def test_skip_first_tokens_leaves_the_first_positions_out() -> None:
     model = tiny_model("llama")
     ids = windows()
-    res = engine(model).run(None, lambda n: Target(0.0), ["re:.*q_proj"], [], [ids], skip_first=2)
+    res = engine(model).run(None, lambda i, n: Target(0.0), ["re:.*q_proj"], [], [ids], skip_first=2)
     assert all(s.count == ids.shape[0] * (SEQ - 2) for s in res.stats.values())
     assert set(res.stats) == {f"model.layers.{i}.self_attn.q_proj" for i in range(3)}
 
@@ -96,7 +96,7 @@ def test_sequential_uses_pruned_outputs() -> None:
     runs = {}
     for seq in (True, False):
         model = tiny_model("llama")
-        engine(model).run(build_method("wanda", {}), lambda n: Target(0.5), ["Linear"], [], ids, sequential=seq)
+        engine(model).run(build_method("wanda", {}), lambda i, n: Target(0.5), ["Linear"], [], ids, sequential=seq)
         runs[seq] = model.model.layers[2].mlp.down_proj.weight.clone()
     assert not torch.equal(runs[True], runs[False])
 
@@ -104,10 +104,10 @@ def test_sequential_uses_pruned_outputs() -> None:
 def test_one_shot_from_saved_stats_matches_dense_activation_run() -> None:
     ids = list(windows().split(3))
     dense = tiny_model("llama")
-    stats = engine(dense).run(None, lambda n: Target(0.0), ["Linear"], [], ids).stats
+    stats = engine(dense).run(None, lambda i, n: Target(0.0), ["Linear"], [], ids).stats
     a, b = tiny_model("llama"), tiny_model("llama")
-    engine(a).run(build_method("wanda", {}), lambda n: Target(0.5), ["Linear"], [], None, stats=stats)
-    engine(b).run(build_method("wanda", {}), lambda n: Target(0.5), ["Linear"], [], ids, sequential=False)
+    engine(a).run(build_method("wanda", {}), lambda i, n: Target(0.5), ["Linear"], [], None, stats=stats)
+    engine(b).run(build_method("wanda", {}), lambda i, n: Target(0.5), ["Linear"], [], ids, sequential=False)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
@@ -131,7 +131,7 @@ def test_compensated_model_reloads_in_transformers(tmp_path: Path) -> None:
     ids = windows()
     name, layers = find_decoder_layers(model)
     enable_biases(model, [n for n, m in model.named_modules() if n.startswith(f"{name}.") and isinstance(m, torch.nn.Linear)])
-    engine(model).run(build_method("statprune", {"compensation": "both"}), lambda n: Target(0.5), ["Linear"], [], [ids])
+    engine(model).run(build_method("statprune", {"compensation": "both"}), lambda i, n: Target(0.5), ["Linear"], [], [ids])
     assert model.model.layers[0].self_attn.q_proj.bias.abs().sum() > 0
     model.save_pretrained(tmp_path)
     again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
@@ -147,7 +147,7 @@ def test_non_finite_weights_stop_with_the_layer_name() -> None:
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(PruneError, match=r"model\.layers\.1\.mlp\.up_proj"):
-        engine(model).run(build_method("magnitude", {}), lambda n: Target(0.5), ["Linear"], [], None)
+        engine(model).run(build_method("magnitude", {}), lambda i, n: Target(0.5), ["Linear"], [], None)
 
 
 @pytest.mark.parametrize("sequential", [True, False])
@@ -156,7 +156,7 @@ def test_measured_compensation_runs_in_the_engine(sequential: bool) -> None:
     name, layers = find_decoder_layers(model)
     enable_biases(model, [n for n, m in model.named_modules() if n.startswith(f"{name}.") and isinstance(m, torch.nn.Linear)])
     method = build_method("statprune", {"compensation": "measured", "measure_tokens": 16})
-    res = engine(model).run(method, lambda n: Target(0.5), ["Linear"], [], list(windows().split(3)), sequential=sequential)
+    res = engine(model).run(method, lambda i, n: Target(0.5), ["Linear"], [], list(windows().split(3)), sequential=sequential)
     for layer in res.layers:
         for r in layer.linears.values():
             assert r.sparsity == 0.5 and r.info["measured_tokens"] == 2 * 16 and r.info["scale_mean"] != 1.0
@@ -170,4 +170,4 @@ def test_non_finite_statistics_stop_with_the_layer_name() -> None:
     with torch.no_grad():
         model.model.embed_tokens.weight.fill_(float("inf"))
     with pytest.raises(PruneError, match=r"non-finite input statistics.*model\.layers\.0\.self_attn\.q_proj"):
-        engine(model).run(build_method("wanda", {}), lambda n: Target(0.5), ["Linear"], [], [windows()])
+        engine(model).run(build_method("wanda", {}), lambda i, n: Target(0.5), ["Linear"], [], [windows()])

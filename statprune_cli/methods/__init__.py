@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from statprune_cli.methods.base import Method, Options, Refiner, Target
 from statprune_cli.methods.magnitude import Magnitude
+from statprune_cli.methods.ria import RIA
+from statprune_cli.methods.sparsegpt import SparseGPT
 from statprune_cli.methods.statprune import StatPrune
 from statprune_cli.methods.wanda import Wanda
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Magnitude, Wanda, StatPrune)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Magnitude, Wanda, SparseGPT, RIA, StatPrune)}
 
 
 def build_method(name: str, options: dict) -> Method:

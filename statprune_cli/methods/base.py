@@ -46,6 +46,8 @@ class Refiner(Protocol):
 class Method:
     name: ClassVar[str]
     needs_calibration: ClassVar[bool] = True
+    needs_gram: ClassVar[bool] = False  # True: the statistics must carry sum x x^T (a Hessian)
+    granularity: ClassVar[str] = "row"  # the comparison group when ``pruning.granularity`` is not set
     Options: ClassVar[type[Options]] = Options
 
     def __init__(self, options: Options | None = None) -> None:

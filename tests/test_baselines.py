@@ -1,0 +1,200 @@
+"""SparseGPT, RIA and the OWL profile against their formulas, on single layers and through the CLI."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_config
+from torch import nn
+from typer.testing import CliRunner
+
+from statprune_cli.cli import app
+from statprune_cli.methods import Target, build_method
+from statprune_cli.methods.ria import reallocation_order
+from statprune_cli.methods.sparsegpt import inverse_hessian_factor, sparsegpt_prune
+from statprune_cli.profile import outlier_ratio, owl_sparsities
+from statprune_cli.stats import ChannelStats
+
+
+def correlated_layer(rows: int = 16, cols: int = 32, tokens: int = 400, seed: int = 0) -> tuple[nn.Linear, torch.Tensor]:
+    """A linear layer and inputs whose channels are strongly correlated (where reconstruction pays)."""
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(cols, rows, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(rows, cols, generator=g))
+    mix = 2 * torch.randn(cols, cols, generator=g) / cols**0.5 + torch.eye(cols)
+    x = (torch.randn(tokens, cols, generator=g) * torch.linspace(0.3, 2.0, cols)) @ mix
+    return lin, x
+
+
+def output_error(w: torch.Tensor, w_pruned: torch.Tensor, x: torch.Tensor) -> float:
+    return float((x.double() @ (w.double() - w_pruned.double()).T).norm())
+
+
+def test_gram_merges_across_batches() -> None:
+    _, x = correlated_layer()
+    merged = ChannelStats.empty(32)
+    for part in x.split(7):
+        merged.add(ChannelStats.of(part, gram=True))
+    assert torch.allclose(merged.gram, x.T @ x, rtol=1e-5, atol=1e-4)
+    assert ChannelStats.of(x).gram is None
+
+
+def test_sparsegpt_single_pruned_column_is_the_obs_update() -> None:
+    """Pruning only the first column: the others move by -w_0 / [H^-1]_00 * H^-1[0, :] (Optimal Brain Surgeon)."""
+    lin, x = correlated_layer(rows=4, cols=8)
+    with torch.no_grad():
+        lin.weight[:, 0] = 1e-3  # the lowest w^2 / [H^-1]_qq^2 of every row
+    w = lin.weight.detach().double().clone()
+    h = 2 * x.double().T @ x.double() / x.shape[0]
+    h += 0.01 * torch.diag(h).mean() * torch.eye(8, dtype=torch.float64)
+    hinv = torch.linalg.inv(h)
+    expected = w - w[:, :1] / hinv[0, 0] * hinv[0:1, :]
+    build_method("sparsegpt", {"blocksize": 8}).prune(lin, ChannelStats.of(x, gram=True), Target(1 / 8, granularity="row"))
+    got = lin.weight.detach().double()
+    assert torch.all(got[:, 0] == 0)
+    assert torch.allclose(got, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("target", [Target(0.5, granularity="matrix"), Target(0.5, granularity="row"), Target(0.5, (2, 4)),
+                                    Target(0.5, (4, 8))])
+def test_sparsegpt_reconstructs_better_than_wanda(target: Target) -> None:
+    lin, x = correlated_layer()
+    dense = lin.weight.detach().clone()
+    wanda = nn.Linear(32, 16, bias=False)
+    wanda.weight.data.copy_(dense)
+    build_method("wanda", {}).prune(wanda, ChannelStats.of(x), target)
+    build_method("sparsegpt", {"blocksize": 8}).prune(lin, ChannelStats.of(x, gram=True), target)
+    w = lin.weight.detach()
+    assert int((w == 0).sum()) == int((wanda.weight == 0).sum()) == dense.numel() // 2
+    if target.nm:
+        n, m = target.nm
+        assert ((w.reshape(16, -1, m) == 0).sum(-1) >= n).all()
+    assert output_error(dense, w, x) < 0.85 * output_error(dense, wanda.weight.detach(), x)
+
+
+@pytest.mark.parametrize("target,blocksize", [(Target(0.5, granularity="matrix"), 12), (Target(0.5, (2, 4)), 4)])
+def test_sparsegpt_equals_sequential_obs_with_explicit_inverses(target: Target, blocksize: int) -> None:
+    """The blocked Cholesky form equals pruning the columns in order, each with the inverse Hessian of the columns left."""
+    lin, x = correlated_layer(rows=6, cols=12)
+    stats = ChannelStats.of(x, gram=True)
+    hinv, _ = inverse_hessian_factor(stats.gram, stats.count, 0.01)
+    d = torch.diag(hinv).double()
+    w = lin.weight.detach().double().clone()
+    h = 2 * stats.gram.double() / stats.count
+    h += 0.01 * torch.diag(h).mean() * torch.eye(12, dtype=torch.float64)
+    mask = torch.zeros(6, 12, dtype=torch.bool)
+    if target.nm is None:  # one block: the mask comes from the initial weights, over the whole matrix
+        mask.view(-1)[(w**2 / d**2).flatten().argsort()[:36]] = True
+    for i in range(12):
+        if target.nm and i % 4 == 0:  # N:M: every M columns, from the weights updated so far
+            idx = (w[:, i:i + 4] ** 2 / d[i:i + 4] ** 2).argsort(dim=1)[:, :2]
+            mask[:, i:i + 4].scatter_(1, idx, True)
+        inv = torch.linalg.inv(h[i:, i:])
+        e = torch.where(mask[:, i], w[:, i] / inv[0, 0], torch.zeros(6, dtype=torch.float64))
+        w[:, i:] -= e[:, None] * inv[0:1, :]
+    got = sparsegpt_prune(lin.weight.detach().float().clone(), hinv, target, blocksize=blocksize)
+    assert torch.equal(got == 0, mask)
+    assert torch.allclose(got.double(), w, atol=1e-4)
+
+
+def test_sparsegpt_dead_channels_are_zeroed_and_unstructured_block_counts_are_exact() -> None:
+    lin, x = correlated_layer(rows=8, cols=16)
+    x[:, 3] = 0.0
+    stats = ChannelStats.of(x, gram=True)
+    hinv, dead = inverse_hessian_factor(stats.gram, stats.count, 0.01)
+    assert dead.tolist() == [i == 3 for i in range(16)]
+    w = lin.weight.detach().float().clone()
+    w[:, dead] = 0
+    out = sparsegpt_prune(w, hinv, Target(0.5, granularity="matrix"), blocksize=4)
+    assert torch.all(out[:, 3] == 0)
+    for block in out.split(4, dim=1):
+        assert int((block == 0).sum()) >= block.numel() // 2
+    assert torch.isfinite(out).all()
+
+
+def test_ria_score_is_the_formula() -> None:
+    lin, x = correlated_layer(rows=5, cols=6)
+    w = lin.weight.detach()
+    norms = x.double().norm(dim=0)
+    expected = torch.empty(5, 6)
+    for i in range(5):
+        for j in range(6):
+            a = abs(float(w[i, j]))
+            expected[i, j] = (a / float(w[:, j].abs().sum()) + a / float(w[i].abs().sum())) * float(norms[j]) ** 0.5
+    assert torch.allclose(build_method("ria", {}).score(w, ChannelStats.of(x)), expected, rtol=1e-5)
+
+
+def test_ria_unstructured_compares_over_the_whole_matrix() -> None:
+    lin, x = correlated_layer()
+    w = lin.weight.detach().clone()
+    build_method("ria", {}).prune(lin, ChannelStats.of(x), Target(0.5, granularity="matrix"))
+    zeros = lin.weight == 0
+    assert int(zeros.sum()) == w.numel() // 2
+    score = build_method("ria", {}).score(w, ChannelStats.of(x))
+    assert score[zeros].max() <= score[~zeros].min()
+    assert len(set(zeros.sum(1).tolist())) > 1  # rows lose different counts: not a per-row rule
+
+
+def test_ria_reallocation_permutation_keeps_the_function_and_gives_nm_in_that_order() -> None:
+    lin, x = correlated_layer()
+    w = lin.weight.detach().clone()
+    score = build_method("ria", {}).score(w, ChannelStats.of(x))
+    order = reallocation_order(score, 4)
+    assert sorted(order.tolist()) == list(range(32))
+    assert torch.allclose(x[:, order] @ w[:, order].T, x @ w.T, atol=1e-5)  # the permuted layer, before pruning
+    info, _ = build_method("ria", {"reallocation": True}).prune(lin, ChannelStats.of(x), Target(0.5, (2, 4)))
+    permuted = lin.weight.detach()[:, order]
+    assert ((permuted.reshape(16, -1, 4) == 0).sum(-1) == 2).all()
+    assert int((lin.weight == 0).sum()) == w.numel() // 2
+    assert "reallocation_kept_score_gain" in info
+
+
+def test_owl_layer_sparsities_average_to_the_target() -> None:
+    ratios = [0.01, 0.05, 0.02, 0.10, 0.03]
+    s = owl_sparsities(ratios, 0.7, 0.08)
+    assert sum(s) / len(s) == pytest.approx(0.7, abs=1e-15)
+    assert max(s) - min(s) == pytest.approx(0.16)
+    assert s[3] == min(s) and s[0] == max(s)  # more outliers: more weights kept
+    assert owl_sparsities([0.02, 0.02], 0.5, 0.08) == [0.5, 0.5]
+
+
+def test_outlier_ratio_counts_scores_above_m_times_the_layer_mean() -> None:
+    a, xa = correlated_layer(rows=4, cols=8, seed=1)
+    b, _ = correlated_layer(rows=4, cols=8, seed=2)
+    stats = {"a": ChannelStats.of(xa), "b": ChannelStats.of(xa)}
+    norms = xa.double().norm(dim=0).float()
+    flat = torch.cat([(a.weight.abs() * norms).flatten(), (b.weight.abs() * norms).flatten()]).detach()
+    expected = float((flat > 2.0 * flat.mean()).float().mean())
+    assert outlier_ratio({"a": a, "b": b}, stats, 2.0) == pytest.approx(expected)
+
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "ria", "magnitude"])
+def test_owl_profile_through_the_cli(method: str, tmp_path: Path, tiny_model_dir: Path, text_files: dict[str, Path]) -> None:
+    cfg = write_config(tmp_path / "run.yaml", tiny_model_dir, text_files, tmp_path / "out",
+                       pruning={"method": method, "sparsity": 0.6, "profile": "owl", "owl": {"m": 2.0, "lam": 0.1}})
+    res = runner.invoke(app, ["prune", str(cfg), "-q", "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    targets = report["layer_target_sparsity"]
+    assert len(targets) == 3 and sum(targets) / 3 == pytest.approx(0.6, abs=1e-12) and len(set(targets)) > 1
+    for row, t in zip(report["layers"], targets):
+        assert row["target_sparsity"] == pytest.approx(t)
+        assert row["sparsity"] == pytest.approx(t, abs=0.02)  # int(cols * s) per row or block
+
+
+def test_sparsegpt_one_shot_needs_a_hessian_in_the_stats(tmp_path: Path, tiny_model_dir: Path, text_files: dict[str, Path]) -> None:
+    cfg = write_config(tmp_path / "run.yaml", tiny_model_dir, text_files, tmp_path / "out")
+    stats = tmp_path / "wanda.stats.safetensors"
+    assert runner.invoke(app, ["calibrate", str(cfg), "-q", "-o", str(stats)]).exit_code == 0
+    res = runner.invoke(app, ["prune", str(cfg), "-q", "--stats", str(stats), "--set", "pruning.method=sparsegpt"])
+    assert res.exit_code == 2 and "has no input Hessian" in res.stderr and "pruning.method: sparsegpt" in res.stderr
+    stats2 = tmp_path / "sgpt.stats.safetensors"
+    assert runner.invoke(app, ["calibrate", str(cfg), "-q", "-o", str(stats2), "--set", "pruning.method=sparsegpt"]).exit_code == 0
+    res = runner.invoke(app, ["prune", str(cfg), "-q", "--json", "--stats", str(stats2), "--set", "pruning.method=sparsegpt"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["sparsity"]["pruned_linears"]["sparsity"] == pytest.approx(0.5, abs=0.01)
