@@ -147,6 +147,48 @@ def calibrate(
     _emit(summary, as_json, render)
 
 
+@app.command()
+@_exit_codes
+def sweep(
+    config: Annotated[Path, typer.Argument(help="YAML config file: model, calibration, eval and runtime are shared by every cell.")],
+    methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "magnitude,wanda,sparsegpt,ria,statprune",
+    sparsities: Annotated[str, typer.Option(help="Comma-separated settings: 0.5 or 50% (unstructured), or N:M such as 2:4.")] = "0.5,0.6,0.7,2:4,4:8",
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Folder for sweep.json, sweep.md and sweep.png (default: output.dir + '-sweep').")] = None,
+    set_: SetOpt = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Every method at every sparsity on the same calibration windows and evaluation text: a table and a plot.
+
+    pruning.options apply to the config's own method; the other methods run with their defaults.
+    Example: statprune sweep configs/smollm2-135m-statprune-50.yaml --methods wanda,sparsegpt,statprune --sparsities 0.5,2:4 -o out/sweep
+    """
+    from statprune_cli.config import load_config
+    from statprune_cli.sweep import run_sweep
+    from statprune_cli.ui import UI
+
+    cfg = load_config(config, list(set_ or []))
+    if output is None:
+        if not cfg.output.dir:
+            raise InputError("--output: required (or set output.dir, which gives OUTPUT_DIR-sweep)")
+        output = Path(cfg.output.dir.rstrip("/") + "-sweep")
+    ui = UI(quiet=quiet)
+    result = run_sweep(cfg, [m.strip() for m in methods.split(",") if m.strip()],
+                       [s.strip() for s in sparsities.split(",") if s.strip()], output, overwrite=overwrite, ui=ui)
+
+    def render() -> None:
+        if quiet:
+            return
+        from statprune_cli.sweep import sweep_table
+
+        ui.console.print(sweep_table(result), markup=False)
+        plot = f", {result['plot']}" if result["plot"] else " (no plot: pip install 'statprune[plot]')"
+        ui.console.print(f"wrote {result['output_dir']}: sweep.json, sweep.md{plot}", markup=False)
+
+    _emit(result, as_json, render)
+
+
 @app.command("eval-ppl")
 @_exit_codes
 def eval_ppl(

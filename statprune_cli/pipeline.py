@@ -115,12 +115,34 @@ def describe_mode(cfg: Config, method: Method, stats_path: Path | None) -> str:
     return "dense-activation: each layer is calibrated on the dense model's activations"
 
 
+class DenseStats:
+    """Dense-model statistics, collected once per (skip, gram) and reused: OWL's ratios, the sweep's cells."""
+
+    def __init__(self, cfg: Config, batches: list[torch.Tensor] | None, ui: UI) -> None:
+        self.cfg, self.batches, self.ui = cfg, batches, ui
+        self.cache: dict[tuple[int, bool], dict[str, ChannelStats]] = {}
+
+    def get(self, engine: LayerwiseEngine, skip: int, gram: bool) -> dict[str, ChannelStats]:
+        for (s, g), stats in self.cache.items():
+            if s == skip and (g or not gram):
+                return stats
+        self.ui.log("one dense calibration pass" + (" with input Hessians" if gram else ""))
+        p = self.cfg.pruning
+        stats = engine.run(None, lambda i, name: Target(0.0), p.targets, p.ignore, self.batches, skip_first=skip, gram=gram).stats
+        self.cache[(skip, gram)] = stats
+        return stats
+
+
 def prune_model(
     cfg: Config, model: torch.nn.Module, method: Method, linear_names: list[str], batches: list[torch.Tensor] | None,
     stats: dict[str, ChannelStats] | None, device: torch.device, ui: UI, stats_path: Path | None = None,
-    dense_stats: dict[int, dict[str, ChannelStats]] | None = None,
+    dense: DenseStats | None = None, reuse_dense: bool = False,
 ) -> Pruned:
-    """Prune a loaded model in place, layer by layer. ``dense_stats`` caches OWL's statistics pass per skip."""
+    """Prune a loaded model in place, layer by layer.
+
+    ``dense`` holds dense-model statistics for OWL; ``reuse_dense`` also prunes from them, with no
+    calibration pass of its own (what ``sequential: false`` computes anyway, so a sweep shares it).
+    """
     p = cfg.pruning
     skip = statistics_skip(cfg, method)
     notes = []
@@ -129,28 +151,27 @@ def prune_model(
         notes.append(f"set {', '.join(bias_flags)} in config.json: the compensation writes biases")
     target = base_target(cfg, method)
     engine = LayerwiseEngine(model, device, cfg.runtime.offload_activations, ui)
+    dense = dense or DenseStats(cfg, batches, ui)
+    mode = describe_mode(cfg, method, stats_path)
+    if reuse_dense and stats is None and method.needs_calibration:
+        stats = dense.get(engine, skip, method.needs_gram)
+        mode += " (statistics shared by the sweep's cells)"
     layer_sparsity = None
     if p.profile == "owl":
-        cache = dense_stats if dense_stats is not None else {}
-        if stats is not None:
-            cache[skip] = stats
-        if skip not in cache:
-            ui.log("OWL: one dense calibration pass for the layers' outlier ratios")
-            cache[skip] = engine.run(None, lambda i, name: target, p.targets, p.ignore, batches, skip_first=skip).stats
-        ratios = [outlier_ratio(engine.linears(i, p.targets, p.ignore), cache[skip], p.owl.m) for i in range(len(engine.layers))]
+        base = stats if stats is not None else dense.get(engine, skip, False)
+        ratios = [outlier_ratio(engine.linears(i, p.targets, p.ignore), base, p.owl.m) for i in range(len(engine.layers))]
         layer_sparsity = owl_sparsities(ratios, target.sparsity, p.owl.lam)
         notes.append("OWL layer sparsities: " + ", ".join(f"{s:.3f}" for s in layer_sparsity))
 
     def target_for(index: int, name: str) -> Target:
         return target if layer_sparsity is None else replace(target, sparsity=layer_sparsity[index])
 
-    result = engine.run(method, target_for, p.targets, p.ignore, batches, stats=stats,
-                        sequential=p.sequential, skip_first=skip)
+    result = engine.run(method, target_for, p.targets, p.ignore, batches, stats=stats, sequential=p.sequential, skip_first=skip)
     skipped = sorted({n for layer in result.layers for n, r in layer.linears.items() if "mean_compensation" in r.info})
     if skipped:
         notes.append(f"mean compensation skipped for {len(skipped)} linears whose architecture cannot take a bias "
                      f"(e.g. {skipped[0]})")
-    return Pruned(engine, result, describe_mode(cfg, method, stats_path), notes, skip, layer_sparsity)
+    return Pruned(engine, result, mode, notes, skip, layer_sparsity)
 
 
 def perplexities(cfg: Config, engine: LayerwiseEngine, evals: list[EvalSet], ui: UI) -> list[dict[str, Any]]:

@@ -74,12 +74,16 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
     table.add_column("layer", justify="right")
     for s in short_names:
         table.add_column(s, justify="right")
+    per_layer_targets = report.get("layer_target_sparsity") is not None
+    if per_layer_targets:
+        table.add_column("target", justify="right")
     table.add_column("layer", justify="right")
     table.add_column("time (s)", justify="right")
     for row in layers:
         by_short = {n.rsplit(".", 1)[-1]: v for n, v in row["linears"].items()}
+        target = [f"{row['target_sparsity']:.1%}"] if per_layer_targets else []
         table.add_row(str(row["layer"]), *[f"{by_short[s]['sparsity']:.1%}" if s in by_short else "-" for s in short_names],
-                      f"{row['sparsity']:.1%}", f"{row['seconds']:.2f}")
+                      *target, f"{row['sparsity']:.1%}", f"{row['seconds']:.2f}")
     console.print(table)
     s = report["sparsity"]
     console.print(f"sparsity: {s['pruned_linears']['sparsity']:.2%} over the pruned linears "

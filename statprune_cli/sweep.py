@@ -1,0 +1,189 @@
+"""The sweep: every method at every sparsity on one model, one set of calibration windows, one evaluation.
+
+Everything the cells share is done once: the windows are drawn and tokenized, the evaluation text
+is tokenized, the model is loaded and the dense perplexity measured. Each cell prunes a fresh copy
+of the dense model. With ``pruning.sequential: false`` the dense statistics are collected once and
+every cell prunes from them (that is what a dense-activation run computes anyway); sequential
+runs need their own pass, since each method's pruned layers feed the next layer differently. A
+cell that fails records its error and the sweep goes on.
+
+Outputs, written together into one folder: ``sweep.json``, ``sweep.md`` (rows methods, columns
+settings: perplexity and prune wall time) and ``sweep.png`` (perplexity per setting, one line per
+method, log scale, dense as a horizontal line) when matplotlib is installed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from statprune_cli.config import Config, _build, validate
+from statprune_cli.engine import LayerwiseEngine
+from statprune_cli.errors import ConfigError, InputError
+from statprune_cli.export import atomic_dir, check_output_dir
+from statprune_cli.load import check_against_model, load_model, load_model_config, load_tokenizer
+from statprune_cli.methods import METHODS, build_method
+from statprune_cli.pipeline import (DenseStats, calibration_batches, eval_sets, needs_batches, perplexities, prune_model,
+                                    setup_runtime)
+from statprune_cli.report import package_versions
+from statprune_cli.ui import UI
+
+
+@dataclass
+class Cell:
+    method: str
+    setting: str
+    cfg: Config
+    perplexity: list[float] = field(default_factory=list)
+    prune_seconds: float | None = None
+    sparsity: float | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "setting": self.setting, "perplexity": self.perplexity,
+                "prune_seconds": self.prune_seconds, "sparsity": self.sparsity, "error": self.error}
+
+
+def parse_setting(text: str) -> tuple[str, dict[str, Any]]:
+    """``0.5`` or ``50%`` -> unstructured sparsity; ``2:4`` -> that pattern. Returns (label, pruning overrides)."""
+    t = text.strip()
+    if ":" in t:
+        return t, {"pattern": t}
+    try:
+        value = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        raise ConfigError("--sparsities", f"expected a sparsity such as 0.5 or 50% or a pattern such as 2:4, got {t!r}") from None
+    return f"{value:.0%}", {"pattern": "unstructured", "sparsity": value}
+
+
+def plan_cells(cfg: Config, methods: list[str], settings: list[str]) -> list[Cell]:
+    """One validated config per (method, setting): every bad name fails here, before anything loads."""
+    if not methods or not settings:
+        raise InputError("--methods and --sparsities: expected at least one of each")
+    for m in methods:
+        if m not in METHODS:
+            raise ConfigError("--methods", f"unknown method {m!r}; expected some of {', '.join(sorted(METHODS))}")
+    if not cfg.eval.datasets:
+        raise ConfigError("eval.datasets", "the sweep compares perplexities: give at least one evaluation data set")
+    cells = []
+    for setting in settings:
+        label, overrides = parse_setting(setting)
+        for m in methods:
+            data = cfg.to_dict()
+            data["pruning"].update(overrides, method=m)
+            if m != cfg.pruning.method:
+                data["pruning"]["options"] = {}  # options belong to the config's own method
+            cell_cfg = _build(Config, data, "")
+            validate(cell_cfg)
+            cells.append(Cell(m, label, cell_cfg))
+    return cells
+
+
+def run_sweep(cfg: Config, methods: list[str], settings: list[str], output: Path, overwrite: bool = False,
+              ui: UI | None = None) -> dict[str, Any]:
+    ui = ui or UI()
+    check_output_dir(output, overwrite, "--output")
+    cells = plan_cells(cfg, methods, settings)
+    device = setup_runtime(cfg)
+    model_config = load_model_config(cfg.model)
+    shapes = {}
+    for c in cells:
+        shapes = check_against_model(c.cfg, model_config)
+    tokenizer = load_tokenizer(cfg.model)
+    batches, calibration = None, "none (no method needs data)"
+    if any(needs_batches(c.cfg, build_method(c.method, c.cfg.pruning.options)) for c in cells):
+        batches, calibration = calibration_batches(cfg, tokenizer, ui)
+    evals = eval_sets(cfg, tokenizer)
+
+    ui.log(f"loading {cfg.model.name_or_path} ({cfg.model.dtype})")
+    dense_model = load_model(cfg.model)
+    dense = DenseStats(cfg, batches, ui)
+    dense_ppl = perplexities(cfg, LayerwiseEngine(dense_model, device, cfg.runtime.offload_activations, ui), evals, ui)
+    dense_model.to("cpu")
+    with ui.progress("sweep cells", len(cells)) as advance:
+        for c in cells:
+            ui.log(f"{c.method} at {c.setting}")
+            model = copy.deepcopy(dense_model)
+            try:
+                method = build_method(c.method, c.cfg.pruning.options)
+                t0 = time.perf_counter()
+                pruned = prune_model(c.cfg, model, method, list(shapes), batches, None, device, ui, dense=dense,
+                                     reuse_dense=not cfg.pruning.sequential and not method.needs_output_pass)
+                c.prune_seconds = round(time.perf_counter() - t0, 3)
+                c.perplexity = [r["perplexity"] for r in perplexities(c.cfg, pruned.engine, evals, ui)]
+                zeros = sum(r.zeros for layer in pruned.result.layers for r in layer.linears.values())
+                numel = sum(r.shape[0] * r.shape[1] for layer in pruned.result.layers for r in layer.linears.values())
+                c.sparsity = zeros / numel if numel else 0.0
+            except Exception as e:  # one failing cell must not lose the others
+                c.error = f"{type(e).__name__}: {e}"
+                ui.log(f"{c.method} at {c.setting} failed: {c.error}")
+            del model
+            advance()
+
+    result = {
+        "model": cfg.model.name_or_path,
+        "calibration": calibration,
+        "sequential": cfg.pruning.sequential,
+        "profile": cfg.pruning.profile,
+        "datasets": [es.name for es in evals],
+        "dense": [r["perplexity"] for r in dense_ppl],
+        "methods": methods,
+        "settings": [c.setting for c in cells[:: len(methods)]],
+        "cells": [c.to_dict() for c in cells],
+        "versions": package_versions(),
+    }
+    with atomic_dir(output, overwrite, "--output") as tmp:
+        (tmp / "sweep.json").write_text(json.dumps(result, indent=2))
+        (tmp / "sweep.md").write_text(sweep_table(result))
+        result["plot"] = write_plot(result, tmp / "sweep.png")
+    result["output_dir"] = str(output)
+    return result
+
+
+def sweep_table(result: dict[str, Any]) -> str:
+    """Markdown: rows methods, columns settings; each cell 'perplexity (prune seconds)' on the first data set."""
+    settings, by = result["settings"], {(c["method"], c["setting"]): c for c in result["cells"]}
+
+    def cell(c: dict[str, Any]) -> str:
+        if c["error"]:
+            return f"failed: {c['error'].splitlines()[0][:80]}"
+        return f"{c['perplexity'][0]:.2f} ({c['prune_seconds']:.1f} s)"
+
+    lines = [f"Perplexity on {result['datasets'][0]} (prune wall time); dense {result['dense'][0]:.2f}. "
+             f"Calibration: {result['calibration']}.", "",
+             "| method | " + " | ".join(settings) + " |", "|---|" + "---:|" * len(settings)]
+    for m in result["methods"]:
+        lines.append(f"| {m} | " + " | ".join(cell(by[(m, s)]) for s in settings) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_plot(result: dict[str, Any], path: Path) -> str | None:
+    """sweep.png if matplotlib is installed (``pip install 'statprune[plot]'``); the table does not need it."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    settings = result["settings"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m in result["methods"]:
+        cells = {c["setting"]: c for c in result["cells"] if c["method"] == m and not c["error"]}
+        xs = [i for i, s in enumerate(settings) if s in cells]
+        ax.plot(xs, [cells[settings[i]]["perplexity"][0] for i in xs], marker="o", label=m)
+    ax.axhline(result["dense"][0], color="black", linestyle="--", linewidth=1, label="dense")
+    ax.set_xticks(range(len(settings)), settings)
+    ax.set_yscale("log")
+    ax.set_xlabel("sparsity")
+    ax.set_ylabel(f"perplexity ({result['datasets'][0]})")
+    ax.set_title(f"{Path(result['model']).name}: perplexity by method and sparsity")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path.name)

@@ -1,0 +1,76 @@
+"""`statprune sweep` on a tiny model: every cell, the files, equality with `prune`, and failing cells."""
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import write_config
+from typer.testing import CliRunner
+
+from statprune_cli.cli import app
+from statprune_cli.config import load_config
+from statprune_cli.methods import METHODS
+from statprune_cli.sweep import run_sweep
+from statprune_cli.ui import UI
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def cfg(tmp_path: Path, tiny_model_dir: Path, text_files: dict[str, Path]) -> Path:
+    return write_config(tmp_path / "run.yaml", tiny_model_dir, text_files, tmp_path / "out")
+
+
+def test_sweep_runs_every_cell_and_writes_table_and_plot(cfg: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    res = runner.invoke(app, ["sweep", str(cfg), "--methods", "magnitude,wanda,sparsegpt,ria,statprune",
+                              "--sparsities", "0.5,70%,2:4", "-o", str(out), "--json", "-q"])
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.stdout)
+    assert result["settings"] == ["50%", "70%", "2:4"]
+    assert len(result["cells"]) == 15 and not [c for c in result["cells"] if c["error"]]
+    for c in result["cells"]:
+        expected = 0.7 if c["setting"] == "70%" else 0.5
+        assert c["sparsity"] == pytest.approx(expected, abs=0.02) and c["perplexity"][0] > 1
+    assert json.loads((out / "sweep.json").read_text())["cells"] == result["cells"]
+    table = (out / "sweep.md").read_text().splitlines()
+    assert table[2] == "| method | 50% | 70% | 2:4 |" and len(table) == 4 + 5
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_sweep_cell_equals_prune(cfg: Path, tmp_path: Path, sequential: bool) -> None:
+    flag = f"pruning.sequential={str(sequential).lower()}"
+    res = runner.invoke(app, ["prune", str(cfg), "-q", "--json", "--set", flag, "--set", "pruning.method=sparsegpt"])
+    assert res.exit_code == 0, res.output
+    ppl = json.loads(res.stdout)["perplexity"][0]["perplexity"]
+    res = runner.invoke(app, ["sweep", str(cfg), "--methods", "wanda,sparsegpt", "--sparsities", "0.5", "-o",
+                              str(tmp_path / "sw"), "-q", "--json", "--set", flag])
+    assert res.exit_code == 0, res.output
+    cells = {c["method"]: c for c in json.loads(res.stdout)["cells"]}
+    assert cells["sparsegpt"]["perplexity"][0] == pytest.approx(ppl, rel=1e-5)
+
+
+def test_a_failing_cell_is_recorded_and_the_sweep_goes_on(cfg: Path, tmp_path: Path, monkeypatch) -> None:
+    def broken(self, linear, stats, target):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(METHODS["ria"], "prune", broken)
+    result = run_sweep(load_config(cfg), ["ria", "wanda"], ["0.5"], tmp_path / "sw", ui=UI(quiet=True))
+    cells = {c["method"]: c for c in result["cells"]}
+    assert cells["ria"]["error"] == "RuntimeError: boom" and not cells["ria"]["perplexity"]
+    assert cells["wanda"]["error"] is None and cells["wanda"]["perplexity"]
+    assert "failed: RuntimeError: boom" in (tmp_path / "sw" / "sweep.md").read_text()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--methods", "wanda,obs"], "--methods: unknown method 'obs'"),
+    (["--sparsities", "0.5,lots"], "--sparsities: expected a sparsity such as 0.5"),
+    (["--sparsities", "1.5"], "pruning.sparsity: expected a number in [0, 1)"),
+    (["--sparsities", "5:4"], "pruning.pattern: expected N:M with 0 < N < M"),
+])
+def test_sweep_bad_input_is_one_line(cfg: Path, tmp_path: Path, args: list[str], message: str) -> None:
+    res = runner.invoke(app, ["sweep", str(cfg), "-o", str(tmp_path / "sw"), "-q", *args])
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
