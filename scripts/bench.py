@@ -1,4 +1,6 @@
-"""Benchmark on SmolLM2-135M: dense, magnitude, wanda and statprune at 50%, 60%, 2:4 and 4:8.
+"""Benchmark on SmolLM2-135M: dense and every method at 50%, 60%, 2:4 and 4:8.
+
+A method name ending in ``+owl`` runs that method with the OWL layer profile (pruning.profile=owl).
 
 Calibration: 64 windows x 512 tokens of the C4 sample (seed 0, sequential). Evaluation: the
 first 65,536 tokens of the WikiText-2 test split at seqlen 512. Each prune is one
@@ -6,7 +8,7 @@ first 65,536 tokens of the WikiText-2 test split at seqlen 512. Each prune is on
 all in this one run, one after another. Results accumulate in bench-out/bench.jsonl (a rerun
 with the same protocol skips what is there); docs/results.md is rewritten at the end.
 
-Usage: python scripts/bench.py [--settings 50%,60%,2:4,4:8] [--methods magnitude,wanda,statprune]
+Usage: python scripts/bench.py [--settings 50%,60%,2:4,4:8] [--methods magnitude,wanda,sparsegpt,ria,statprune]
                                [--nsamples 64] [--seqlen 512] [--max-tokens 65536]
 """
 
@@ -23,7 +25,7 @@ from _runs import ROOT, common_overrides, ensure_model, load_jsonl, pattern_over
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--settings", default="50%,60%,2:4,4:8")
-    ap.add_argument("--methods", default="magnitude,wanda,statprune")
+    ap.add_argument("--methods", default="magnitude,wanda,sparsegpt,ria,statprune")
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=65536)
@@ -33,10 +35,16 @@ def main() -> None:
     model = ensure_model()
     common = common_overrides(model, args.nsamples, args.seqlen, args.max_tokens, "test")
     key = f"n{args.nsamples}-s{args.seqlen}-e{args.max_tokens}"
-    cells = {(method, setting): common + [f"pruning.method={method}"] + pattern_overrides(setting)
+    cells = {(method, setting): common + method_overrides(method) + pattern_overrides(setting)
              for setting in args.settings.split(",") for method in args.methods.split(",")}
     run_grid(args.results, key, "method", cells, model, args.seqlen, args.max_tokens, "test")
     write_doc(args, key)
+
+
+def method_overrides(name: str) -> list[str]:
+    """'wanda' -> that method, uniform; 'wanda+owl' -> that method with the OWL layer profile."""
+    method, _, profile = name.partition("+")
+    return [f"pruning.method={method}", f"pruning.profile={profile or 'uniform'}"]
 
 
 def write_doc(args: argparse.Namespace, key: str) -> None:
