@@ -24,6 +24,28 @@ def ensure_model() -> Path:
     return HF_MODEL
 
 
+def synthetic_llama(path: Path, hidden: int, intermediate: int, layers: int, tokenizer_from: Path, heads: int = 32) -> Path:
+    """A random-weight Llama checkpoint (float32 safetensors, with a real tokenizer), written once.
+
+    Cost and memory do not depend on the values, so this stands in for a checkpoint of that shape.
+    """
+    if (path / "config.json").exists():
+        return path
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_from)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=heads, vocab_size=len(tok), max_position_embeddings=4096, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    tmp = path.with_name(path.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(path)
+    return path
+
+
 def statprune(*args: str) -> dict | list:
     """Run the CLI with --json and return the parsed report; raise with its stderr on failure."""
     cmd = [sys.executable, "-m", "statprune_cli", *args, "--json", "--quiet"]

@@ -19,28 +19,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import ROOT, append_jsonl, common_overrides, ensure_model, load_jsonl, prune  # noqa: E402
+from _runs import ROOT, append_jsonl, common_overrides, ensure_model, load_jsonl, prune, synthetic_llama  # noqa: E402
 
 WIDE = ROOT / "models" / "synthetic-llama-h4096-l4"
-
-
-def ensure_wide(tokenizer_from: Path) -> Path:
-    """A random Llama checkpoint at 7B width with 4 layers, written once (about 4 GB of float32)."""
-    if (WIDE / "config.json").exists():
-        return WIDE
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_from)
-    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=4, num_attention_heads=32,
-                         num_key_value_heads=32, vocab_size=len(tok), max_position_embeddings=4096, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    tmp = WIDE.with_name(WIDE.name + ".tmp")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    tmp.rename(WIDE)
-    return WIDE
 
 
 def main() -> None:
@@ -54,7 +35,7 @@ def main() -> None:
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "cost.md")
     args = ap.parse_args()
     small = ensure_model()
-    paths = {"smollm2": small, "wide": ensure_wide(small)}
+    paths = {"smollm2": small, "wide": synthetic_llama(WIDE, 4096, 11008, 4, small)}
     key = f"n{args.nsamples}-s{args.seqlen}"
     done = {(r["key"], r["model"], r["method"], r["repeat"]) for r in load_jsonl(args.results)}
     for rep in range(args.repeats):

@@ -99,8 +99,10 @@ class OutputConfig:
 @dataclass
 class RuntimeConfig:
     device: str = "auto"
-    offload_activations: bool = False
+    offload_activations: bool | str = False  # false: on the device; true: CPU memory; "disk": memory-mapped files
     threads: int | None = None
+    streaming: bool | str = "auto"  # read layers from the checkpoint one at a time; auto: when it would not fit
+    streaming_memory_share: float = 0.5  # auto streams when the checkpoint is larger than this share of free memory
 
 
 @dataclass
@@ -333,6 +335,16 @@ def validate(cfg: Config) -> None:
     parse_size(cfg.output.shard_size, "output.shard_size")
     if cfg.runtime.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", cfg.runtime.device):
         raise ConfigError("runtime.device", f"expected auto, cpu, cuda or cuda:N, got {cfg.runtime.device!r}")
+    r = cfg.runtime
+    if isinstance(r.offload_activations, str) and r.offload_activations != "disk":
+        raise ConfigError("runtime.offload_activations", f"expected true, false or disk, got {r.offload_activations!r}")
+    if isinstance(r.streaming, str) and r.streaming != "auto":
+        raise ConfigError("runtime.streaming", f"expected true, false or auto, got {r.streaming!r}")
+    if r.streaming is True and cfg.model.gguf_file:
+        raise ConfigError("runtime.streaming", "a GGUF checkpoint is dequantized whole on load and cannot stream; convert it "
+                                               "to safetensors (save_pretrained) or set runtime.streaming: false")
+    if not 0 < r.streaming_memory_share <= 1:
+        raise ConfigError("runtime.streaming_memory_share", f"expected a number in (0, 1], got {r.streaming_memory_share}")
     if cfg.runtime.threads is not None and cfg.runtime.threads < 1:
         raise ConfigError("runtime.threads", f"expected an integer >= 1, got {cfg.runtime.threads}")
 

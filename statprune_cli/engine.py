@@ -7,7 +7,10 @@
    input statistics of the target linears, let the method prune them, run the batches again to
    produce the pruned layer's outputs for the next layer, move it back.
 
-The engine knows nothing of any method: it asks ``method.prune`` for each linear.
+The engine knows nothing of any method: it asks ``method.prune`` for each linear. Nor does it
+know where the layers' weights live: ``InMemoryLayers`` moves them between CPU and the device,
+``streaming.StreamedLayers`` reads them from the checkpoint. Activations wait between layers on
+the device, in CPU memory, or in memory-mapped files (``offload_activations: disk``).
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -60,8 +64,8 @@ def place_model(model: nn.Module, layers_name: str, device: torch.device) -> Non
 
 @torch.no_grad()
 def capture_inputs(
-    model: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor], device: torch.device, store: torch.device,
-    advance: Callable[[], None] = lambda: None,
+    model: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor], device: torch.device,
+    keep: Callable[[int, torch.Tensor], torch.Tensor], advance: Callable[[], None] = lambda: None,
 ) -> tuple[list[torch.Tensor], list[LayerArgs]]:
     """Hidden states entering layer 0 (one tensor per batch) and every layer's other arguments."""
     hidden: list[torch.Tensor] = []
@@ -72,7 +76,7 @@ def capture_inputs(
         def record(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             layer_args[i].setdefault(hidden_states.shape[0], (args, kwargs))
             if i == 0:
-                hidden.append(hidden_states.to(store))
+                hidden.append(keep(len(hidden), hidden_states))
             if i == last:
                 raise _StopForward
             return hidden_states
@@ -89,16 +93,67 @@ def capture_inputs(
     return hidden, layer_args
 
 
+class Activations:
+    """Where hidden states wait between layers: the device, CPU memory, or memory-mapped files.
+
+    On disk, each forward pass writes its outputs to a fresh set of files (two sets alternate, so a
+    pass never overwrites the inputs it reads), and only the pages in use stay in memory.
+    """
+
+    def __init__(self, device: torch.device, offload: bool | str, folder: Path | None = None) -> None:
+        self.disk = offload == "disk"
+        self.device = torch.device("cpu") if offload else device
+        self.folder = folder
+        self.turn = 0
+        if self.disk and folder is None:
+            raise ValueError("disk offload needs a folder")
+
+    def next_pass(self) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        """A ``keep(j, tensor)`` for the j-th batch of one pass."""
+        self.turn ^= 1
+        if not self.disk:
+            return lambda j, t: t.to(self.device)
+        folder = self.folder / f"activations-{self.turn}"
+        folder.mkdir(parents=True, exist_ok=True)
+
+        def keep(j: int, t: torch.Tensor) -> torch.Tensor:
+            path = folder / f"{j}.bin"
+            path.unlink(missing_ok=True)
+            mapped = torch.from_file(str(path), shared=True, size=t.numel(), dtype=t.dtype).view(t.shape)
+            mapped.copy_(t)
+            return mapped
+
+        return keep
+
+
+class LayerIO(Protocol):
+    """Brings a decoder layer's weights to the device for its turn and takes them away after."""
+
+    def fetch(self, index: int, layer: nn.Module, device: torch.device) -> None: ...
+
+    def release(self, index: int, layer: nn.Module) -> None: ...
+
+
+class InMemoryLayers:
+    """Every layer's weights live in CPU memory; only the current one goes to the device."""
+
+    def fetch(self, index: int, layer: nn.Module, device: torch.device) -> None:
+        layer.to(device)
+
+    def release(self, index: int, layer: nn.Module) -> None:
+        layer.to("cpu")
+
+
 @torch.no_grad()
 def forward_layer(
-    layer: nn.Module, inputs: list[torch.Tensor], args: LayerArgs, device: torch.device, store: torch.device,
-    advance: Callable[[], None] = lambda: None,
+    layer: nn.Module, inputs: list[torch.Tensor], args: LayerArgs, device: torch.device,
+    keep: Callable[[int, torch.Tensor], torch.Tensor], advance: Callable[[], None] = lambda: None,
 ) -> list[torch.Tensor]:
     outputs = []
-    for x in inputs:
+    for j, x in enumerate(inputs):
         extra, kwargs = args[x.shape[0]]
         y = layer(x.to(device), *extra, **kwargs)
-        outputs.append((y[0] if isinstance(y, tuple) else y).to(store))
+        outputs.append(keep(j, y[0] if isinstance(y, tuple) else y))
         advance()
     return outputs
 
@@ -137,36 +192,59 @@ class EngineResult:
     stats: dict[str, ChannelStats]
 
 
+@dataclass
+class Resume:
+    """Where an interrupted run stopped: the next layer, its input activations, and the layers done."""
+
+    next_layer: int
+    hidden: list[torch.Tensor]
+    results: list[LayerResult]
+
+
+LayerDone = Callable[[int, nn.Module, list[torch.Tensor], list[LayerResult]], None]
+
+
 class LayerwiseEngine:
     """Runs calibration batches through the decoder stack, one layer on the device at a time."""
 
-    def __init__(self, model: nn.Module, device: torch.device, offload_activations: bool, ui: UI) -> None:
+    def __init__(self, model: nn.Module, device: torch.device, offload_activations: bool | str, ui: UI,
+                 io: LayerIO | None = None, activation_dir: Path | None = None) -> None:
         self.model = model
         self.layers_name, self.layers = find_decoder_layers(model)
         self.device = device
-        self.store = torch.device("cpu") if offload_activations else device
+        self.acts = Activations(device, offload_activations, activation_dir)
+        self.io = io or InMemoryLayers()
         self.ui = ui
         place_model(model, self.layers_name, device)
+
+    @contextmanager
+    def layer(self, index: int) -> Iterator[nn.Module]:
+        """Layer ``index`` with its weights on the device, for the duration of the block."""
+        layer = self.layers[index]
+        self.io.fetch(index, layer, self.device)
+        try:
+            yield layer
+        finally:
+            self.io.release(index, layer)
 
     def linears(self, index: int, targets: list[str], ignore: list[str]) -> dict[str, nn.Linear]:
         return target_linears(self.layers[index], f"{self.layers_name}.{index}", targets, ignore)
 
     def capture(self, batches: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[LayerArgs]]:
         with self.ui.progress("capturing layer inputs", len(batches)) as advance:
-            return capture_inputs(self.model, self.layers, batches, self.device, self.store, advance)
+            return capture_inputs(self.model, self.layers, batches, self.device, self.acts.next_pass(), advance)
 
     def _forward(self, layer: nn.Module, hidden: list[torch.Tensor], args: LayerArgs, what: str) -> list[torch.Tensor]:
         with self.ui.progress(what, len(hidden)) as advance:
-            return forward_layer(layer, hidden, args, self.device, self.store, advance)
+            return forward_layer(layer, hidden, args, self.device, self.acts.next_pass(), advance)
 
     def hidden_states(self, batches: list[torch.Tensor]) -> list[torch.Tensor]:
         """The last decoder layer's outputs for ``batches`` (evaluation, or the no-pruning check)."""
         hidden, args = self.capture(batches)
         with self.ui.progress("layers", len(self.layers)) as advance:
-            for i, layer in enumerate(self.layers):
-                layer.to(self.device)
-                hidden = self._forward(layer, hidden, args[i], "windows")
-                layer.to("cpu")
+            for i in range(len(self.layers)):
+                with self.layer(i) as layer:
+                    hidden = self._forward(layer, hidden, args[i], "windows")
                 advance()
         return hidden
 
@@ -184,12 +262,16 @@ class LayerwiseEngine:
         sequential: bool = True,
         skip_first: int = 0,
         gram: bool | None = None,
+        resume: Resume | None = None,
+        on_layer_done: LayerDone | None = None,
     ) -> EngineResult:
         """Prune every target linear with ``method`` (None: only collect statistics).
 
         ``target_for(layer index, linear name)`` gives each linear's sparsity. ``stats`` given: no
         forward pass at all, masks come from those statistics ("one-shot"). ``gram``: also collect
-        sum x x^T per linear (default: when the method asks for it).
+        sum x x^T per linear (default: when the method asks for it). ``resume`` starts at a later
+        layer with saved activations; ``on_layer_done(i, layer, next inputs, results)`` runs after
+        each layer, while its weights are still on the device (streaming writes them out there).
         """
         collect = stats is None and (method is None or method.needs_calibration)
         gram = bool(method is not None and method.needs_gram) if gram is None else gram
@@ -198,35 +280,49 @@ class LayerwiseEngine:
         hidden, args = self.capture(batches) if collect else ([], [])
         all_stats: dict[str, ChannelStats] = dict(stats or {})
         results = []
-        with self.ui.progress("pruning layers" if method else "calibrating layers", len(self.layers)) as advance:
-            for i, layer in enumerate(self.layers):
+        start = 0
+        if resume is not None:
+            start, hidden, results = resume.next_layer, resume.hidden, list(resume.results)
+            self.ui.log(f"resuming at layer {start} of {len(self.layers)}")
+        with self.ui.progress("pruning layers" if method else "calibrating layers", len(self.layers) - start) as advance:
+            for i in range(start, len(self.layers)):
                 t0 = time.perf_counter()
-                layer.to(self.device)
-                linears = self.linears(i, targets, ignore)
-                outputs = None
-                if collect:
-                    layer_stats, outputs = self._collect(layer, linears, hidden, args[i], skip_first, gram)
-                    all_stats.update(layer_stats)
-                result = LayerResult(i, 0.0)
-                if method is not None:
-                    refiners = {}
-                    for name, linear in linears.items():
-                        result.linears[name], refiner = self._prune_one(method, name, linear, all_stats.get(name),
-                                                                        target_for(i, name))
-                        if refiner is not None:
-                            refiners[name] = refiner
-                    if collect and (sequential or refiners):
-                        observers = {linears[n]: r.observe for n, r in refiners.items()}
-                        pruned_outputs = self._forward_observed(layer, observers, hidden, args[i], skip_first)
-                        outputs = pruned_outputs if sequential else outputs
-                        for name, refiner in refiners.items():
-                            result.linears[name].info.update(refiner.apply())
-                hidden = outputs or []
-                layer.to("cpu")
-                result.seconds = time.perf_counter() - t0
-                results.append(result)
+                with self.layer(i) as layer:
+                    hidden = self._layer_pass(i, layer, method, target_for, targets, ignore, hidden, args, all_stats,
+                                              collect, sequential, skip_first, gram, results)
+                    results[-1].seconds = time.perf_counter() - t0
+                    if on_layer_done is not None:
+                        on_layer_done(i, layer, hidden, results)
                 advance()
         return EngineResult(results, all_stats)
+
+    def _layer_pass(
+        self, i: int, layer: nn.Module, method: Method | None, target_for: Callable[[int, str], Target], targets: list[str],
+        ignore: list[str], hidden: list[torch.Tensor], args: list[LayerArgs], all_stats: dict[str, ChannelStats],
+        collect: bool, sequential: bool, skip_first: int, gram: bool, results: list[LayerResult],
+    ) -> list[torch.Tensor]:
+        """Collect layer i's statistics, prune its linears, and return the inputs of layer i + 1."""
+        linears = self.linears(i, targets, ignore)
+        outputs = None
+        if collect:
+            layer_stats, outputs = self._collect(layer, linears, hidden, args[i], skip_first, gram)
+            all_stats.update(layer_stats)
+        result = LayerResult(i, 0.0)
+        results.append(result)
+        if method is None:
+            return outputs or []
+        refiners = {}
+        for name, linear in linears.items():
+            result.linears[name], refiner = self._prune_one(method, name, linear, all_stats.get(name), target_for(i, name))
+            if refiner is not None:
+                refiners[name] = refiner
+        if collect and (sequential or refiners):
+            observers = {linears[n]: r.observe for n, r in refiners.items()}
+            pruned_outputs = self._forward_observed(layer, observers, hidden, args[i], skip_first)
+            outputs = pruned_outputs if sequential else outputs
+            for name, refiner in refiners.items():
+                result.linears[name].info.update(refiner.apply())
+        return outputs or []
 
     def _forward_observed(
         self, layer: nn.Module, observers: dict[nn.Linear, Callable[[torch.Tensor], None]], hidden: list[torch.Tensor],

@@ -6,8 +6,10 @@ Every check that can fail on bad input runs before the weights load.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -17,15 +19,18 @@ import torch
 
 from statprune_cli.config import Config, dump_config, parse_pattern, parse_size
 from statprune_cli.data import batched, calibration_windows, load_documents
-from statprune_cli.engine import EngineResult, LayerwiseEngine
+from statprune_cli.engine import EngineResult, LayerDone, LayerIO, LayerwiseEngine, Resume
 from statprune_cli.errors import ConfigError, InputError
 from statprune_cli.export import atomic_dir, check_output_dir, save_model_folder
-from statprune_cli.load import check_against_model, enable_biases, load_model, load_model_config, load_tokenizer
+from statprune_cli.layers import find_decoder_layers
+from statprune_cli.load import check_against_model, enable_biases, load_model, load_model_config, load_tokenizer, torch_dtype
 from statprune_cli.methods import Method, Target, build_method
 from statprune_cli.perplexity import EvalSet, evaluate_perplexity, load_eval_set
 from statprune_cli.profile import outlier_ratio, owl_sparsities
 from statprune_cli.report import layer_summary, model_sparsity, package_versions, peak_memory
 from statprune_cli.stats import ChannelStats, load_stats, save_stats
+from statprune_cli.streaming import (Checkpoint, StreamedLayers, StreamingOutput, folder_sparsity, load_skeleton, partial_dir,
+                                     resolve_folder, should_stream)
 from statprune_cli.ui import UI
 
 
@@ -115,6 +120,20 @@ def describe_mode(cfg: Config, method: Method, stats_path: Path | None) -> str:
     return "dense-activation: each layer is calibrated on the dense model's activations"
 
 
+@dataclass
+class Placement:
+    """Where the engine finds layers (CPU memory or the checkpoint) and keeps activations, and its resume hooks."""
+
+    io: LayerIO | None = None
+    activation_dir: Path | None = None
+    resume: Resume | None = None
+    on_layer_done: LayerDone | None = None
+
+    def engine(self, model: torch.nn.Module, device: torch.device, cfg: Config, ui: UI) -> LayerwiseEngine:
+        return LayerwiseEngine(model, device, cfg.runtime.offload_activations, ui, io=self.io,
+                               activation_dir=self.activation_dir)
+
+
 class DenseStats:
     """Dense-model statistics, collected once per (skip, gram) and reused: OWL's ratios, the sweep's cells."""
 
@@ -136,13 +155,15 @@ class DenseStats:
 def prune_model(
     cfg: Config, model: torch.nn.Module, method: Method, linear_names: list[str], batches: list[torch.Tensor] | None,
     stats: dict[str, ChannelStats] | None, device: torch.device, ui: UI, stats_path: Path | None = None,
-    dense: DenseStats | None = None, reuse_dense: bool = False,
+    dense: DenseStats | None = None, reuse_dense: bool = False, placement: Placement | None = None,
 ) -> Pruned:
     """Prune a loaded model in place, layer by layer.
 
     ``dense`` holds dense-model statistics for OWL; ``reuse_dense`` also prunes from them, with no
     calibration pass of its own (what ``sequential: false`` computes anyway, so a sweep shares it).
+    ``placement`` says where layers and activations live, and what happens after each layer.
     """
+    placement = placement or Placement()
     p = cfg.pruning
     skip = statistics_skip(cfg, method)
     notes = []
@@ -150,7 +171,7 @@ def prune_model(
     if bias_flags:
         notes.append(f"set {', '.join(bias_flags)} in config.json: the compensation writes biases")
     target = base_target(cfg, method)
-    engine = LayerwiseEngine(model, device, cfg.runtime.offload_activations, ui)
+    engine = placement.engine(model, device, cfg, ui)
     dense = dense or DenseStats(cfg, batches, ui)
     mode = describe_mode(cfg, method, stats_path)
     if reuse_dense and stats is None and method.needs_calibration:
@@ -166,7 +187,8 @@ def prune_model(
     def target_for(index: int, name: str) -> Target:
         return target if layer_sparsity is None else replace(target, sparsity=layer_sparsity[index])
 
-    result = engine.run(method, target_for, p.targets, p.ignore, batches, stats=stats, sequential=p.sequential, skip_first=skip)
+    result = engine.run(method, target_for, p.targets, p.ignore, batches, stats=stats, sequential=p.sequential, skip_first=skip,
+                        resume=placement.resume, on_layer_done=placement.on_layer_done)
     skipped = sorted({n for layer in result.layers for n, r in layer.linears.items() if "mean_compensation" in r.info})
     if skipped:
         notes.append(f"mean compensation skipped for {len(skipped)} linears whose architecture cannot take a bias "
@@ -206,12 +228,14 @@ def run_prune(cfg: Config, overwrite: bool = False, stats_path: Path | None = No
     check_output_dir(out, overwrite)
     device = setup_runtime(cfg)
     timer = Timer()
-    p = cfg.pruning
-    method = build_method(p.method, p.options)
+    method = build_method(cfg.pruning.method, cfg.pruning.options)
+    streaming = should_stream(cfg.model, cfg.runtime.streaming, cfg.runtime.streaming_memory_share)
 
     with timer.phase("prepare"):
-        shapes = check_against_model(cfg, load_model_config(cfg.model))
+        model_config = load_model_config(cfg.model)
+        shapes = check_against_model(cfg, model_config)
         stats = check_stats(stats_path, shapes, method) if stats_path else None
+        checkpoint = Checkpoint(resolve_folder(cfg.model)) if streaming else None
         tokenizer = load_tokenizer(cfg.model)
         batches, calibration = None, "none (the method needs no data)"
         if stats is not None:
@@ -219,52 +243,126 @@ def run_prune(cfg: Config, overwrite: bool = False, stats_path: Path | None = No
         elif needs_batches(cfg, method):
             batches, calibration = calibration_batches(cfg, tokenizer, ui)
         evals = eval_sets(cfg, tokenizer)
+    run = Run(cfg, method, list(shapes), batches, stats, stats_path, evals, device, ui, timer)
 
-    with timer.phase("load"):
-        ui.log(f"loading {cfg.model.name_or_path} ({cfg.model.dtype})")
-        model = load_model(cfg.model)
+    if checkpoint is None:
+        with timer.phase("load"):
+            ui.log(f"loading {cfg.model.name_or_path} ({cfg.model.dtype})")
+            model = load_model(cfg.model)
+        with activation_folder(cfg, out) as acts:
+            pruned, ppl = run.prune_and_evaluate(model, Placement(activation_dir=acts))
+        model.to("cpu")
+        report = run.report(pruned, ppl, calibration, model_sparsity(model), out)
+        with timer.phase("save"):
+            with atomic_dir(out, overwrite) as tmp:
+                save_model_folder(tmp, model, tokenizer, parse_size(cfg.output.shard_size, "output.shard_size"))
+                run.write_run_files(tmp, report)
+        report["timings"]["save"] = round(timer.phases["save"], 3)
+        return report
 
-    with timer.phase("prune"):
-        pruned = prune_model(cfg, model, method, list(shapes), batches, stats, device, ui, stats_path)
-    with timer.phase("eval"):
-        ppl = perplexities(cfg, pruned.engine, evals, ui)
-    model.to("cpu")
-
-    rows, totals = layer_summary(pruned.result)
-    target = base_target(cfg, method)
-    versions = package_versions()
-    report = {
-        "statprune_version": versions["statprune"],
-        "model": cfg.model.name_or_path,
-        "method": p.method,
-        "options": asdict(method.options),
-        "pattern": p.pattern,
-        "pattern_label": pattern_label(cfg, target),
-        "target_sparsity": target.sparsity,
-        "profile": p.profile,
-        "layer_target_sparsity": pruned.layer_sparsity,
-        "mode": pruned.mode,
-        "calibration": {**asdict(cfg.calibration), "description": calibration,
-                        "statistics_skip_first_tokens": None if stats is not None else pruned.skip},
-        "device": str(device),
-        "sparsity": {"pruned_linears": totals, "all_parameters": model_sparsity(model)},
-        "layers": rows,
-        "perplexity": ppl,
-        "timings": {},
-        "memory": {},
-        "notes": pruned.notes,
-        "versions": versions,
-        "output_dir": str(out),
-    }
-    with timer.phase("save"):
-        with atomic_dir(out, overwrite) as tmp:
-            save_model_folder(tmp, model, tokenizer, parse_size(cfg.output.shard_size, "output.shard_size"))
-            (tmp / "statprune.yaml").write_text(dump_config(cfg))
-            report["timings"] = {k: round(v, 3) for k, v in timer.phases.items()}
-            report["memory"] = peak_memory()
-            (tmp / "report.json").write_text(json.dumps(report, indent=2))
+    with partial_dir(out) as partial:
+        with timer.phase("load"):
+            ui.log(f"streaming {cfg.model.name_or_path} ({cfg.model.dtype}): one decoder layer in memory at a time")
+            model = load_skeleton(cfg.model, model_config, checkpoint)
+        layers_name, layers = find_decoder_layers(model)
+        output = StreamingOutput(partial, checkpoint, layers_name, len(layers), cfg.to_dict())
+        state = output.resume()
+        placement = Placement(StreamedLayers(checkpoint, layers_name, torch_dtype(cfg.model.dtype)), partial,
+                              None if state is None else Resume(*state), output.layer_done)
+        pruned, ppl = run.prune_and_evaluate(model, placement, lambda: output.finish_weights(model))
+        report = run.report(pruned, ppl, calibration, None, out)
+        with timer.phase("save"):
+            model.config.save_pretrained(partial)
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(partial)
+            tokenizer.save_pretrained(partial)
+            report["sparsity"]["all_parameters"] = folder_sparsity(Checkpoint(partial, "output.dir"))
+            output.progress.clear()
+            for acts in partial.glob("activations-*"):
+                shutil.rmtree(acts)
+            run.write_run_files(partial, report)
     report["timings"]["save"] = round(timer.phases["save"], 3)
     return report
+
+
+@contextmanager
+def activation_folder(cfg: Config, out: Path) -> Iterator[Path | None]:
+    """A temporary folder beside the output for ``offload_activations: disk`` (None otherwise)."""
+    if cfg.runtime.offload_activations != "disk":
+        yield None
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.activations-", dir=out.parent) as folder:
+        yield Path(folder)
+
+
+@dataclass
+class Run:
+    """One prune's inputs, shared by the in-memory and the streaming paths of ``run_prune``."""
+
+    cfg: Config
+    method: Method
+    linear_names: list[str]
+    batches: list[torch.Tensor] | None
+    stats: dict[str, ChannelStats] | None
+    stats_path: Path | None
+    evals: list[EvalSet]
+    device: torch.device
+    ui: UI
+    timer: Timer
+
+    def prune_and_evaluate(self, model: torch.nn.Module, placement: Placement,
+                           weights_written: Callable[[], Checkpoint] | None = None) -> tuple[Pruned, list[dict[str, Any]]]:
+        """Prune, then evaluate; streaming evaluates from the written output (``weights_written()`` gives it)."""
+        with self.timer.phase("prune"):
+            pruned = prune_model(self.cfg, model, self.method, self.linear_names, self.batches, self.stats, self.device,
+                                 self.ui, self.stats_path, placement=placement)
+        engine = pruned.engine
+        if weights_written is not None:
+            written = weights_written()
+            eval_io = StreamedLayers(written, engine.layers_name, torch_dtype(self.cfg.model.dtype))
+            engine = Placement(eval_io, placement.activation_dir).engine(model, self.device, self.cfg, self.ui)
+        with self.timer.phase("eval"):
+            ppl = perplexities(self.cfg, engine, self.evals, self.ui)
+        return pruned, ppl
+
+    def report(self, pruned: Pruned, ppl: list[dict[str, Any]], calibration: str, all_params: dict[str, Any] | None,
+               out: Path) -> dict[str, Any]:
+        p = self.cfg.pruning
+        rows, totals = layer_summary(pruned.result)
+        target = base_target(self.cfg, self.method)
+        versions = package_versions()
+        return {
+            "statprune_version": versions["statprune"],
+            "model": self.cfg.model.name_or_path,
+            "method": p.method,
+            "options": asdict(self.method.options),
+            "pattern": p.pattern,
+            "pattern_label": pattern_label(self.cfg, target),
+            "target_sparsity": target.sparsity,
+            "profile": p.profile,
+            "layer_target_sparsity": pruned.layer_sparsity,
+            "mode": pruned.mode,
+            "streaming": isinstance(pruned.engine.io, StreamedLayers),
+            "calibration": {**asdict(self.cfg.calibration), "description": calibration,
+                            "statistics_skip_first_tokens": None if self.stats is not None else pruned.skip},
+            "device": str(self.device),
+            "sparsity": {"pruned_linears": totals, "all_parameters": all_params},
+            "layers": rows,
+            "perplexity": ppl,
+            "timings": {},
+            "memory": {},
+            "notes": pruned.notes,
+            "versions": versions,
+            "output_dir": str(out),
+        }
+
+    def write_run_files(self, folder: Path, report: dict[str, Any]) -> None:
+        """statprune.yaml (re-running it repeats the run) and report.json, with the final timings and memory."""
+        (folder / "statprune.yaml").write_text(dump_config(self.cfg))
+        report["timings"] = {k: round(v, 3) for k, v in self.timer.phases.items()}
+        report["memory"] = peak_memory()
+        (folder / "report.json").write_text(json.dumps(report, indent=2))
 
 
 def pattern_label(cfg: Config, target: Target) -> str:
@@ -285,14 +383,13 @@ def run_calibrate(cfg: Config, output: Path, overwrite: bool = False, ui: UI | N
     tokenizer = load_tokenizer(cfg.model)
     batches, calibration = calibration_batches(cfg, tokenizer, ui)
     t0 = time.perf_counter()
-    model = load_model(cfg.model)
-    engine = LayerwiseEngine(model, device, cfg.runtime.offload_activations, ui)
-    p = cfg.pruning
-    method = build_method(p.method, p.options)
-    skip = statistics_skip(cfg, method)
-    result = engine.run(None, lambda i, name: Target(0.0), p.targets, p.ignore, batches, skip_first=skip,
-                        gram=method.needs_gram)
     output.parent.mkdir(parents=True, exist_ok=True)
+    with reading_engine(cfg, device, output, ui) as engine:
+        p = cfg.pruning
+        method = build_method(p.method, p.options)
+        skip = statistics_skip(cfg, method)
+        result = engine.run(None, lambda i, name: Target(0.0), p.targets, p.ignore, batches, skip_first=skip,
+                            gram=method.needs_gram)
     save_stats(result.stats, output, {"model": cfg.model.name_or_path, "calibration": calibration,
                                       "skip_first_tokens": str(skip)})
     summary = {"stats_file": str(output), "model": cfg.model.name_or_path, "calibration": calibration,
@@ -333,6 +430,21 @@ def run_eval(cfg: Config, ui: UI | None = None) -> list[dict[str, Any]]:
         raise ConfigError("eval.seqlen", f"expected at most the model's context ({context} tokens), got {cfg.eval.seqlen}")
     tokenizer = load_tokenizer(cfg.model)
     sets = eval_sets(cfg, tokenizer)
-    model = load_model(cfg.model)
-    engine = LayerwiseEngine(model, device, cfg.runtime.offload_activations, ui)
-    return [evaluate_perplexity(engine, es, cfg.eval.batch_size).to_dict() for es in sets]
+    with reading_engine(cfg, device, None, ui) as engine:
+        return [evaluate_perplexity(engine, es, cfg.eval.batch_size).to_dict() for es in sets]
+
+
+@contextmanager
+def reading_engine(cfg: Config, device: torch.device, near: Path | None, ui: UI) -> Iterator[LayerwiseEngine]:
+    """An engine over the unpruned model, streamed from its checkpoint when ``runtime.streaming`` says so
+    (calibrate and eval-ppl write no weights, so they need no output folder)."""
+    with tempfile.TemporaryDirectory(prefix=".statprune-activations-", dir=near.parent if near else None) as acts:
+        placement = Placement(activation_dir=Path(acts))
+        if should_stream(cfg.model, cfg.runtime.streaming, cfg.runtime.streaming_memory_share):
+            checkpoint = Checkpoint(resolve_folder(cfg.model))
+            ui.log(f"streaming {cfg.model.name_or_path}: one decoder layer in memory at a time")
+            model = load_skeleton(cfg.model, load_model_config(cfg.model), checkpoint)
+            placement.io = StreamedLayers(checkpoint, find_decoder_layers(model)[0], torch_dtype(cfg.model.dtype))
+        else:
+            model = load_model(cfg.model)
+        yield placement.engine(model, device, cfg, ui)

@@ -1,0 +1,111 @@
+"""Peak host memory of streaming against in-memory pruning, and streaming's cost on SmolLM2-135M.
+
+1. Two synthetic Llama checkpoints (random float32 weights, hidden 2048, intermediate 5504, SmolLM2's
+   tokenizer), 24 and 12 decoder layers: they differ only in layer count. Each is pruned with Wanda
+   (8 windows x 512 tokens, no evaluation) streaming; the 24-layer one also in memory. Peak RSS is the
+   subprocess's own (`report.json` memory.peak_rss_mib, from getrusage); the baseline is the RSS of a
+   process that has imported statprune, torch and transformers. Expected growth: largest decoder
+   layer + one copy of the calibration activations + embeddings.
+2. SmolLM2-135M pruned with statprune in memory and streaming (32 windows x 512, WikiText-2 test
+   perplexity over 32,768 tokens): perplexities and prune wall times side by side.
+
+Results go to bench-out/memory.jsonl and docs/memory.md. Usage: python scripts/bench_memory.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _runs import ROOT, append_jsonl, common_overrides, ensure_model, load_jsonl, prune, synthetic_llama  # noqa: E402
+
+HIDDEN, INTERMEDIATE = 2048, 5504
+NSAMPLES, SEQLEN = 8, 512
+MIB = 2**20
+
+
+def baseline_rss_mib() -> float:
+    code = ("import resource, torch, transformers, statprune_cli.pipeline; "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
+def checkpoint_mib(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors")) / MIB
+
+
+def expected_mib(path: Path) -> dict[str, float]:
+    c = json.loads((path / "config.json").read_text())
+    h, i = c["hidden_size"], c["intermediate_size"]
+    layer = (4 * h * h + 3 * h * i + 2 * h) * 4
+    return {"layer": layer / MIB, "activations": NSAMPLES * SEQLEN * h * 4 / MIB, "embeddings": c["vocab_size"] * h * 4 / MIB}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results", type=Path, default=ROOT / "bench-out" / "memory.jsonl")
+    ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "memory.md")
+    args = ap.parse_args()
+    small = ensure_model()
+    done = {(r["model"], r["streaming"]) for r in load_jsonl(args.results)}
+    if ("baseline", False) not in done:
+        append_jsonl(args.results, {"model": "baseline", "streaming": False, "peak_rss_mib": baseline_rss_mib()})
+    runs = [(f"synthetic-l{n}", n, streaming) for n, streaming in ((24, True), (12, True), (24, False))]
+    for name, layers, streaming in runs:
+        if (name, streaming) in done:
+            continue
+        path = synthetic_llama(ROOT / "models" / f"synthetic-llama-h{HIDDEN}-l{layers}", HIDDEN, INTERMEDIATE, layers, small,
+                               heads=16)
+        overrides = common_overrides(path, NSAMPLES, SEQLEN, SEQLEN, "test") + [
+            "pruning.method=wanda", "eval.datasets=[]", f"runtime.streaming={str(streaming).lower()}"]
+        r = prune(overrides, ROOT / "bench-out" / "memory-tmp")
+        rec = {"model": name, "streaming": streaming, "checkpoint_mib": checkpoint_mib(path), **expected_mib(path),
+               "peak_rss_mib": r["memory"]["peak_rss_mib"], "prune_s": r["timings"]["prune"]}
+        append_jsonl(args.results, rec)
+        print(json.dumps(rec), flush=True)
+    for streaming in (False, True):
+        if ("smollm2", streaming) in done:
+            continue
+        overrides = common_overrides(small, 32, 512, 32768, "test") + [f"runtime.streaming={str(streaming).lower()}"]
+        r = prune(overrides, ROOT / "bench-out" / "memory-tmp")
+        rec = {"model": "smollm2", "streaming": streaming, "ppl": r["perplexity"][0]["perplexity"],
+               "prune_s": r["timings"]["prune"], "eval_s": r["timings"]["eval"], "peak_rss_mib": r["memory"]["peak_rss_mib"]}
+        append_jsonl(args.results, rec)
+        print(json.dumps(rec), flush=True)
+    write_doc(args)
+
+
+def write_doc(args: argparse.Namespace) -> None:
+    rows = {(r["model"], r["streaming"]): r for r in load_jsonl(args.results)}
+    base = rows[("baseline", False)]["peak_rss_mib"]
+    out = ["## Memory: streaming against in-memory", "",
+           "Made by `python scripts/bench_memory.py` on 2 CPU cores, float32, Wanda, "
+           f"{NSAMPLES} windows x {SEQLEN} tokens, no evaluation. Synthetic Llama checkpoints: hidden {HIDDEN}, "
+           f"intermediate {INTERMEDIATE}, random weights, differing only in layer count. RSS after imports: {base:.0f} MiB.", "",
+           "| checkpoint | size | path | peak RSS | peak / size | growth over imports | layer + activations + embeddings | growth / that | prune time |",
+           "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for (model, streaming), r in sorted(rows.items()):
+        if not model.startswith("synthetic"):
+            continue
+        need = r["layer"] + r["activations"] + r["embeddings"]
+        growth = r["peak_rss_mib"] - base
+        out.append(f"| {model} | {r['checkpoint_mib']:.0f} MiB | {'streaming' if streaming else 'in memory'} | "
+                   f"{r['peak_rss_mib']:.0f} MiB | {r['peak_rss_mib'] / r['checkpoint_mib']:.0%} | {growth:.0f} MiB | "
+                   f"{need:.0f} MiB | {growth / need:.2f}x | {r['prune_s']:.0f} s |")
+    a, b = rows.get(("smollm2", False)), rows.get(("smollm2", True))
+    if a and b:
+        out += ["", "SmolLM2-135M, statprune 50%, 32 windows x 512 tokens, WikiText-2 test perplexity over 32,768 tokens:", "",
+                "| path | perplexity | prune time | peak RSS |", "|---|---:|---:|---:|",
+                f"| in memory | {a['ppl']!r} | {a['prune_s']:.1f} s | {a['peak_rss_mib']:.0f} MiB |",
+                f"| streaming | {b['ppl']!r} | {b['prune_s']:.1f} s | {b['peak_rss_mib']:.0f} MiB |", "",
+                f"Streaming / in-memory prune wall time: {b['prune_s'] / a['prune_s']:.2f}x; same perplexity: {a['ppl'] == b['ppl']}."]
+    args.doc.parent.mkdir(parents=True, exist_ok=True)
+    args.doc.write_text("\n".join(out) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,341 @@
+"""Stream decoder layers from the checkpoint and into the output, so the model never sits in memory whole.
+
+The model is a skeleton whose decoder layers hold no weights (accelerate's ``init_empty_weights``);
+embeddings, final norm and head are loaded once. When the engine reaches layer i, its tensors are
+read from the checkpoint's safetensors shards (``safe_open`` reads only those), the layer is
+pruned, written to its own output shard at once, and its weights go back to the meta device.
+Peak memory is one decoder layer plus the calibration activations plus the embeddings.
+
+The output is built in ``.<name>.partial`` beside the output folder, which also records progress
+after every layer (``progress.json``, the activations entering the next layer, the random state),
+so a killed run started again with the same config continues from the next layer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+from statprune_cli.config import ModelConfig
+from statprune_cli.engine import LayerResult, LinearResult
+from statprune_cli.errors import InputError, PruneError
+from statprune_cli.layers import find_decoder_layers
+from statprune_cli.load import torch_dtype
+
+INDEX = "model.safetensors.index.json"
+
+
+def _write_atomic(path: Path, write: Any) -> None:
+    """``write(tmp_path)``, then rename over ``path``: a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    tmp.replace(path)
+
+
+class Checkpoint:
+    """The tensors of a safetensors checkpoint (one file or an index of shards), read by name on demand."""
+
+    def __init__(self, folder: Path, key: str = "model.name_or_path") -> None:
+        self.folder = folder
+        index = folder / INDEX
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: folder / f for name, f in weight_map.items()}
+        elif (folder / "model.safetensors").is_file():
+            with safe_open(folder / "model.safetensors", "pt") as f:
+                self.files = {name: folder / "model.safetensors" for name in f.keys()}  # noqa: SIM118 - not a dict
+        else:
+            raise InputError(f"{key}: streaming reads safetensors weights, and {folder} has neither model.safetensors "
+                             f"nor {INDEX}")
+
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in set(self.files.values()))
+
+    def read(self, names: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        by_file: dict[Path, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.files[n], []).append(n)
+        out = {}
+        for path, ns in by_file.items():
+            with safe_open(path, "pt") as f:
+                for n in ns:
+                    t = f.get_tensor(n)
+                    out[n] = t if dtype is None or not t.is_floating_point() else t.to(dtype)
+        return out
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+
+def resolve_folder(mc: ModelConfig) -> Path:
+    """A local folder as is; a hub id downloaded (config, tokenizer and safetensors files only)."""
+    path = Path(mc.name_or_path)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(mc.name_or_path, revision=mc.revision,
+                                      allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+    except Exception as e:  # the hub client raises many types: offline, not found, gated
+        raise InputError(f"model.name_or_path: cannot download {mc.name_or_path} for streaming: {e}") from None
+
+
+def _state_names(module: nn.Module) -> list[str]:
+    """Parameter and persistent-buffer names, tied tensors once (the first name, as save_pretrained keeps)."""
+    seen, names = set(), []
+    for name, t in module.state_dict(keep_vars=True).items():
+        if id(t) not in seen:
+            seen.add(id(t))
+            names.append(name)
+    return names
+
+
+def load_skeleton(mc: ModelConfig, config: PretrainedConfig, checkpoint: Checkpoint) -> nn.Module:
+    """The model with every weight outside the decoder layers loaded and the layers left on the meta device."""
+    dtype = torch_dtype(mc.dtype)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=mc.trust_remote_code,
+                                                 **({} if dtype == "auto" else {"dtype": dtype}))
+    prefix = find_decoder_layers(model)[0] + "."
+    rest = [n for n in _state_names(model) if not n.startswith(prefix)]
+    missing = [n for n in rest if n not in checkpoint]
+    tied = getattr(config, "tie_word_embeddings", False)
+    for n in missing:
+        if not (tied and n.endswith("lm_head.weight")):
+            raise InputError(f"model.name_or_path: the checkpoint in {checkpoint.folder} has no tensor {n}")
+    for n, t in checkpoint.read([n for n in rest if n in checkpoint], None if dtype == "auto" else dtype).items():
+        set_module_tensor_to_device(model, n, "cpu", value=t)
+    if tied:
+        model.tie_weights()
+    model.config.use_cache = False
+    return model.eval()
+
+
+class StreamedLayers:
+    """The engine's layer I/O for a skeleton model: read a layer's tensors when it is needed, drop them after."""
+
+    def __init__(self, checkpoint: Checkpoint, layers_name: str, dtype: torch.dtype | str) -> None:
+        self.checkpoint, self.layers_name = checkpoint, layers_name
+        self.dtype = None if dtype == "auto" else dtype
+
+    def fetch(self, index: int, layer: nn.Module, device: torch.device) -> None:
+        prefix = f"{self.layers_name}.{index}."
+        names = _state_names(layer)
+        present = [n for n in names if prefix + n in self.checkpoint]
+        for n in names:
+            if n not in present and not n.endswith(".bias"):
+                raise PruneError(f"the checkpoint in {self.checkpoint.folder} has no tensor {prefix + n}")
+        tensors = self.checkpoint.read([prefix + n for n in present], self.dtype)
+        for n in names:
+            t = tensors.get(prefix + n)
+            if t is None:  # a bias the compensation added (enable_biases): it starts at zero
+                meta = layer.get_parameter(n)
+                t = torch.zeros(meta.shape, dtype=meta.dtype)
+            set_module_tensor_to_device(layer, n, device, value=t)
+
+    def release(self, index: int, layer: nn.Module) -> None:
+        for n in _state_names(layer):
+            set_module_tensor_to_device(layer, n, "meta")
+
+
+class ShardWriter:
+    """The output's weights as they are produced: one shard per decoder layer and one for everything else."""
+
+    def __init__(self, folder: Path, num_layers: int) -> None:
+        self.folder, self.total = folder, num_layers + 1
+
+    def shard(self, k: int) -> Path:
+        return self.folder / f"model-{k + 1:05d}-of-{self.total:05d}.safetensors"
+
+    def write(self, k: int, tensors: dict[str, torch.Tensor]) -> None:
+        data = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
+        _write_atomic(self.shard(k), lambda p: save_file(data, str(p), metadata={"format": "pt"}))
+
+    def write_layer(self, index: int, prefix: str, layer: nn.Module) -> None:
+        state = layer.state_dict()
+        self.write(index, {f"{prefix}.{index}.{n}": state[n] for n in _state_names(layer)})
+
+    def write_rest(self, model: nn.Module, layers_name: str) -> None:
+        state = model.state_dict()
+        self.write(self.total - 1, {n: state[n] for n in _state_names(model) if not n.startswith(layers_name + ".")})
+
+    def finish(self) -> None:
+        """The index that transformers reads, built from the shards on disk (so a resumed run gets it right)."""
+        weight_map, total = {}, 0
+        for k in range(self.total):
+            path = self.shard(k)
+            if not path.is_file():
+                raise PruneError(f"output shard {path.name} is missing")
+            with safe_open(path, "pt") as f:
+                for n in f.keys():  # noqa: SIM118 - not a dict
+                    weight_map[n] = path.name
+                    sl = f.get_slice(n)
+                    total += _numel(sl.get_shape()) * _itemsize(sl.get_dtype())
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        _write_atomic(self.folder / INDEX, lambda p: p.write_text(json.dumps(index, indent=2)))
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _itemsize(dtype: str) -> int:
+    return {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}[dtype]
+
+
+def folder_sparsity(checkpoint: Checkpoint) -> dict[str, float | int]:
+    """Zeros over every tensor of a written checkpoint, one shard at a time (the model is never whole in memory)."""
+    zeros = total = 0
+    for path in sorted(set(checkpoint.files.values())):
+        for t in load_file(str(path)).values():
+            zeros += int((t == 0).sum())
+            total += t.numel()
+    return {"zeros": zeros, "parameters": total, "sparsity": zeros / total if total else 0.0}
+
+
+# ---------------------------------------------------------------- resume
+
+
+class Progress:
+    """What a streaming run has finished, recorded in its partial folder after every layer.
+
+    ``progress.json`` is written last and names the activations file it goes with, so a kill at
+    any moment leaves either the previous record or the new one, never a mix.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.path = folder / "progress.json"
+
+    def load(self, config: dict[str, Any]) -> tuple[int, list[torch.Tensor], list[LayerResult], dict[str, Any]] | None:
+        """(next layer, its input activations, results so far, extra) of a partial run of ``config``; None if fresh."""
+        if not self.path.is_file():
+            return None
+        record = json.loads(self.path.read_text())
+        differences = config_differences(record["config"], config)
+        if differences:
+            raise InputError(f"output.dir: {self.folder} holds a partial run of another config ({'; '.join(differences[:3])}); "
+                             "run that config again to resume it, or delete the folder to start over")
+        tensors = load_file(str(self.folder / record["inputs"]))
+        hidden = [tensors[f"batch.{j}"] for j in range(record["batches"])]
+        torch.set_rng_state(tensors["rng_state"])
+        results = [LayerResult(r["index"], r["seconds"], {n: LinearResult(tuple(v["shape"]), v["target"], v["zeros"], v["sparsity"], v["info"])
+                                                          for n, v in r["linears"].items()}) for r in record["results"]]
+        return record["next_layer"], hidden, results, record["extra"]
+
+    def save(self, config: dict[str, Any], next_layer: int, hidden: list[torch.Tensor], results: list[LayerResult],
+             extra: dict[str, Any]) -> None:
+        inputs = f"inputs-{next_layer:05d}.safetensors"
+        tensors = {f"batch.{j}": h.detach().to("cpu").contiguous() for j, h in enumerate(hidden)}
+        tensors["rng_state"] = torch.get_rng_state()
+        _write_atomic(self.folder / inputs, lambda p: save_file(tensors, str(p)))
+        record = {"config": config, "next_layer": next_layer, "inputs": inputs, "batches": len(hidden),
+                  "results": [asdict(r) for r in results], "extra": extra}
+        _write_atomic(self.path, lambda p: p.write_text(json.dumps(record)))
+        for old in self.folder.glob("inputs-*.safetensors"):
+            if old.name != inputs:
+                old.unlink()
+
+    def clear(self) -> None:
+        """A finished run leaves no progress files behind."""
+        self.path.unlink(missing_ok=True)
+        for f in self.folder.glob("inputs-*.safetensors"):
+            f.unlink()
+
+
+IGNORED_FOR_RESUME = ("runtime.threads", "runtime.device", "runtime.offload_activations")
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """'key: old -> new' for every value that differs (settings that cannot change the output excepted)."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        key = f"{prefix}{k}"
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, key + ".")
+        elif a != b and key not in IGNORED_FOR_RESUME:
+            out.append(f"{key}: {a!r} -> {b!r}")
+    return out
+
+
+@contextmanager
+def partial_dir(path: Path) -> Iterator[Path]:
+    """``.<name>.partial`` beside ``path``: kept when the run fails (to resume), renamed to ``path`` when it succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.parent / f".{path.name}.partial"
+    partial.mkdir(exist_ok=True)
+    yield partial
+    old = path.parent / f".{path.name}.old-{os.getpid()}"
+    if path.exists():
+        path.rename(old)
+    partial.rename(path)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def available_memory() -> int:
+    """Bytes the kernel says are available (MemAvailable), or total physical memory where /proc is absent."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def should_stream(mc: ModelConfig, setting: bool | str, share: float) -> bool:
+    """``runtime.streaming``: true, false, or auto = a local safetensors checkpoint larger than ``share`` of free memory."""
+    if setting != "auto":
+        return bool(setting)
+    path = Path(mc.name_or_path)
+    if mc.gguf_file or not path.is_dir():
+        return False
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    return size > share * available_memory()
+
+
+class StreamingOutput:
+    """A streaming prune's output: shards written as layers finish, progress recorded, resumable."""
+
+    def __init__(self, folder: Path, checkpoint: Checkpoint, layers_name: str, num_layers: int, config: dict[str, Any]) -> None:
+        self.folder, self.checkpoint, self.layers_name = folder, checkpoint, layers_name
+        self.writer = ShardWriter(folder, num_layers)
+        self.progress = Progress(folder)
+        self.config = config
+
+    def resume(self) -> tuple[int, list[torch.Tensor], list[LayerResult]] | None:
+        state = self.progress.load(self.config)
+        return None if state is None else state[:3]
+
+    def layer_done(self, index: int, layer: nn.Module, next_inputs: list[torch.Tensor], results: list[LayerResult]) -> None:
+        self.writer.write_layer(index, self.layers_name, layer)
+        self.progress.save(self.config, index + 1, next_inputs, results, {})
+        crash_after = os.environ.get("STATPRUNE_TEST_KILL_AFTER_LAYER")  # tests: simulate a crash right here
+        if crash_after is not None and int(crash_after) == index:
+            os.kill(os.getpid(), 9)
+
+    def finish_weights(self, model: nn.Module) -> Checkpoint:
+        """Write what is not in a decoder layer and the index; the folder is then a checkpoint to evaluate."""
+        self.writer.write_rest(model, self.layers_name)
+        self.writer.finish()
+        return Checkpoint(self.folder, "output.dir")
