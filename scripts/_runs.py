@@ -84,6 +84,23 @@ def dense_ppl(model: Path, seqlen: int, eval_tokens: int, split: str) -> float:
     return res[0]["perplexity"]
 
 
+SECTIONS = ROOT / "docs" / "results"
+SECTION_ORDER = ("bench", "owl", "peer", "cost", "memory", "zeroshot", "distributed")
+
+
+def write_section(name: str, markdown: str) -> None:
+    """Write one benchmark's section (docs/results/NAME.md) and rebuild docs/results.md from all sections."""
+    SECTIONS.mkdir(parents=True, exist_ok=True)
+    (SECTIONS / f"{name}.md").write_text(markdown)
+    present = {p.stem: p for p in SECTIONS.glob("*.md")}
+    order = [n for n in SECTION_ORDER if n in present] + sorted(set(present) - set(SECTION_ORDER))
+    body = "\n".join(present[n].read_text() for n in order)
+    header = ("# Results\n\nEvery figure below comes from a script in `scripts/`, run on this workplace's machine (2 CPU "
+              "cores, no GPU) unless a section says otherwise. Each section is written by its script into "
+              "`docs/results/` and gathered here.\n\n")
+    (ROOT / "docs" / "results.md").write_text(header + body)
+
+
 def load_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 

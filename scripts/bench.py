@@ -19,7 +19,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import ROOT, common_overrides, ensure_model, load_jsonl, pattern_overrides, run_grid  # noqa: E402
+from _runs import SECTIONS, ROOT, common_overrides, ensure_model, load_jsonl, pattern_overrides, run_grid, write_section  # noqa: E402
+
+from statprune_cli.sweep import write_plot  # noqa: E402
 
 
 def main() -> None:
@@ -30,11 +32,14 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=65536)
     ap.add_argument("--results", type=Path, default=ROOT / "bench-out" / "bench.jsonl")
-    ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
+    ap.add_argument("--doc-only", action="store_true", help="rewrite the doc from the results so far, run nothing")
     args = ap.parse_args()
     model = ensure_model()
     common = common_overrides(model, args.nsamples, args.seqlen, args.max_tokens, "test")
     key = f"n{args.nsamples}-s{args.seqlen}-e{args.max_tokens}"
+    if args.doc_only:
+        write_doc(args, key)
+        return
     cells = {(method, setting): common + method_overrides(method) + pattern_overrides(setting)
              for setting in args.settings.split(",") for method in args.methods.split(",")}
     run_grid(args.results, key, "method", cells, model, args.seqlen, args.max_tokens, "test")
@@ -49,19 +54,22 @@ def method_overrides(name: str) -> list[str]:
 
 def write_doc(args: argparse.Namespace, key: str) -> None:
     rows = [r for r in load_jsonl(args.results) if r["key"] == key]
-    settings, methods = args.settings.split(","), args.methods.split(",")
     by = {(r["method"], r["setting"]): r for r in rows}
+    settings = [s for s in args.settings.split(",") if any(k[1] == s for k in by)]
+    methods = [m for m in args.methods.split(",") if any(k[0] == m for k in by)]
     dense = by.get(("dense", "-"))
     cmd = (f"python scripts/bench.py --settings {args.settings} --methods {args.methods} --nsamples {args.nsamples} "
            f"--seqlen {args.seqlen} --max-tokens {args.max_tokens}")
     out = [
-        "# Results: SmolLM2-135M (Llama architecture, 30 layers)",
+        "## SmolLM2-135M: perplexity by method and sparsity",
         "",
-        f"Made by `{cmd}` on 2 CPU cores, float32. Calibration: {args.nsamples} windows x {args.seqlen} tokens of the C4 "
-        f"sample, seed 0, sequential. Perplexity: first {args.max_tokens} tokens of the WikiText-2 **test** split, seqlen "
-        f"{args.seqlen}. Sparsity is over the pruned linears (every decoder linear; embeddings, norms and the tied head stay dense).",
+        f"Made by `{cmd}` (cells accumulate in bench-out/bench.jsonl across runs) on 2 CPU cores, float32. Calibration: "
+        f"{args.nsamples} windows x {args.seqlen} tokens of the C4 sample, seed 0, sequential, the same windows for every "
+        f"method. Perplexity: first {args.max_tokens} tokens of the WikiText-2 **test** split, seqlen {args.seqlen}. "
+        "Sparsity is over the pruned linears (every decoder linear; embeddings, norms and the tied head stay dense). "
+        "`+owl`: the OWL layer profile (M 5, lambda 0.08).",
         "",
-        "## Perplexity (lower is better)",
+        "### Perplexity (lower is better)",
         "",
         "| method | " + " | ".join(settings) + " |",
         "|---|" + "---:|" * len(settings),
@@ -70,18 +78,21 @@ def write_doc(args: argparse.Namespace, key: str) -> None:
         out.append("| dense | " + " | ".join(f"{dense['ppl']:.2f}" for _ in settings) + " |")
     for m in methods:
         out.append(f"| {m} | " + " | ".join(f"{by[(m, s)]['ppl']:.2f}" if (m, s) in by else "" for s in settings) + " |")
-    out += ["", "## Prune wall time (s) and peak RSS (MiB) of each `statprune prune` process", "",
+    out += ["", "![perplexity by method and sparsity](results/bench.png)", "",
+            "### Prune wall time (s) and peak RSS (MiB) of each `statprune prune` process", "",
+            "Timings of cells run while other jobs shared the 2 cores are not comparable; `docs/results.md`'s cost "
+            "section has the side-by-side timing.", "",
             "| method | " + " | ".join(settings) + " |", "|---|" + "---:|" * len(settings)]
     for m in methods:
         out.append(f"| {m} | " + " | ".join(f"{by[(m, s)]['prune_s']:.1f} s, {by[(m, s)]['peak_rss_mib']:.0f} MiB"
                                             if (m, s) in by else "" for s in settings) + " |")
-    if all(("wanda", s) in by and ("statprune", s) in by for s in settings):
-        out += ["", "statprune / wanda prune wall time: " + ", ".join(
-            f"{s} {by[('statprune', s)]['prune_s'] / by[('wanda', s)]['prune_s']:.2f}x" for s in settings)]
     if ("statprune", settings[0]) in by:
         out += ["", f"statprune options: `{by[('statprune', settings[0])]['options']}`"]
-    args.doc.parent.mkdir(parents=True, exist_ok=True)
-    args.doc.write_text("\n".join(out) + "\n")
+    write_section("bench", "\n".join(out) + "\n")
+    plot = {"model": "SmolLM2-135M", "datasets": ["wikitext2[test]"], "dense": [dense["ppl"]] if dense else [float("nan")],
+            "methods": methods, "settings": settings,
+            "cells": [{"method": m, "setting": s, "perplexity": [r["ppl"]], "error": None} for (m, s), r in by.items() if m != "dense"]}
+    write_plot(plot, SECTIONS / "bench.png")
 
 
 if __name__ == "__main__":

@@ -24,17 +24,17 @@ def cfg(tmp_path: Path, tiny_model_dir: Path, text_files: dict[str, Path]) -> Pa
 def test_sweep_runs_every_cell_and_writes_table_and_plot(cfg: Path, tmp_path: Path) -> None:
     out = tmp_path / "sweep"
     res = runner.invoke(app, ["sweep", str(cfg), "--methods", "magnitude,wanda,sparsegpt,ria,statprune",
-                              "--sparsities", "0.5,70%,2:4", "-o", str(out), "--json", "-q"])
+                              "--sparsities", "70%,2:4", "-o", str(out), "--json", "-q"])
     assert res.exit_code == 0, res.output
     result = json.loads(res.stdout)
-    assert result["settings"] == ["50%", "70%", "2:4"]
-    assert len(result["cells"]) == 15 and not [c for c in result["cells"] if c["error"]]
+    assert result["settings"] == ["70%", "2:4"]
+    assert len(result["cells"]) == 10 and not [c for c in result["cells"] if c["error"]]
     for c in result["cells"]:
         expected = 0.7 if c["setting"] == "70%" else 0.5
         assert c["sparsity"] == pytest.approx(expected, abs=0.02) and c["perplexity"][0] > 1
     assert json.loads((out / "sweep.json").read_text())["cells"] == result["cells"]
     table = (out / "sweep.md").read_text().splitlines()
-    assert table[2] == "| method | 50% | 70% | 2:4 |" and len(table) == 4 + 5
+    assert table[2] == "| method | 70% | 2:4 |" and len(table) == 4 + 5
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
