@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=65536)
     ap.add_argument("--results", type=Path, default=ROOT / "bench-out" / "bench.jsonl")
     ap.add_argument("--doc-only", action="store_true", help="rewrite the doc from the results so far, run nothing")
+    ap.add_argument("--section", default="bench", help="name of the docs/results section (and plot) to write")
     args = ap.parse_args()
     model = ensure_model()
     common = common_overrides(model, args.nsamples, args.seqlen, args.max_tokens, "test")
@@ -61,7 +62,7 @@ def write_doc(args: argparse.Namespace, key: str) -> None:
     cmd = (f"python scripts/bench.py --settings {args.settings} --methods {args.methods} --nsamples {args.nsamples} "
            f"--seqlen {args.seqlen} --max-tokens {args.max_tokens}")
     out = [
-        "## SmolLM2-135M: perplexity by method and sparsity",
+        f"## SmolLM2-135M: perplexity by method and sparsity ({args.section})",
         "",
         f"Made by `{cmd}` (cells accumulate in bench-out/bench.jsonl across runs) on 2 CPU cores, float32. Calibration: "
         f"{args.nsamples} windows x {args.seqlen} tokens of the C4 sample, seed 0, sequential, the same windows for every "
@@ -78,7 +79,7 @@ def write_doc(args: argparse.Namespace, key: str) -> None:
         out.append("| dense | " + " | ".join(f"{dense['ppl']:.2f}" for _ in settings) + " |")
     for m in methods:
         out.append(f"| {m} | " + " | ".join(f"{by[(m, s)]['ppl']:.2f}" if (m, s) in by else "" for s in settings) + " |")
-    out += ["", "![perplexity by method and sparsity](results/bench.png)", "",
+    out += ["", f"![perplexity by method and sparsity](results/{args.section}.png)", "",
             "### Prune wall time (s) and peak RSS (MiB) of each `statprune prune` process", "",
             "Timings of cells run while other jobs shared the 2 cores are not comparable; `docs/results.md`'s cost "
             "section has the side-by-side timing.", "",
@@ -88,11 +89,11 @@ def write_doc(args: argparse.Namespace, key: str) -> None:
                                             if (m, s) in by else "" for s in settings) + " |")
     if ("statprune", settings[0]) in by:
         out += ["", f"statprune options: `{by[('statprune', settings[0])]['options']}`"]
-    write_section("bench", "\n".join(out) + "\n")
+    write_section(args.section, "\n".join(out) + "\n")
     plot = {"model": "SmolLM2-135M", "datasets": ["wikitext2[test]"], "dense": [dense["ppl"]] if dense else [float("nan")],
             "methods": methods, "settings": settings,
             "cells": [{"method": m, "setting": s, "perplexity": [r["ppl"]], "error": None} for (m, s), r in by.items() if m != "dense"]}
-    write_plot(plot, SECTIONS / "bench.png")
+    write_plot(plot, SECTIONS / f"{args.section}.png")
 
 
 if __name__ == "__main__":
