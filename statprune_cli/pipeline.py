@@ -19,13 +19,14 @@ from statprune_cli.config import Config, dump_config, parse_pattern, parse_size
 from statprune_cli.data import batched, calibration_windows, load_documents
 from statprune_cli.engine import LayerwiseEngine
 from statprune_cli.errors import ConfigError, InputError
-from statprune_cli.export import atomic_dir, check_output_dir, save_model_folder
+from statprune_cli.export import atomic_dir, check_output_dir, save_model_folder, write_json_atomic
 from statprune_cli.load import check_against_model, enable_biases, load_model, load_model_config, load_tokenizer
 from statprune_cli.methods import Method, Target, build_method
 from statprune_cli.perplexity import EvalSet, evaluate_perplexity, load_eval_set
 from statprune_cli.report import layer_summary, model_sparsity, package_versions, peak_memory
 from statprune_cli.stats import ChannelStats, load_stats, save_stats
 from statprune_cli.ui import UI
+from statprune_cli.zeroshot import evaluate_zeroshot, prepare_zeroshot
 
 
 def setup_runtime(cfg: Config) -> torch.device:
@@ -112,6 +113,9 @@ def run_prune(cfg: Config, overwrite: bool = False, stats_path: Path | None = No
         elif method.needs_calibration:
             batches, calibration = calibration_batches(cfg, tokenizer, ui)
         evals = eval_sets(cfg, tokenizer)
+        zeroshot = cfg.eval.zeroshot
+        if zeroshot.tasks:
+            prepare_zeroshot(zeroshot)
 
     with timer.phase("load"):
         ui.log(f"loading {cfg.model.name_or_path} ({cfg.model.dtype})")
@@ -144,6 +148,10 @@ def run_prune(cfg: Config, overwrite: bool = False, stats_path: Path | None = No
         for es in evals:
             ui.log(f"evaluating perplexity on {es.name}")
             perplexities.append(evaluate_perplexity(engine, es, cfg.eval.batch_size).to_dict())
+    zeroshot_result = None
+    if zeroshot.tasks:
+        with timer.phase("zeroshot"):
+            zeroshot_result = evaluate_zeroshot(model.to(device), tokenizer, zeroshot, ui).to_dict()
     model.to("cpu")
 
     rows, pruned = layer_summary(result, lambda name: target)
@@ -163,6 +171,7 @@ def run_prune(cfg: Config, overwrite: bool = False, stats_path: Path | None = No
         "sparsity": {"pruned_linears": pruned, "all_parameters": model_sparsity(model)},
         "layers": rows,
         "perplexity": perplexities,
+        "zeroshot": zeroshot_result,
         "timings": {},
         "memory": {},
         "notes": notes,
@@ -202,9 +211,7 @@ def run_calibrate(cfg: Config, output: Path, overwrite: bool = False, ui: UI | N
                "skip_first_tokens": skip,
                "seconds": round(time.perf_counter() - t0, 3), "inputs": summarize_stats(result.stats)}
     summary_path = output.with_suffix(".json")
-    tmp = summary_path.with_name(summary_path.name + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(summary_path)
+    write_json_atomic(summary_path, summary)
     summary["summary_file"] = str(summary_path)
     return summary
 
@@ -239,3 +246,22 @@ def run_eval(cfg: Config, ui: UI | None = None) -> list[dict[str, Any]]:
     model = load_model(cfg.model)
     engine = LayerwiseEngine(model, device, cfg.runtime.offload_activations, ui)
     return [evaluate_perplexity(engine, es, cfg.eval.batch_size).to_dict() for es in sets]
+
+
+def run_zeroshot(cfg: Config, ui: UI | None = None) -> dict[str, Any]:
+    """Zero-shot accuracy of ``cfg.model`` on the tasks of ``cfg.eval.zeroshot``; the whole model sits on the device.
+
+    A folder written by ``prune`` also gets the result in its report.json, under ``zeroshot``.
+    """
+    ui = ui or UI()
+    device = setup_runtime(cfg)
+    prepare_zeroshot(cfg.eval.zeroshot)
+    tokenizer = load_tokenizer(cfg.model)
+    ui.log(f"loading {cfg.model.name_or_path} ({cfg.model.dtype})")
+    model = load_model(cfg.model).to(device)
+    result = evaluate_zeroshot(model, tokenizer, cfg.eval.zeroshot, ui).to_dict()
+    report_path = Path(cfg.model.name_or_path) / "report.json"
+    if report_path.is_file():
+        write_json_atomic(report_path, {**json.loads(report_path.read_text()), "zeroshot": result})
+        ui.log(f"zero-shot result added to {report_path}")
+    return {"model": cfg.model.name_or_path, "dtype": cfg.model.dtype, "device": str(device), **result}
