@@ -89,3 +89,13 @@ def run_grid(results: Path, key: str, label: str, cells: dict[tuple[str, str], l
         append_jsonl(results, rec)
         print(f"{setting:>5} {name:<28} ppl {rec['ppl']:9.3f}  prune {rec['prune_s']:6.1f}s  RSS {rec['peak_rss_mib']:.0f} MiB",
               flush=True)
+
+
+ZEROSHOT_HEADING = "## Zero-shot accuracy"  # scripts/bench_zeroshot.py owns this last section of docs/results.md
+
+
+def split_doc(doc: Path, heading: str = ZEROSHOT_HEADING) -> tuple[str, str]:
+    """The text of ``doc`` before its last section ``heading``, and that section (each script rewrites only its own part)."""
+    text = doc.read_text() if doc.exists() else ""
+    at = text.find("\n" + heading)
+    return (text, "") if at < 0 else (text[:at + 1], text[at + 1:])

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import ROOT, common_overrides, ensure_model, load_jsonl, pattern_overrides, run_grid  # noqa: E402
+from _runs import ROOT, common_overrides, ensure_model, load_jsonl, pattern_overrides, run_grid, split_doc  # noqa: E402
 
 
 def main() -> None:
@@ -73,7 +73,8 @@ def write_doc(args: argparse.Namespace, key: str) -> None:
     if ("statprune", settings[0]) in by:
         out += ["", f"statprune options: `{by[('statprune', settings[0])]['options']}`"]
     args.doc.parent.mkdir(parents=True, exist_ok=True)
-    args.doc.write_text("\n".join(out) + "\n")
+    zeroshot = split_doc(args.doc)[1]  # scripts/bench_zeroshot.py's section stays
+    args.doc.write_text("\n".join(out) + "\n" + ("\n" + zeroshot if zeroshot else ""))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from statprune_cli.cli import app
 from statprune_cli.config import ZEROSHOT_TASKS, ZeroShotConfig
-from statprune_cli.zeroshot import TASK_DIR, evaluate_zeroshot
+from statprune_cli.zeroshot import TASK_DIR, evaluate_zeroshot, local_task_config
 
 lm_eval = pytest.importorskip("lm_eval")
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "zeroshot"
@@ -73,6 +73,26 @@ def task_dir(tmp_path: Path) -> Path:
 
 def test_every_task_has_a_yaml() -> None:
     assert sorted(p.stem for p in TASK_DIR.glob("*.yaml")) == sorted(ZEROSHOT_TASKS)
+
+
+def test_local_layouts_give_the_fields_the_stock_prompts_read(task_dir: Path) -> None:
+    """Every task's first example has a prompt, its choices, and an integer gold index as the hub copy would give."""
+    from lm_eval.api.task import ConfigurableTask
+
+    for name in ZEROSHOT_TASKS:
+        task = ConfigurableTask(config=local_task_config(name, task_dir)[0])
+        docs = list(task.eval_docs)
+        assert len(docs) == N
+        for i, doc in enumerate(docs):
+            choices, target = task.doc_to_choice(doc), task.doc_to_target(doc)
+            if name == "winogrande":  # partial scoring: the choices are contexts, the target the shared continuation
+                assert task.doc_to_text(doc) == i % 2 and target == doc["sentence"].split("_")[1].strip()
+                continue
+            assert type(target) is int and 0 <= target < len(choices), (name, target)
+            assert isinstance(task.doc_to_text(doc), str) and task.doc_to_text(doc)
+        expected = {"boolq": [1, 0] * 3, "rte": [0, 1] * 3, "piqa": [0, 1] * 3}.get(name, [i % 4 for i in range(N)])
+        if name != "winogrande":
+            assert [task.doc_to_target(d) for d in docs] == expected, name
 
 
 def test_cli_runs_every_task_offline_and_prints_the_table(tiny_model_dir: Path, task_dir: Path) -> None:

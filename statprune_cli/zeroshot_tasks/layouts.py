@@ -17,7 +17,7 @@ def _remap(dataset: datasets.Dataset, fn: Any) -> datasets.Dataset:
 
 def boolq(dataset: datasets.Dataset) -> datasets.Dataset:
     """The derived file stores ``label`` as true/false; the hub's is the index into ["no", "yes"]."""
-    return dataset.map(lambda d: {"label": int(d["label"])})
+    return dataset.cast_column("label", datasets.Value("int64"))
 
 
 def rte(dataset: datasets.Dataset) -> datasets.Dataset:
