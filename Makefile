@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench ablate clean
+.PHONY: install demo test test-fast bench bench-zeroshot ablate clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ test-fast: $(STAMP)
 
 bench: models/smollm2-135m
 	$(PY) scripts/bench.py
+
+bench-zeroshot: models/smollm2-135m
+	$(PY) scripts/bench_zeroshot.py
 
 ablate: models/smollm2-135m
 	$(PY) scripts/ablate.py

@@ -47,6 +47,9 @@ def main() -> None:
     write_doc(args, key)
 
 
+TITLES = {"bench": "perplexity by method and sparsity", "owl": "the OWL layer profile against uniform sparsity"}
+
+
 def method_overrides(name: str) -> list[str]:
     """'wanda' -> that method, uniform; 'wanda+owl' -> that method with the OWL layer profile."""
     method, _, profile = name.partition("+")
@@ -62,7 +65,7 @@ def write_doc(args: argparse.Namespace, key: str) -> None:
     cmd = (f"python scripts/bench.py --settings {args.settings} --methods {args.methods} --nsamples {args.nsamples} "
            f"--seqlen {args.seqlen} --max-tokens {args.max_tokens}")
     out = [
-        f"## SmolLM2-135M: perplexity by method and sparsity ({args.section})",
+        f"## SmolLM2-135M: {TITLES.get(args.section, args.section)}",
         "",
         f"Made by `{cmd}` (cells accumulate in bench-out/bench.jsonl across runs) on 2 CPU cores, float32. Calibration: "
         f"{args.nsamples} windows x {args.seqlen} tokens of the C4 sample, seed 0, sequential, the same windows for every "

@@ -1,4 +1,4 @@
-"""The ``statprune`` command line: calibrate, prune, eval-ppl and export, each driven by one YAML config.
+"""The ``statprune`` command line: calibrate, prune, eval-ppl, eval-zeroshot and export, each driven by one YAML config.
 
 Exit codes: 0 success, 2 bad input (config, files, data), 1 a run that failed.
 """
@@ -239,6 +239,58 @@ def eval_ppl(
                   f"{r['tokens']} tokens{limit}, {r['dtype']})")
 
     _emit(results, as_json, render)
+
+
+@app.command("eval-zeroshot")
+@_exit_codes
+def eval_zeroshot(
+    target: Annotated[str, typer.Argument(help="A YAML config (evaluates its model.name_or_path with its eval.zeroshot section) or a model folder / hub id.")],
+    tasks: Annotated[Optional[str], typer.Option(help="Comma-separated: boolq, rte, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa, piqa (default: the config's eval.zeroshot.tasks, else the first seven).")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N examples of each task.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Requests per forward pass (default: the config's, else 1).")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help="Local task files (e.g. ../shared/data/zeroshot); no hub access. Default: eval.zeroshot.data_dir, else $STATPRUNE_ZEROSHOT_DATA, else the hub.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N (default: the config's, else auto).")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16, float16 or auto (default: the config's, else float32).")] = None,
+    gguf_file: Annotated[Optional[str], typer.Option(help="GGUF file inside the model folder.")] = None,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Zero-shot accuracy (acc, acc_norm) with lm-evaluation-harness's stock 0-shot tasks; needs `pip install 'statprune[eval]'`.
+
+    A folder written by `prune` also gets the result in its report.json.
+    Example: statprune eval-zeroshot out/smollm2-50 --data-dir ../shared/data/zeroshot --tasks boolq,piqa --limit 100
+    """
+    from statprune_cli.config import (ZEROSHOT_DEFAULT, Config, ModelConfig, check_zeroshot_data_dir, check_zeroshot_tasks,
+                                      load_config, validate)
+    from statprune_cli.pipeline import run_zeroshot
+    from statprune_cli.report import print_zeroshot
+    from statprune_cli.ui import UI
+
+    if target.endswith((".yaml", ".yml")):
+        cfg = load_config(target, list(set_ or []))
+    else:
+        cfg = Config(model=ModelConfig(name_or_path=target, gguf_file=gguf_file))
+    z = cfg.eval.zeroshot
+    if tasks is not None:
+        z.tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+        check_zeroshot_tasks(z.tasks, "--tasks")
+    elif not z.tasks:
+        z.tasks = list(ZEROSHOT_DEFAULT)
+    if data_dir is not None:
+        check_zeroshot_data_dir(data_dir, "--data-dir")
+        z.data_dir = str(data_dir)
+    for key, value in (("limit", limit), ("batch_size", batch_size)):
+        if value is not None:
+            setattr(z, key, value)
+    if device is not None:
+        cfg.runtime.device = device
+    if dtype is not None:
+        cfg.model.dtype = dtype
+    validate(cfg)
+    ui = UI(quiet=quiet)
+    result = run_zeroshot(cfg, ui)
+    _emit(result, as_json, lambda: print_zeroshot(result, ui.console))
 
 
 @app.command()

@@ -21,6 +21,9 @@ from statprune_cli.errors import ConfigError
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 BUILTIN_DATASETS = ("c4", "wikitext2")
 DATASET_PREFIXES = ("text:", "jsonl:", "hf:")
+ZEROSHOT_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "piqa")
+# The seven whose mean accuracy the Wanda, SparseGPT and OWL papers report; `eval-zeroshot` runs them by default.
+ZEROSHOT_DEFAULT = ZEROSHOT_TASKS[:7]
 
 
 @dataclass
@@ -81,13 +84,24 @@ class PruningConfig:
 
 
 @dataclass
+class ZeroShotConfig:
+    """Zero-shot accuracy after pruning (lm-evaluation-harness, 0-shot); an empty ``tasks`` list skips it."""
+
+    tasks: list[str] = field(default_factory=list)
+    data_dir: str | None = None  # local task files (../shared/data/zeroshot); None: $STATPRUNE_ZEROSHOT_DATA, else the hub
+    limit: int | None = None  # the first N examples of each task
+    batch_size: int = 1
+
+
+@dataclass
 class EvalConfig:
-    """Perplexity after pruning; an empty ``datasets`` list skips evaluation."""
+    """Perplexity (and zero-shot accuracy) after pruning; an empty ``datasets`` list skips perplexity."""
 
     datasets: list[DataConfig] = field(default_factory=list)
     seqlen: int = 2048
     max_tokens: int | None = None
     batch_size: int = 1
+    zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
 
 
 @dataclass
@@ -289,6 +303,26 @@ def validate_data(d: DataConfig, key: str) -> None:
             raise ConfigError(f"{key}.data_files", f"file not found: {d.data_files}")
 
 
+def check_zeroshot_tasks(tasks: list[str], key: str) -> None:
+    for task in tasks:
+        if task not in ZEROSHOT_TASKS:
+            raise ConfigError(key, f"unknown task {task!r}; expected one of: {', '.join(ZEROSHOT_TASKS)}")
+
+
+def check_zeroshot_data_dir(path: str | Path, key: str) -> None:
+    if not Path(path).is_dir():
+        raise ConfigError(key, f"expected a folder of zero-shot task files (as ../shared/data/zeroshot), found none at {path}")
+
+
+def validate_zeroshot(z: ZeroShotConfig) -> None:
+    check_zeroshot_tasks(z.tasks, "eval.zeroshot.tasks")
+    if z.data_dir is not None:
+        check_zeroshot_data_dir(z.data_dir, "eval.zeroshot.data_dir")
+    for key, val in (("limit", z.limit), ("batch_size", z.batch_size)):
+        if val is not None and val < 1:
+            raise ConfigError(f"eval.zeroshot.{key}", f"expected an integer >= 1, got {val}")
+
+
 def validate(cfg: Config) -> None:
     """Checks that need no model; ``validate_for_model`` does the rest once the config.json is read."""
     if not cfg.model.name_or_path:
@@ -332,6 +366,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("eval.max_tokens", f"expected at least eval.seqlen ({e.seqlen}) tokens, got {e.max_tokens}")
     if e.batch_size < 1:
         raise ConfigError("eval.batch_size", f"expected an integer >= 1, got {e.batch_size}")
+    validate_zeroshot(e.zeroshot)
     parse_size(cfg.output.shard_size, "output.shard_size")
     if cfg.runtime.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", cfg.runtime.device):
         raise ConfigError("runtime.device", f"expected auto, cpu, cuda or cuda:N, got {cfg.runtime.device!r}")

@@ -6,11 +6,13 @@ with ``--overwrite``, and only once the new one is whole.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 from transformers import PreTrainedTokenizerBase
@@ -52,3 +54,10 @@ def save_model_folder(folder: Path, model: nn.Module, tokenizer: PreTrainedToken
     """A Hugging Face folder that ``AutoModelForCausalLM.from_pretrained`` loads as is."""
     model.save_pretrained(folder, max_shard_size=shard_size)
     tokenizer.save_pretrained(folder)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write through a temporary sibling and rename, so a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)

@@ -21,7 +21,7 @@ from statprune_cli.config import Config, dump_config, parse_pattern, parse_size
 from statprune_cli.data import batched, calibration_windows, load_documents
 from statprune_cli.engine import EngineResult, LayerDone, LayerIO, LayerwiseEngine, Resume
 from statprune_cli.errors import ConfigError, InputError
-from statprune_cli.export import atomic_dir, check_output_dir, save_model_folder
+from statprune_cli.export import atomic_dir, check_output_dir, save_model_folder, write_json_atomic
 from statprune_cli.layers import find_decoder_layers
 from statprune_cli.load import check_against_model, enable_biases, load_model, load_model_config, load_tokenizer, torch_dtype
 from statprune_cli.methods import Method, Target, build_method
@@ -32,6 +32,7 @@ from statprune_cli.stats import ChannelStats, load_stats, save_stats
 from statprune_cli.streaming import (Checkpoint, StreamedLayers, StreamingOutput, folder_sparsity, load_skeleton, partial_dir,
                                      resolve_folder, should_stream)
 from statprune_cli.ui import UI
+from statprune_cli.zeroshot import evaluate_zeroshot, prepare_zeroshot
 
 
 def setup_runtime(cfg: Config) -> torch.device:
@@ -243,6 +244,11 @@ def run_prune(cfg: Config, overwrite: bool = False, stats_path: Path | None = No
         elif needs_batches(cfg, method):
             batches, calibration = calibration_batches(cfg, tokenizer, ui)
         evals = eval_sets(cfg, tokenizer)
+        if cfg.eval.zeroshot.tasks:
+            if streaming:
+                raise ConfigError("eval.zeroshot", "zero-shot evaluation puts the whole model on the device, which a "
+                                                   "streaming run avoids; run `statprune eval-zeroshot` on the output instead")
+            prepare_zeroshot(cfg.eval.zeroshot)
     run = Run(cfg, method, list(shapes), batches, stats, stats_path, evals, device, ui, timer)
 
     if checkpoint is None:
@@ -251,8 +257,13 @@ def run_prune(cfg: Config, overwrite: bool = False, stats_path: Path | None = No
             model = load_model(cfg.model)
         with activation_folder(cfg, out) as acts:
             pruned, ppl = run.prune_and_evaluate(model, Placement(activation_dir=acts))
+        zeroshot = None
+        if cfg.eval.zeroshot.tasks:
+            with timer.phase("zeroshot"):
+                zeroshot = evaluate_zeroshot(model.to(device), tokenizer, cfg.eval.zeroshot, ui).to_dict()
         model.to("cpu")
         report = run.report(pruned, ppl, calibration, model_sparsity(model), out)
+        report["zeroshot"] = zeroshot
         with timer.phase("save"):
             with atomic_dir(out, overwrite) as tmp:
                 save_model_folder(tmp, model, tokenizer, parse_size(cfg.output.shard_size, "output.shard_size"))
@@ -396,9 +407,7 @@ def run_calibrate(cfg: Config, output: Path, overwrite: bool = False, ui: UI | N
                "skip_first_tokens": skip,
                "seconds": round(time.perf_counter() - t0, 3), "inputs": summarize_stats(result.stats)}
     summary_path = output.with_suffix(".json")
-    tmp = summary_path.with_name(summary_path.name + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(summary_path)
+    write_json_atomic(summary_path, summary)
     summary["summary_file"] = str(summary_path)
     return summary
 
@@ -448,3 +457,22 @@ def reading_engine(cfg: Config, device: torch.device, near: Path | None, ui: UI)
         else:
             model = load_model(cfg.model)
         yield placement.engine(model, device, cfg, ui)
+
+
+def run_zeroshot(cfg: Config, ui: UI | None = None) -> dict[str, Any]:
+    """Zero-shot accuracy of ``cfg.model`` on the tasks of ``cfg.eval.zeroshot``; the whole model sits on the device.
+
+    A folder written by ``prune`` also gets the result in its report.json, under ``zeroshot``.
+    """
+    ui = ui or UI()
+    device = setup_runtime(cfg)
+    prepare_zeroshot(cfg.eval.zeroshot)
+    tokenizer = load_tokenizer(cfg.model)
+    ui.log(f"loading {cfg.model.name_or_path} ({cfg.model.dtype})")
+    model = load_model(cfg.model).to(device)
+    result = evaluate_zeroshot(model, tokenizer, cfg.eval.zeroshot, ui).to_dict()
+    report_path = Path(cfg.model.name_or_path) / "report.json"
+    if report_path.is_file():
+        write_json_atomic(report_path, {**json.loads(report_path.read_text()), "zeroshot": result})
+        ui.log(f"zero-shot result added to {report_path}")
+    return {"model": cfg.model.name_or_path, "dtype": cfg.model.dtype, "device": str(device), **result}

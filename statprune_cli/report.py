@@ -99,7 +99,33 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
         limit = f", max_tokens={ppl['max_tokens']}" if ppl["max_tokens"] else ""
         console.print(f"[bold]{ppl['dataset']} perplexity {ppl['perplexity']:.4f}[/bold] (seqlen {ppl['seqlen']}, "
                       f"{ppl['windows']} windows, {ppl['tokens']} tokens{limit}, {ppl['dtype']})")
+    if report.get("zeroshot"):
+        print_zeroshot(report["zeroshot"], console)
     for note in report.get("notes", []):
         console.print(f"[yellow]note:[/yellow] {note}")
     if report.get("output_dir"):
         console.print(f"output: {report['output_dir']}")
+
+
+def print_zeroshot(z: dict[str, Any], console: Console) -> None:
+    """Per task: acc and acc_norm with their standard errors and the example count; then the means and caveats."""
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.2f}"
+
+    table = Table(title="zero-shot accuracy (%)")
+    for col in ("task", "acc", "± stderr", "acc_norm", "± stderr", "n"):
+        table.add_column(col, justify="left" if col == "task" else "right")
+    for t in z["tasks"]:
+        table.add_row(t["task"] + (" *" if t["caveat"] else ""), pct(t["acc"]), pct(t["acc_stderr"]), pct(t["acc_norm"]),
+                      pct(t["acc_norm_stderr"]), str(t["n"]))
+    norms = sum(t["acc_norm"] is not None for t in z["tasks"])
+    table.add_row(f"mean ({len(z['tasks'])} tasks)", pct(z["mean_acc"]), "", pct(z["mean_acc_norm"]),
+                  f"({norms} tasks)" if norms else "", "", style="bold")
+    console.print(table)
+    limit = f", the first {z['limit']} examples of each task" if z["limit"] else ""
+    console.print(f"0-shot, lm-eval {z['lm_eval_version']}{limit}; data: {z['source']}")
+    for t in z["tasks"]:
+        if t["caveat"]:
+            console.print(f"* {t['task']}: {t['caveat']}")
+    for task, why in z["skipped"].items():
+        console.print(f"[yellow]skipped:[/yellow] {task}: {why}")

@@ -29,7 +29,7 @@ def cfg(tmp_path: Path, tiny_model_dir: Path, text_files: dict[str, Path]) -> Pa
 def test_version_and_help() -> None:
     assert run("--version").stdout.strip() == f"statprune {__version__}"
     top = run("--help").stdout
-    for cmd in ("prune", "calibrate", "eval-ppl", "export"):
+    for cmd in ("prune", "calibrate", "eval-ppl", "eval-zeroshot", "export"):
         assert cmd in top
         assert "Example:" in run(cmd, "--help").stdout
 
