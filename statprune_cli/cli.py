@@ -154,6 +154,7 @@ def sweep(
     methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "magnitude,wanda,sparsegpt,ria,statprune",
     sparsities: Annotated[str, typer.Option(help="Comma-separated settings: 0.5 or 50% (unstructured), or N:M such as 2:4.")] = "0.5,0.6,0.7,2:4,4:8",
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Folder for sweep.json, sweep.md and sweep.png (default: output.dir + '-sweep').")] = None,
+    zeroshot: Annotated[bool, typer.Option("--zeroshot", help="Also the mean zero-shot accuracy per cell (tasks from eval.zeroshot; needs statprune[eval]).")] = False,
     set_: SetOpt = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
@@ -175,7 +176,8 @@ def sweep(
         output = Path(cfg.output.dir.rstrip("/") + "-sweep")
     ui = UI(quiet=quiet)
     result = run_sweep(cfg, [m.strip() for m in methods.split(",") if m.strip()],
-                       [s.strip() for s in sparsities.split(",") if s.strip()], output, overwrite=overwrite, ui=ui)
+                       [s.strip() for s in sparsities.split(",") if s.strip()], output, overwrite=overwrite, ui=ui,
+                       zeroshot=zeroshot)
 
     def render() -> None:
         if quiet:

@@ -304,6 +304,7 @@ class LayerwiseEngine:
         """Collect layer i's statistics, prune its linears, and return the inputs of layer i + 1."""
         linears = self.linears(i, targets, ignore)
         outputs = None
+        layer_stats: dict[str, ChannelStats] = {}
         if collect:
             layer_stats, outputs = self._collect(layer, linears, hidden, args[i], skip_first, gram)
             all_stats.update(layer_stats)
@@ -316,6 +317,8 @@ class LayerwiseEngine:
             result.linears[name], refiner = self._prune_one(method, name, linear, all_stats.get(name), target_for(i, name))
             if refiner is not None:
                 refiners[name] = refiner
+        for s in layer_stats.values():  # a Gram matrix is in_features^2: keep only the current layer's
+            s.gram = None
         if collect and (sequential or refiners):
             observers = {linears[n]: r.observe for n, r in refiners.items()}
             pruned_outputs = self._forward_observed(layer, observers, hidden, args[i], skip_first)

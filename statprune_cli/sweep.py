@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from statprune_cli.config import Config, _build, validate
 from statprune_cli.engine import LayerwiseEngine
 from statprune_cli.errors import ConfigError, InputError
@@ -31,6 +33,7 @@ from statprune_cli.pipeline import (DenseStats, calibration_batches, eval_sets, 
                                     setup_runtime)
 from statprune_cli.report import package_versions
 from statprune_cli.ui import UI
+from statprune_cli.zeroshot import evaluate_zeroshot, prepare_zeroshot
 
 
 @dataclass
@@ -41,11 +44,13 @@ class Cell:
     perplexity: list[float] = field(default_factory=list)
     prune_seconds: float | None = None
     sparsity: float | None = None
+    zeroshot_mean: float | None = None
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "setting": self.setting, "perplexity": self.perplexity,
-                "prune_seconds": self.prune_seconds, "sparsity": self.sparsity, "error": self.error}
+                "prune_seconds": self.prune_seconds, "sparsity": self.sparsity, "zeroshot_mean_acc": self.zeroshot_mean,
+                "error": self.error}
 
 
 def parse_setting(text: str) -> tuple[str, dict[str, Any]]:
@@ -84,10 +89,23 @@ def plan_cells(cfg: Config, methods: list[str], settings: list[str]) -> list[Cel
 
 
 def run_sweep(cfg: Config, methods: list[str], settings: list[str], output: Path, overwrite: bool = False,
-              ui: UI | None = None) -> dict[str, Any]:
+              ui: UI | None = None, zeroshot: bool = False) -> dict[str, Any]:
+    """``zeroshot``: also the mean zero-shot accuracy of every cell, on the tasks of ``eval.zeroshot``."""
     ui = ui or UI()
     check_output_dir(output, overwrite, "--output")
     cells = plan_cells(cfg, methods, settings)
+    if zeroshot:
+        if not cfg.eval.zeroshot.tasks:
+            raise ConfigError("eval.zeroshot.tasks", "--zeroshot needs the tasks to score (e.g. --set 'eval.zeroshot.tasks=[boolq, rte]')")
+        prepare_zeroshot(cfg.eval.zeroshot)
+
+    def accuracy(model: torch.nn.Module) -> float | None:
+        if not zeroshot:
+            return None
+        acc = evaluate_zeroshot(model.to(device), tokenizer, cfg.eval.zeroshot, ui).mean
+        model.to("cpu")
+        return acc
+
     device = setup_runtime(cfg)
     model_config = load_model_config(cfg.model)
     shapes = {}
@@ -104,6 +122,7 @@ def run_sweep(cfg: Config, methods: list[str], settings: list[str], output: Path
     dense = DenseStats(cfg, batches, ui)
     dense_ppl = perplexities(cfg, LayerwiseEngine(dense_model, device, cfg.runtime.offload_activations, ui), evals, ui)
     dense_model.to("cpu")
+    dense_zeroshot = accuracy(dense_model)
     with ui.progress("sweep cells", len(cells)) as advance:
         for c in cells:
             ui.log(f"{c.method} at {c.setting}")
@@ -118,6 +137,7 @@ def run_sweep(cfg: Config, methods: list[str], settings: list[str], output: Path
                 zeros = sum(r.zeros for layer in pruned.result.layers for r in layer.linears.values())
                 numel = sum(r.shape[0] * r.shape[1] for layer in pruned.result.layers for r in layer.linears.values())
                 c.sparsity = zeros / numel if numel else 0.0
+                c.zeroshot_mean = accuracy(model)
             except Exception as e:  # one failing cell must not lose the others
                 c.error = f"{type(e).__name__}: {e}"
                 ui.log(f"{c.method} at {c.setting} failed: {c.error}")
@@ -131,6 +151,7 @@ def run_sweep(cfg: Config, methods: list[str], settings: list[str], output: Path
         "profile": cfg.pruning.profile,
         "datasets": [es.name for es in evals],
         "dense": [r["perplexity"] for r in dense_ppl],
+        "dense_zeroshot_mean_acc": dense_zeroshot,
         "methods": methods,
         "settings": [c.setting for c in cells[:: len(methods)]],
         "cells": [c.to_dict() for c in cells],
@@ -151,10 +172,13 @@ def sweep_table(result: dict[str, Any]) -> str:
     def cell(c: dict[str, Any]) -> str:
         if c["error"]:
             return f"failed: {c['error'].splitlines()[0][:80]}"
-        return f"{c['perplexity'][0]:.2f} ({c['prune_seconds']:.1f} s)"
+        acc = f", acc {100 * c['zeroshot_mean_acc']:.1f}%" if c.get("zeroshot_mean_acc") is not None else ""
+        return f"{c['perplexity'][0]:.2f} ({c['prune_seconds']:.1f} s{acc})"
 
-    lines = [f"Perplexity on {result['datasets'][0]} (prune wall time); dense {result['dense'][0]:.2f}. "
-             f"Calibration: {result['calibration']}.", "",
+    dense_acc = result.get("dense_zeroshot_mean_acc")
+    acc = f", mean zero-shot accuracy {100 * dense_acc:.1f}%" if dense_acc is not None else ""
+    lines = [f"Perplexity on {result['datasets'][0]} (prune wall time{', mean zero-shot acc' if acc else ''}); dense "
+             f"{result['dense'][0]:.2f}{acc}. Calibration: {result['calibration']}.", "",
              "| method | " + " | ".join(settings) + " |", "|---|" + "---:|" * len(settings)]
     for m in result["methods"]:
         lines.append(f"| {m} | " + " | ".join(cell(by[(m, s)]) for s in settings) + " |")

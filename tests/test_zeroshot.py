@@ -220,3 +220,23 @@ def test_the_shared_files_load_through_every_task_yaml() -> None:
                                ZeroShotConfig(tasks=list(ZEROSHOT_TASKS), data_dir=str(SHARED), limit=2))
     assert [t.task for t in result.tasks] == list(ZEROSHOT_TASKS) and all(t.n == 2 for t in result.tasks)
     assert result.mean == pytest.approx(sum(t.acc for t in result.tasks) / 8)
+
+
+def test_sweep_zeroshot_column_equals_prune(tmp_path: Path, tiny_model_dir: Path, task_dir: Path,
+                                            text_files: dict[str, Path]) -> None:
+    zeroshot = {"tasks": ["piqa", "arc_easy"], "data_dir": str(task_dir), "limit": 2}
+    cfg = write_config(tmp_path / "run.yaml", tiny_model_dir, text_files, tmp_path / "out",
+                       eval={"zeroshot": zeroshot})
+    res = run("sweep", str(cfg), "--methods", "wanda,magnitude", "--sparsities", "0.5", "--zeroshot", "-o",
+              str(tmp_path / "sw"), "-q", "--json")
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.stdout)
+    cells = {c["method"]: c for c in result["cells"]}
+    assert 0 <= result["dense_zeroshot_mean_acc"] <= 1 and 0 <= cells["magnitude"]["zeroshot_mean_acc"] <= 1
+    pruned = run("prune", str(cfg), "-q", "--json")
+    assert pruned.exit_code == 0, pruned.output
+    assert cells["wanda"]["zeroshot_mean_acc"] == json.loads(pruned.stdout)["zeroshot"]["mean_acc"]
+    assert ", acc " in (tmp_path / "sw" / "sweep.md").read_text()
+    no_tasks = write_config(tmp_path / "none.yaml", tiny_model_dir, text_files, tmp_path / "out2")
+    res = run("sweep", str(no_tasks), "--zeroshot", "-o", str(tmp_path / "sw2"), "-q")
+    assert res.exit_code == 2 and "eval.zeroshot.tasks: --zeroshot needs the tasks" in res.stderr
