@@ -5,8 +5,8 @@ does not depend on the values), with the same calibration windows for every meth
 SparseGPT's extra work (Gram matrices, a Cholesky inverse per linear, the column-by-column update) grows
 with width while Wanda-cost methods only add elementwise work, so the ratio statprune / sparsegpt is the
 figure to watch. Each prune is one `statprune prune` subprocess with no evaluation, one after another in
-this run; the report's `timings.prune` is the time. Results go to bench-out/cost.jsonl and a section of
-docs/cost.md.
+this run; the report's `timings.prune` is the time. Results go to bench-out/cost.jsonl and
+docs/results/cost.md.
 
 Usage: python scripts/bench_cost.py [--methods wanda,sparsegpt,ria,statprune] [--nsamples 8] [--seqlen 512]
                                     [--models smollm2,wide] [--repeats 1]
@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import ROOT, append_jsonl, common_overrides, ensure_model, load_jsonl, prune, synthetic_llama  # noqa: E402
+from _runs import ROOT, append_jsonl, common_overrides, ensure_model, load_jsonl, prune, synthetic_llama, write_section  # noqa: E402
 
 WIDE = ROOT / "models" / "synthetic-llama-h4096-l4"
 
@@ -32,7 +32,6 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--results", type=Path, default=ROOT / "bench-out" / "cost.jsonl")
-    ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "cost.md")
     args = ap.parse_args()
     small = ensure_model()
     paths = {"smollm2": small, "wide": synthetic_llama(WIDE, 4096, 11008, 4, small)}
@@ -73,8 +72,7 @@ def write_doc(args: argparse.Namespace, key: str) -> None:
         cells = [f"{t[meth]:.1f} s" if t[meth] else "" for meth in methods]
         ratio = [f"{t['statprune'] / t[d]:.2f}x" if t.get("statprune") and t.get(d) else "" for d in ("wanda", "sparsegpt")]
         out.append(f"| {label.get(m, m)} | " + " | ".join(cells + ratio) + " |")
-    args.doc.parent.mkdir(parents=True, exist_ok=True)
-    args.doc.write_text("\n".join(out) + "\n")
+    write_section("cost", "\n".join(out) + "\n")
 
 
 if __name__ == "__main__":

@@ -2,14 +2,15 @@
 
 1. Two synthetic Llama checkpoints (random float32 weights, hidden 2048, intermediate 5504, SmolLM2's
    tokenizer), 24 and 12 decoder layers: they differ only in layer count. Each is pruned with Wanda
-   (8 windows x 512 tokens, no evaluation) streaming; the 24-layer one also in memory. Peak RSS is the
+   (--nsamples windows x 512 tokens, no evaluation) streaming; the 24-layer one also in memory. Peak RSS is the
    subprocess's own (`report.json` memory.peak_rss_mib, from getrusage); the baseline is the RSS of a
    process that has imported statprune, torch and transformers. Expected growth: largest decoder
    layer + one copy of the calibration activations + embeddings.
-2. SmolLM2-135M pruned with statprune in memory and streaming (32 windows x 512, WikiText-2 test
-   perplexity over 32,768 tokens): perplexities and prune wall times side by side.
+2. SmolLM2-135M pruned with statprune in memory and streaming (--smollm-nsamples windows x 512,
+   WikiText-2 test perplexity over --smollm-tokens tokens): perplexities and prune wall times side by side.
 
-Results go to bench-out/memory.jsonl and docs/memory.md. Usage: python scripts/bench_memory.py
+Results go to bench-out/memory.jsonl and docs/results/memory.md.
+Usage: python scripts/bench_memory.py [--nsamples 8] [--smollm-nsamples 32] [--smollm-tokens 32768]
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import ROOT, append_jsonl, common_overrides, ensure_model, load_jsonl, prune, synthetic_llama  # noqa: E402
+from _runs import (ROOT, append_jsonl, common_overrides, ensure_model, load_jsonl, prune, synthetic_llama,  # noqa: E402
+                   write_section)
 
 HIDDEN, INTERMEDIATE = 2048, 5504
-NSAMPLES, SEQLEN = 8, 512
+SEQLEN = 512
 MIB = 2**20
 
 
@@ -38,17 +40,19 @@ def checkpoint_mib(path: Path) -> float:
     return sum(f.stat().st_size for f in path.glob("*.safetensors")) / MIB
 
 
-def expected_mib(path: Path) -> dict[str, float]:
+def expected_mib(path: Path, nsamples: int) -> dict[str, float]:
     c = json.loads((path / "config.json").read_text())
     h, i = c["hidden_size"], c["intermediate_size"]
     layer = (4 * h * h + 3 * h * i + 2 * h) * 4
-    return {"layer": layer / MIB, "activations": NSAMPLES * SEQLEN * h * 4 / MIB, "embeddings": c["vocab_size"] * h * 4 / MIB}
+    return {"layer": layer / MIB, "activations": nsamples * SEQLEN * h * 4 / MIB, "embeddings": c["vocab_size"] * h * 4 / MIB}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", type=Path, default=ROOT / "bench-out" / "memory.jsonl")
-    ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "memory.md")
+    ap.add_argument("--nsamples", type=int, default=8, help="calibration windows for the synthetic checkpoints")
+    ap.add_argument("--smollm-nsamples", type=int, default=32)
+    ap.add_argument("--smollm-tokens", type=int, default=32768, help="evaluation tokens for SmolLM2")
     args = ap.parse_args()
     small = ensure_model()
     done = {(r["model"], r["streaming"]) for r in load_jsonl(args.results)}
@@ -60,19 +64,22 @@ def main() -> None:
             continue
         path = synthetic_llama(ROOT / "models" / f"synthetic-llama-h{HIDDEN}-l{layers}", HIDDEN, INTERMEDIATE, layers, small,
                                heads=16)
-        overrides = common_overrides(path, NSAMPLES, SEQLEN, SEQLEN, "test") + [
+        overrides = common_overrides(path, args.nsamples, SEQLEN, SEQLEN, "test") + [
             "pruning.method=wanda", "eval.datasets=[]", f"runtime.streaming={str(streaming).lower()}"]
         r = prune(overrides, ROOT / "bench-out" / "memory-tmp")
-        rec = {"model": name, "streaming": streaming, "checkpoint_mib": checkpoint_mib(path), **expected_mib(path),
+        rec = {"model": name, "streaming": streaming, "nsamples": args.nsamples, "checkpoint_mib": checkpoint_mib(path),
+               **expected_mib(path, args.nsamples),
                "peak_rss_mib": r["memory"]["peak_rss_mib"], "prune_s": r["timings"]["prune"]}
         append_jsonl(args.results, rec)
         print(json.dumps(rec), flush=True)
     for streaming in (False, True):
         if ("smollm2", streaming) in done:
             continue
-        overrides = common_overrides(small, 32, 512, 32768, "test") + [f"runtime.streaming={str(streaming).lower()}"]
+        overrides = common_overrides(small, args.smollm_nsamples, 512, args.smollm_tokens, "test") + [
+            f"runtime.streaming={str(streaming).lower()}"]
         r = prune(overrides, ROOT / "bench-out" / "memory-tmp")
-        rec = {"model": "smollm2", "streaming": streaming, "ppl": r["perplexity"][0]["perplexity"],
+        rec = {"model": "smollm2", "streaming": streaming, "nsamples": args.smollm_nsamples, "tokens": args.smollm_tokens,
+               "ppl": r["perplexity"][0]["perplexity"],
                "prune_s": r["timings"]["prune"], "eval_s": r["timings"]["eval"], "peak_rss_mib": r["memory"]["peak_rss_mib"]}
         append_jsonl(args.results, rec)
         print(json.dumps(rec), flush=True)
@@ -83,8 +90,9 @@ def write_doc(args: argparse.Namespace) -> None:
     rows = {(r["model"], r["streaming"]): r for r in load_jsonl(args.results)}
     base = rows[("baseline", False)]["peak_rss_mib"]
     out = ["## Memory: streaming against in-memory", "",
-           "Made by `python scripts/bench_memory.py` on 2 CPU cores, float32, Wanda, "
-           f"{NSAMPLES} windows x {SEQLEN} tokens, no evaluation. Synthetic Llama checkpoints: hidden {HIDDEN}, "
+           f"Made by `python scripts/bench_memory.py --nsamples {args.nsamples} --smollm-nsamples {args.smollm_nsamples} "
+           f"--smollm-tokens {args.smollm_tokens}` on 2 CPU cores (shared with other jobs: times are indicative), float32, "
+           f"Wanda, {args.nsamples} windows x {SEQLEN} tokens, no evaluation. Synthetic Llama checkpoints: hidden {HIDDEN}, "
            f"intermediate {INTERMEDIATE}, random weights, differing only in layer count. RSS after imports: {base:.0f} MiB.", "",
            "| checkpoint | size | path | peak RSS | peak / size | growth over imports | layer + activations + embeddings | growth / that | prune time |",
            "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
@@ -98,13 +106,13 @@ def write_doc(args: argparse.Namespace) -> None:
                    f"{need:.0f} MiB | {growth / need:.2f}x | {r['prune_s']:.0f} s |")
     a, b = rows.get(("smollm2", False)), rows.get(("smollm2", True))
     if a and b:
-        out += ["", "SmolLM2-135M, statprune 50%, 32 windows x 512 tokens, WikiText-2 test perplexity over 32,768 tokens:", "",
+        out += ["", f"SmolLM2-135M, statprune 50%, {a['nsamples']} windows x 512 tokens, WikiText-2 test perplexity over "
+                f"{a['tokens']} tokens:", "",
                 "| path | perplexity | prune time | peak RSS |", "|---|---:|---:|---:|",
                 f"| in memory | {a['ppl']!r} | {a['prune_s']:.1f} s | {a['peak_rss_mib']:.0f} MiB |",
                 f"| streaming | {b['ppl']!r} | {b['prune_s']:.1f} s | {b['peak_rss_mib']:.0f} MiB |", "",
                 f"Streaming / in-memory prune wall time: {b['prune_s'] / a['prune_s']:.2f}x; same perplexity: {a['ppl'] == b['ppl']}."]
-    args.doc.parent.mkdir(parents=True, exist_ok=True)
-    args.doc.write_text("\n".join(out) + "\n")
+    write_section("memory", "\n".join(out) + "\n")
 
 
 if __name__ == "__main__":
