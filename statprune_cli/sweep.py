@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from statprune_cli.config import Config, _build, validate
+from statprune_cli.distributed import launched_world_size
 from statprune_cli.engine import LayerwiseEngine
 from statprune_cli.errors import ConfigError, InputError
 from statprune_cli.export import atomic_dir, check_output_dir
@@ -86,6 +87,8 @@ def plan_cells(cfg: Config, methods: list[str], settings: list[str]) -> list[Cel
 def run_sweep(cfg: Config, methods: list[str], settings: list[str], output: Path, overwrite: bool = False,
               ui: UI | None = None) -> dict[str, Any]:
     ui = ui or UI()
+    if launched_world_size() > 1:
+        raise InputError("sweep: runs in one process; start it without torchrun or accelerate launch")
     check_output_dir(output, overwrite, "--output")
     cells = plan_cells(cfg, methods, settings)
     device = setup_runtime(cfg)
