@@ -46,9 +46,12 @@ def synthetic_llama(path: Path, hidden: int, intermediate: int, layers: int, tok
     return path
 
 
-def statprune(*args: str) -> dict | list:
-    """Run the CLI with --json and return the parsed report; raise with its stderr on failure."""
-    cmd = [sys.executable, "-m", "statprune_cli", *args, "--json", "--quiet"]
+def statprune(*args: str, launcher: tuple[str, ...] = ()) -> dict | list:
+    """Run the CLI with --json and return the parsed report; raise with its stderr on failure.
+
+    ``launcher``: arguments between the interpreter and ``-m statprune_cli``, e.g. ``("-m", "torch.distributed.run", ...)``.
+    """
+    cmd = [sys.executable, *launcher, "-m", "statprune_cli", *args, "--json", "--quiet"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")

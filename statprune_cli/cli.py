@@ -54,6 +54,11 @@ def _exit_codes(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _emit(report: Any, as_json: bool, render: Callable[[], None]) -> None:
+    """Print the result once: under torchrun, only rank 0 prints."""
+    from statprune_cli.distributed import is_main_process
+
+    if not is_main_process():
+        return
     if as_json:
         print(json.dumps(report, indent=2))
     else:
@@ -91,12 +96,13 @@ def prune(
     from statprune_cli.config import load_config
     from statprune_cli.pipeline import run_prune
     from statprune_cli.report import print_report
+    from statprune_cli.distributed import is_main_process
     from statprune_cli.ui import UI
 
     cfg = load_config(config, list(set_ or []))
     if output is not None:
         cfg.output.dir = str(output)
-    ui = UI(quiet=quiet)
+    ui = UI(quiet=quiet or not is_main_process())
     report = run_prune(cfg, overwrite=overwrite, stats_path=stats, ui=ui)
     _emit(report, as_json, lambda: None if quiet else print_report(report, ui.console))
 
@@ -120,6 +126,7 @@ def calibrate(
 
     from statprune_cli.config import load_config
     from statprune_cli.pipeline import run_calibrate
+    from statprune_cli.distributed import is_main_process
     from statprune_cli.ui import UI
 
     cfg = load_config(config, list(set_ or []))
@@ -127,7 +134,7 @@ def calibrate(
         if not cfg.output.dir:
             raise InputError("--output: required (or set output.dir, which gives OUTPUT_DIR.stats.safetensors)")
         output = Path(cfg.output.dir.rstrip("/") + ".stats.safetensors")
-    ui = UI(quiet=quiet)
+    ui = UI(quiet=quiet or not is_main_process())
     summary = run_calibrate(cfg, output, overwrite=overwrite, ui=ui)
 
     def render() -> None:
@@ -167,6 +174,7 @@ def sweep(
     """
     from statprune_cli.config import load_config
     from statprune_cli.sweep import run_sweep
+    from statprune_cli.distributed import is_main_process
     from statprune_cli.ui import UI
 
     cfg = load_config(config, list(set_ or []))
@@ -174,7 +182,7 @@ def sweep(
         if not cfg.output.dir:
             raise InputError("--output: required (or set output.dir, which gives OUTPUT_DIR-sweep)")
         output = Path(cfg.output.dir.rstrip("/") + "-sweep")
-    ui = UI(quiet=quiet)
+    ui = UI(quiet=quiet or not is_main_process())
     result = run_sweep(cfg, [m.strip() for m in methods.split(",") if m.strip()],
                        [s.strip() for s in sparsities.split(",") if s.strip()], output, overwrite=overwrite, ui=ui,
                        zeroshot=zeroshot)
@@ -214,6 +222,7 @@ def eval_ppl(
     """
     from statprune_cli.config import Config, DataConfig, EvalConfig, ModelConfig, _build, load_config, validate
     from statprune_cli.pipeline import run_eval
+    from statprune_cli.distributed import is_main_process
     from statprune_cli.ui import UI
 
     if target.endswith((".yaml", ".yml")):
@@ -231,7 +240,7 @@ def eval_ppl(
     if dtype is not None:
         cfg.model.dtype = dtype
     validate(cfg)
-    ui = UI(quiet=quiet)
+    ui = UI(quiet=quiet or not is_main_process())
     results = run_eval(cfg, ui)
 
     def render() -> None:

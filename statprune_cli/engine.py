@@ -11,6 +11,10 @@ The engine knows nothing of any method: it asks ``method.prune`` for each linear
 know where the layers' weights live: ``InMemoryLayers`` moves them between CPU and the device,
 ``streaming.StreamedLayers`` reads them from the checkpoint. Activations wait between layers on
 the device, in CPU memory, or in memory-mapped files (``offload_activations: disk``).
+
+Under torchrun the engine sees only this process's share of the calibration batches, and its
+``Communicator`` merges each layer's per-batch statistics over every process before any mask is
+chosen, so every process prunes identically (see ``distributed.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from statprune_cli.distributed import Communicator
 from statprune_cli.errors import PruneError
 from statprune_cli.layers import find_decoder_layers, target_linears
 from statprune_cli.methods import Method, Refiner, Target
@@ -100,10 +105,11 @@ class Activations:
     pass never overwrites the inputs it reads), and only the pages in use stay in memory.
     """
 
-    def __init__(self, device: torch.device, offload: bool | str, folder: Path | None = None) -> None:
+    def __init__(self, device: torch.device, offload: bool | str, folder: Path | None = None, suffix: str = "") -> None:
         self.disk = offload == "disk"
         self.device = torch.device("cpu") if offload else device
         self.folder = folder
+        self.suffix = suffix  # processes sharing a folder keep apart files
         self.turn = 0
         if self.disk and folder is None:
             raise ValueError("disk offload needs a folder")
@@ -113,7 +119,7 @@ class Activations:
         self.turn ^= 1
         if not self.disk:
             return lambda j, t: t.to(self.device)
-        folder = self.folder / f"activations-{self.turn}"
+        folder = self.folder / f"activations{self.suffix}-{self.turn}"
         folder.mkdir(parents=True, exist_ok=True)
 
         def keep(j: int, t: torch.Tensor) -> torch.Tensor:
@@ -208,11 +214,12 @@ class LayerwiseEngine:
     """Runs calibration batches through the decoder stack, one layer on the device at a time."""
 
     def __init__(self, model: nn.Module, device: torch.device, offload_activations: bool | str, ui: UI,
-                 io: LayerIO | None = None, activation_dir: Path | None = None) -> None:
+                 io: LayerIO | None = None, activation_dir: Path | None = None, comm: Communicator | None = None) -> None:
         self.model = model
         self.layers_name, self.layers = find_decoder_layers(model)
         self.device = device
-        self.acts = Activations(device, offload_activations, activation_dir)
+        self.comm = comm or Communicator()
+        self.acts = Activations(device, offload_activations, activation_dir, self.comm.suffix)
         self.io = io or InMemoryLayers()
         self.ui = ui
         place_model(model, self.layers_name, device)
@@ -239,7 +246,7 @@ class LayerwiseEngine:
             return forward_layer(layer, hidden, args, self.device, self.acts.next_pass(), advance)
 
     def hidden_states(self, batches: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The last decoder layer's outputs for ``batches`` (evaluation, or the no-pruning check)."""
+        """The last decoder layer's outputs for ``batches``, all of them (the caller shards them if it wants)."""
         hidden, args = self.capture(batches)
         with self.ui.progress("layers", len(self.layers)) as advance:
             for i in range(len(self.layers)):
@@ -269,15 +276,16 @@ class LayerwiseEngine:
 
         ``target_for(layer index, linear name)`` gives each linear's sparsity. ``stats`` given: no
         forward pass at all, masks come from those statistics ("one-shot"). ``gram``: also collect
-        sum x x^T per linear (default: when the method asks for it). ``resume`` starts at a later
-        layer with saved activations; ``on_layer_done(i, layer, next inputs, results)`` runs after
+        sum x x^T per linear (default: when the method asks for it). ``batches`` are all of them:
+        this process runs its share (``comm.shard``). ``resume`` starts at a later layer with this
+        process's saved activations; ``on_layer_done(i, layer, next inputs, results)`` runs after
         each layer, while its weights are still on the device (streaming writes them out there).
         """
         collect = stats is None and (method is None or method.needs_calibration)
         gram = bool(method is not None and method.needs_gram) if gram is None else gram
         if collect and not batches:
             raise ValueError("calibration batches are needed to collect statistics")
-        hidden, args = self.capture(batches) if collect else ([], [])
+        hidden, args = self.capture(self.comm.shard(batches)) if collect else ([], [])
         all_stats: dict[str, ChannelStats] = dict(stats or {})
         results = []
         start = 0
@@ -354,23 +362,36 @@ class LayerwiseEngine:
         self, layer: nn.Module, linears: dict[str, nn.Linear], hidden: list[torch.Tensor], args: LayerArgs, skip_first: int,
         gram: bool,
     ) -> tuple[dict[str, ChannelStats], list[torch.Tensor]]:
-        """One pass through ``layer`` that accumulates each target linear's input statistics.
+        """One pass through ``layer`` that gives each target linear's input statistics, merged over processes.
 
-        Linears that read the same tensor (q/k/v, gate/up) share one computation of its statistics.
+        The per-channel sums are kept per batch and added in global batch order by ``comm.merge_stats``,
+        so the totals do not depend on how the batches were spread over processes. Gram matrices are too
+        large to keep per batch: they are summed as the batches come. Linears that read the same tensor
+        (q/k/v, gate/up) share one computation of its statistics.
         """
-        collected = {name: ChannelStats.empty(lin.in_features) for name, lin in linears.items()}
-        memo: dict[str, Any] = {"x": None, "stats": None}
+        per_batch: list[dict[str, ChannelStats]] = []
+        grams: dict[str, torch.Tensor] = {}
+        memo: dict[str, Any] = {"x": None, "stats": None, "vectors": None}
 
         def observer(name: str) -> Callable[[torch.Tensor], None]:
             def fn(x: torch.Tensor) -> None:
                 if memo["x"] is not x:
-                    memo["x"], memo["stats"] = x, ChannelStats.of(x, gram)
-                collected[name].add(memo["stats"])
+                    stats = ChannelStats.of(x, gram)
+                    memo.update(x=x, stats=stats, vectors=stats.vectors_on_cpu())
+                batch, g = per_batch[-1], memo["stats"].gram
+                batch[name] = ChannelStats.total([batch[name], memo["vectors"]]) if name in batch else memo["vectors"]
+                if g is not None:
+                    grams[name] = grams[name].add_(g) if name in grams else g.clone()
 
             return fn
 
         observers = {lin: observer(name) for name, lin in linears.items()}
-        return collected, self._forward_observed(layer, observers, hidden, args, skip_first)
+        new_batch = layer.register_forward_pre_hook(lambda m, inp: per_batch.append({}))
+        try:
+            outputs = self._forward_observed(layer, observers, hidden, args, skip_first)
+        finally:
+            new_batch.remove()
+        return self.comm.merge_stats(per_batch, grams), outputs
 
     @staticmethod
     def _prune_one(

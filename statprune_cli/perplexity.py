@@ -2,7 +2,9 @@
 
 The text is tokenized once and cut into non-overlapping windows of ``seqlen`` tokens (tail
 dropped); ppl = exp(mean token NLL). The forward pass goes through the layer-wise engine, so a
-model that only fits one layer at a time on the device can be evaluated too.
+model that only fits one layer at a time on the device can be evaluated too. Under torchrun each
+process evaluates its share of the windows; the per-window NLL sums are gathered and added in
+window order, so the perplexity is the same, bit for bit, on any number of processes.
 """
 
 from __future__ import annotations
@@ -51,18 +53,19 @@ def load_eval_set(tokenizer: PreTrainedTokenizerBase, data: DataConfig, seqlen: 
 
 @torch.no_grad()
 def window_nll(engine: LayerwiseEngine, windows: torch.Tensor, batch_size: int) -> tuple[float, int]:
-    """Sum of next-token NLL over every window, and the number of predicted tokens."""
-    batches = batched(windows, batch_size)
+    """Sum of next-token NLL over every window (of every process), and the number of predicted tokens."""
+    batches = engine.comm.shard(batched(windows, batch_size))
     final = engine.hidden_states(batches)
-    total, count = 0.0, 0
+    per_batch: list[tuple[float, int]] = []
     with engine.ui.progress("eval windows", len(batches)) as advance:
         for ids, hidden in zip(batches, final):
             logits = engine.logits(ids, hidden).float()
             target = ids.to(logits.device)[:, 1:]
-            total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
-            count += target.numel()
+            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
+            per_batch.append((float(nll), target.numel()))
             advance()
-    return total, count
+    every = engine.comm.gather_ordered(per_batch)
+    return sum(nll for nll, _ in every), sum(n for _, n in every)
 
 
 def evaluate_perplexity(engine: LayerwiseEngine, eval_set: EvalSet, batch_size: int) -> PerplexityResult:

@@ -11,7 +11,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import torch
 
 from statprune_cli.config import Config, dump_config, parse_pattern, parse_size
 from statprune_cli.data import batched, calibration_windows, load_documents
+from statprune_cli.distributed import Communicator, launched, launched_world_size
 from statprune_cli.engine import EngineResult, LayerDone, LayerIO, LayerwiseEngine, Resume
 from statprune_cli.errors import ConfigError, InputError
 from statprune_cli.export import atomic_dir, check_output_dir, save_model_folder, write_json_atomic
@@ -129,10 +130,11 @@ class Placement:
     activation_dir: Path | None = None
     resume: Resume | None = None
     on_layer_done: LayerDone | None = None
+    comm: Communicator = field(default_factory=Communicator)
 
     def engine(self, model: torch.nn.Module, device: torch.device, cfg: Config, ui: UI) -> LayerwiseEngine:
         return LayerwiseEngine(model, device, cfg.runtime.offload_activations, ui, io=self.io,
-                               activation_dir=self.activation_dir)
+                               activation_dir=self.activation_dir, comm=self.comm)
 
 
 class DenseStats:
@@ -230,6 +232,9 @@ def run_prune(cfg: Config, overwrite: bool = False, stats_path: Path | None = No
     device = setup_runtime(cfg)
     timer = Timer()
     method = build_method(cfg.pruning.method, cfg.pruning.options)
+    if method.needs_output_pass and launched_world_size() > 1:
+        raise ConfigError("pruning.options.compensation", "expected a closed-form compensation under a launcher: the "
+                                                          "measured ones run in one process only")
     streaming = should_stream(cfg.model, cfg.runtime.streaming, cfg.runtime.streaming_memory_share)
 
     with timer.phase("prepare"):
@@ -249,50 +254,78 @@ def run_prune(cfg: Config, overwrite: bool = False, stats_path: Path | None = No
                 raise ConfigError("eval.zeroshot", "zero-shot evaluation puts the whole model on the device, which a "
                                                    "streaming run avoids; run `statprune eval-zeroshot` on the output instead")
             prepare_zeroshot(cfg.eval.zeroshot)
-    run = Run(cfg, method, list(shapes), batches, stats, stats_path, evals, device, ui, timer)
+    check_world(cfg, batches)
+    with launched(device) as (comm, device):
+        run = Run(cfg, method, list(shapes), batches, stats, stats_path, evals, device, ui, timer, comm)
+        if checkpoint is None:
+            return prune_in_memory(run, out, overwrite, tokenizer, calibration)
+        return prune_streamed(run, out, checkpoint, model_config, tokenizer, calibration)
 
-    if checkpoint is None:
-        with timer.phase("load"):
-            ui.log(f"loading {cfg.model.name_or_path} ({cfg.model.dtype})")
-            model = load_model(cfg.model)
-        with activation_folder(cfg, out) as acts:
-            pruned, ppl = run.prune_and_evaluate(model, Placement(activation_dir=acts))
-        zeroshot = None
-        if cfg.eval.zeroshot.tasks:
-            with timer.phase("zeroshot"):
-                zeroshot = evaluate_zeroshot(model.to(device), tokenizer, cfg.eval.zeroshot, ui).to_dict()
-        model.to("cpu")
-        report = run.report(pruned, ppl, calibration, model_sparsity(model), out)
-        report["zeroshot"] = zeroshot
+
+def check_world(cfg: Config, batches: list[torch.Tensor] | None) -> None:
+    """Under a launcher, every process needs a calibration batch of its own."""
+    world = launched_world_size()
+    if batches is not None and len(batches) < world:
+        raise ConfigError("calibration.nsamples", f"expected at least one batch per process: {cfg.calibration.nsamples} "
+                                                  f"windows in batches of {cfg.calibration.batch_size} give {len(batches)} "
+                                                  f"batches for {world} processes")
+
+
+def prune_in_memory(run: Run, out: Path, overwrite: bool, tokenizer: Any, calibration: str) -> dict[str, Any]:
+    """The whole model in CPU memory, one layer on the device; rank 0 writes the folder at the end."""
+    cfg, timer = run.cfg, run.timer
+    with timer.phase("load"):
+        run.ui.log(f"loading {cfg.model.name_or_path} ({cfg.model.dtype})")
+        model = load_model(cfg.model)
+    with activation_folder(cfg, out) as acts:
+        pruned, ppl = run.prune_and_evaluate(model, Placement(activation_dir=acts, comm=run.comm))
+    zeroshot = None
+    if cfg.eval.zeroshot.tasks and run.comm.is_main:
+        with timer.phase("zeroshot"):
+            zeroshot = evaluate_zeroshot(model.to(run.device), tokenizer, cfg.eval.zeroshot, run.ui).to_dict()
+    model.to("cpu")
+    report = run.report(pruned, ppl, calibration, model_sparsity(model), out)
+    report["zeroshot"] = zeroshot
+    if run.comm.is_main:
         with timer.phase("save"):
             with atomic_dir(out, overwrite) as tmp:
                 save_model_folder(tmp, model, tokenizer, parse_size(cfg.output.shard_size, "output.shard_size"))
                 run.write_run_files(tmp, report)
         report["timings"]["save"] = round(timer.phases["save"], 3)
-        return report
+    run.comm.barrier()  # the other processes end when the folder is complete
+    return report
 
-    with partial_dir(out) as partial:
+
+def prune_streamed(run: Run, out: Path, checkpoint: Checkpoint, model_config: Any, tokenizer: Any,
+                   calibration: str) -> dict[str, Any]:
+    """Layers read from the checkpoint and written to ``.NAME.partial`` as they finish (by rank 0), resumable."""
+    cfg, timer, comm = run.cfg, run.timer, run.comm
+    with partial_dir(out, rename=comm.is_main) as partial:
         with timer.phase("load"):
-            ui.log(f"streaming {cfg.model.name_or_path} ({cfg.model.dtype}): one decoder layer in memory at a time")
+            run.ui.log(f"streaming {cfg.model.name_or_path} ({cfg.model.dtype}): one decoder layer in memory at a time")
             model = load_skeleton(cfg.model, model_config, checkpoint)
         layers_name, layers = find_decoder_layers(model)
-        output = StreamingOutput(partial, checkpoint, layers_name, len(layers), cfg.to_dict())
+        output = StreamingOutput(partial, checkpoint, layers_name, len(layers), cfg.to_dict(), comm)
         state = output.resume()
         placement = Placement(StreamedLayers(checkpoint, layers_name, torch_dtype(cfg.model.dtype)), partial,
-                              None if state is None else Resume(*state), output.layer_done)
+                              None if state is None else Resume(*state), output.layer_done, comm)
         pruned, ppl = run.prune_and_evaluate(model, placement, lambda: output.finish_weights(model))
         report = run.report(pruned, ppl, calibration, None, out)
-        with timer.phase("save"):
-            model.config.save_pretrained(partial)
-            if getattr(model, "generation_config", None) is not None:
-                model.generation_config.save_pretrained(partial)
-            tokenizer.save_pretrained(partial)
-            report["sparsity"]["all_parameters"] = folder_sparsity(Checkpoint(partial, "output.dir"))
-            output.progress.clear()
-            for acts in partial.glob("activations-*"):
-                shutil.rmtree(acts)
-            run.write_run_files(partial, report)
-    report["timings"]["save"] = round(timer.phases["save"], 3)
+        comm.barrier()  # every process is done with its activations before rank 0 clears them
+        if comm.is_main:
+            with timer.phase("save"):
+                model.config.save_pretrained(partial)
+                if getattr(model, "generation_config", None) is not None:
+                    model.generation_config.save_pretrained(partial)
+                tokenizer.save_pretrained(partial)
+                report["sparsity"]["all_parameters"] = folder_sparsity(Checkpoint(partial, "output.dir"))
+                output.progress.clear()
+                for acts in partial.glob("activations-*"):
+                    shutil.rmtree(acts)
+                run.write_run_files(partial, report)
+    if comm.is_main:
+        report["timings"]["save"] = round(timer.phases["save"], 3)
+    comm.barrier()
     return report
 
 
@@ -321,6 +354,7 @@ class Run:
     device: torch.device
     ui: UI
     timer: Timer
+    comm: Communicator
 
     def prune_and_evaluate(self, model: torch.nn.Module, placement: Placement,
                            weights_written: Callable[[], Checkpoint] | None = None) -> tuple[Pruned, list[dict[str, Any]]]:
@@ -332,7 +366,7 @@ class Run:
         if weights_written is not None:
             written = weights_written()
             eval_io = StreamedLayers(written, engine.layers_name, torch_dtype(self.cfg.model.dtype))
-            engine = Placement(eval_io, placement.activation_dir).engine(model, self.device, self.cfg, self.ui)
+            engine = Placement(eval_io, placement.activation_dir, comm=self.comm).engine(model, self.device, self.cfg, self.ui)
         with self.timer.phase("eval"):
             ppl = perplexities(self.cfg, engine, self.evals, self.ui)
         return pruned, ppl
@@ -358,6 +392,7 @@ class Run:
             "calibration": {**asdict(self.cfg.calibration), "description": calibration,
                             "statistics_skip_first_tokens": None if self.stats is not None else pruned.skip},
             "device": str(self.device),
+            "world_size": self.comm.world_size,
             "sparsity": {"pruned_linears": totals, "all_parameters": all_params},
             "layers": rows,
             "perplexity": ppl,
@@ -393,6 +428,7 @@ def run_calibrate(cfg: Config, output: Path, overwrite: bool = False, ui: UI | N
     check_against_model(cfg, load_model_config(cfg.model))
     tokenizer = load_tokenizer(cfg.model)
     batches, calibration = calibration_batches(cfg, tokenizer, ui)
+    check_world(cfg, batches)
     t0 = time.perf_counter()
     output.parent.mkdir(parents=True, exist_ok=True)
     with reading_engine(cfg, device, output, ui) as engine:
@@ -401,11 +437,13 @@ def run_calibrate(cfg: Config, output: Path, overwrite: bool = False, ui: UI | N
         skip = statistics_skip(cfg, method)
         result = engine.run(None, lambda i, name: Target(0.0), p.targets, p.ignore, batches, skip_first=skip,
                             gram=method.needs_gram)
+    summary = {"stats_file": str(output), "model": cfg.model.name_or_path, "calibration": calibration,
+               "skip_first_tokens": skip, "world_size": engine.comm.world_size,
+               "seconds": round(time.perf_counter() - t0, 3), "inputs": summarize_stats(result.stats)}
+    if not engine.comm.is_main:  # every process holds the same statistics; rank 0 writes them
+        return summary
     save_stats(result.stats, output, {"model": cfg.model.name_or_path, "calibration": calibration,
                                       "skip_first_tokens": str(skip)})
-    summary = {"stats_file": str(output), "model": cfg.model.name_or_path, "calibration": calibration,
-               "skip_first_tokens": skip,
-               "seconds": round(time.perf_counter() - t0, 3), "inputs": summarize_stats(result.stats)}
     summary_path = output.with_suffix(".json")
     write_json_atomic(summary_path, summary)
     summary["summary_file"] = str(summary_path)
@@ -446,9 +484,10 @@ def run_eval(cfg: Config, ui: UI | None = None) -> list[dict[str, Any]]:
 @contextmanager
 def reading_engine(cfg: Config, device: torch.device, near: Path | None, ui: UI) -> Iterator[LayerwiseEngine]:
     """An engine over the unpruned model, streamed from its checkpoint when ``runtime.streaming`` says so
-    (calibrate and eval-ppl write no weights, so they need no output folder)."""
-    with tempfile.TemporaryDirectory(prefix=".statprune-activations-", dir=near.parent if near else None) as acts:
-        placement = Placement(activation_dir=Path(acts))
+    (calibrate and eval-ppl write no weights, so they need no output folder), in the launcher's process group."""
+    with launched(device) as (comm, device), \
+            tempfile.TemporaryDirectory(prefix=".statprune-activations-", dir=near.parent if near else None) as acts:
+        placement = Placement(activation_dir=Path(acts), comm=comm)
         if should_stream(cfg.model, cfg.runtime.streaming, cfg.runtime.streaming_memory_share):
             checkpoint = Checkpoint(resolve_folder(cfg.model))
             ui.log(f"streaming {cfg.model.name_or_path}: one decoder layer in memory at a time")

@@ -43,6 +43,18 @@ class ChannelStats:
         x = x.to(torch.float64)
         return cls(x.shape[0], x.sum(0), (x * x).sum(0), x.abs().sum(0), g)
 
+    @classmethod
+    def total(cls, parts: list[ChannelStats]) -> ChannelStats:
+        """The sum of ``parts`` added in list order (float addition is not associative: the order is the result)."""
+        out = cls.empty(parts[0].sum.numel())
+        for p in parts:
+            out.add(p)
+        return out
+
+    def vectors_on_cpu(self) -> ChannelStats:
+        """The per-channel sums alone, in CPU memory: what is kept per batch and exchanged (the Gram matrix is summed apart)."""
+        return ChannelStats(self.count, *(getattr(self, f).cpu() for f in FIELDS))
+
     def add(self, other: ChannelStats) -> None:
         self.count += other.count
         for f in FIELDS:

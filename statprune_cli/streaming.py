@@ -9,6 +9,11 @@ Peak memory is one decoder layer plus the calibration activations plus the embed
 The output is built in ``.<name>.partial`` beside the output folder, which also records progress
 after every layer (``progress.json``, the activations entering the next layer, the random state),
 so a killed run started again with the same config continues from the next layer.
+
+Under torchrun every process reads each layer from the checkpoint and prunes it identically; rank 0
+alone writes shards, ``progress.json`` and the final folder. Each process saves its own
+activations (``inputs-0000k-rankR.safetensors``), all of them before ``progress.json`` points at
+them, so a resume needs the same number of processes.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from statprune_cli.config import ModelConfig
+from statprune_cli.distributed import Communicator
 from statprune_cli.engine import LayerResult, LinearResult
 from statprune_cli.errors import InputError, PruneError
 from statprune_cli.layers import find_decoder_layers
@@ -217,13 +223,19 @@ def folder_sparsity(checkpoint: Checkpoint) -> dict[str, float | int]:
 class Progress:
     """What a streaming run has finished, recorded in its partial folder after every layer.
 
-    ``progress.json`` is written last and names the activations file it goes with, so a kill at
-    any moment leaves either the previous record or the new one, never a mix.
+    ``progress.json`` is written last, by rank 0, once every process's activations for its next
+    layer are on disk, so a kill at any moment leaves either the previous record or the new one,
+    never a mix. Activation files older than the record are deleted after it.
     """
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, comm: Communicator | None = None) -> None:
         self.folder = folder
         self.path = folder / "progress.json"
+        self.comm = comm or Communicator()
+
+    def inputs(self, next_layer: int) -> Path:
+        """This process's activations entering ``next_layer``."""
+        return self.folder / f"inputs-{next_layer:05d}{self.comm.suffix}.safetensors"
 
     def load(self, config: dict[str, Any]) -> tuple[int, list[torch.Tensor], list[LayerResult], dict[str, Any]] | None:
         """(next layer, its input activations, results so far, extra) of a partial run of ``config``; None if fresh."""
@@ -234,8 +246,12 @@ class Progress:
         if differences:
             raise InputError(f"output.dir: {self.folder} holds a partial run of another config ({'; '.join(differences[:3])}); "
                              "run that config again to resume it, or delete the folder to start over")
-        tensors = load_file(str(self.folder / record["inputs"]))
-        hidden = [tensors[f"batch.{j}"] for j in range(record["batches"])]
+        world = record.get("world_size", 1)
+        if world != self.comm.world_size:
+            raise InputError(f"output.dir: {self.folder} holds a partial run on {world} process(es); resume it with "
+                             f"{world} (got {self.comm.world_size}), or delete the folder to start over")
+        tensors = load_file(str(self.inputs(record["next_layer"])))
+        hidden = [tensors[f"batch.{j}"] for j in range(sum(k.startswith("batch.") for k in tensors))]
         torch.set_rng_state(tensors["rng_state"])
         results = [LayerResult(r["index"], r["seconds"], {n: LinearResult(tuple(v["shape"]), v["target"], v["zeros"], v["sparsity"], v["info"])
                                                           for n, v in r["linears"].items()}) for r in record["results"]]
@@ -243,15 +259,17 @@ class Progress:
 
     def save(self, config: dict[str, Any], next_layer: int, hidden: list[torch.Tensor], results: list[LayerResult],
              extra: dict[str, Any]) -> None:
-        inputs = f"inputs-{next_layer:05d}.safetensors"
         tensors = {f"batch.{j}": h.detach().to("cpu").contiguous() for j, h in enumerate(hidden)}
         tensors["rng_state"] = torch.get_rng_state()
-        _write_atomic(self.folder / inputs, lambda p: save_file(tensors, str(p)))
-        record = {"config": config, "next_layer": next_layer, "inputs": inputs, "batches": len(hidden),
+        _write_atomic(self.inputs(next_layer), lambda p: save_file(tensors, str(p)))
+        self.comm.barrier()  # every process's activations are on disk before the record points at them
+        if not self.comm.is_main:
+            return
+        record = {"config": config, "next_layer": next_layer, "world_size": self.comm.world_size,
                   "results": [asdict(r) for r in results], "extra": extra}
         _write_atomic(self.path, lambda p: p.write_text(json.dumps(record)))
         for old in self.folder.glob("inputs-*.safetensors"):
-            if old.name != inputs:
+            if int(old.name[len("inputs-"):][:5]) < next_layer:
                 old.unlink()
 
     def clear(self) -> None:
@@ -278,12 +296,15 @@ def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "
 
 
 @contextmanager
-def partial_dir(path: Path) -> Iterator[Path]:
-    """``.<name>.partial`` beside ``path``: kept when the run fails (to resume), renamed to ``path`` when it succeeds."""
+def partial_dir(path: Path, rename: bool = True) -> Iterator[Path]:
+    """``.<name>.partial`` beside ``path``: kept when the run fails (to resume), renamed to ``path`` when it succeeds
+    (by the one process that passes ``rename``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.parent / f".{path.name}.partial"
     partial.mkdir(exist_ok=True)
     yield partial
+    if not rename:
+        return
     old = path.parent / f".{path.name}.old-{os.getpid()}"
     if path.exists():
         path.rename(old)
@@ -317,10 +338,12 @@ def should_stream(mc: ModelConfig, setting: bool | str, share: float) -> bool:
 class StreamingOutput:
     """A streaming prune's output: shards written as layers finish, progress recorded, resumable."""
 
-    def __init__(self, folder: Path, checkpoint: Checkpoint, layers_name: str, num_layers: int, config: dict[str, Any]) -> None:
+    def __init__(self, folder: Path, checkpoint: Checkpoint, layers_name: str, num_layers: int, config: dict[str, Any],
+                 comm: Communicator | None = None) -> None:
         self.folder, self.checkpoint, self.layers_name = folder, checkpoint, layers_name
+        self.comm = comm or Communicator()
         self.writer = ShardWriter(folder, num_layers)
-        self.progress = Progress(folder)
+        self.progress = Progress(folder, self.comm)
         self.config = config
 
     def resume(self) -> tuple[int, list[torch.Tensor], list[LayerResult]] | None:
@@ -328,14 +351,18 @@ class StreamingOutput:
         return None if state is None else state[:3]
 
     def layer_done(self, index: int, layer: nn.Module, next_inputs: list[torch.Tensor], results: list[LayerResult]) -> None:
-        self.writer.write_layer(index, self.layers_name, layer)
+        if self.comm.is_main:
+            self.writer.write_layer(index, self.layers_name, layer)
         self.progress.save(self.config, index + 1, next_inputs, results, {})
-        crash_after = os.environ.get("STATPRUNE_TEST_KILL_AFTER_LAYER")  # tests: simulate a crash right here
-        if crash_after is not None and int(crash_after) == index:
+        # tests: simulate a crash right here, in every process ("1") or in one ("1@rank1")
+        crash_after = os.environ.get("STATPRUNE_TEST_KILL_AFTER_LAYER")
+        if crash_after in (str(index), f"{index}@rank{self.comm.rank}"):
             os.kill(os.getpid(), 9)
 
     def finish_weights(self, model: nn.Module) -> Checkpoint:
-        """Write what is not in a decoder layer and the index; the folder is then a checkpoint to evaluate."""
-        self.writer.write_rest(model, self.layers_name)
-        self.writer.finish()
+        """Write what is not in a decoder layer and the index (rank 0); the folder is then a checkpoint to evaluate."""
+        if self.comm.is_main:
+            self.writer.write_rest(model, self.layers_name)
+            self.writer.finish()
+        self.comm.barrier()
         return Checkpoint(self.folder, "output.dir")

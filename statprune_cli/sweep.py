@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from statprune_cli.config import Config, _build, validate
+from statprune_cli.distributed import launched_world_size
 from statprune_cli.engine import LayerwiseEngine
 from statprune_cli.errors import ConfigError, InputError
 from statprune_cli.export import atomic_dir, check_output_dir
@@ -92,6 +93,8 @@ def run_sweep(cfg: Config, methods: list[str], settings: list[str], output: Path
               ui: UI | None = None, zeroshot: bool = False) -> dict[str, Any]:
     """``zeroshot``: also the mean zero-shot accuracy of every cell, on the tasks of ``eval.zeroshot``."""
     ui = ui or UI()
+    if launched_world_size() > 1:
+        raise InputError("sweep: runs in one process; start it without torchrun or accelerate launch")
     check_output_dir(output, overwrite, "--output")
     cells = plan_cells(cfg, methods, settings)
     if zeroshot:
