@@ -3,7 +3,7 @@
 1. Two synthetic Llama checkpoints (random float32 weights, hidden 2048, intermediate 5504, SmolLM2's
    tokenizer), 24 and 12 decoder layers: they differ only in layer count. Each is pruned with Wanda
    (--nsamples windows x 512 tokens, no evaluation) streaming; the 24-layer one also in memory. Peak RSS is the
-   subprocess's own (`report.json` memory.peak_rss_mib, from getrusage); the baseline is the RSS of a
+   subprocess's own (`report.json` memory.peak_rss_mib, VmHWM from /proc); the baseline is the RSS of a
    process that has imported statprune, torch and transformers. Expected growth: largest decoder
    layer + one copy of the calibration activations + embeddings.
 2. SmolLM2-135M pruned with statprune in memory and streaming (--smollm-nsamples windows x 512,
@@ -31,8 +31,7 @@ MIB = 2**20
 
 
 def baseline_rss_mib() -> float:
-    code = ("import resource, torch, transformers, statprune_cli.pipeline; "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    code = "import torch, transformers, statprune_cli.pipeline; from statprune_cli.report import peak_rss_mib; print(peak_rss_mib())"
     return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 

@@ -28,9 +28,21 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory. /proc's VmHWM first: getrusage's ru_maxrss survives exec, so a
+    process started by a large parent (a benchmark script) would report the parent's peak."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def peak_memory() -> dict[str, float | None]:
-    """Peak process RSS (Linux reports KiB) and CUDA max allocated, in MiB."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak process RSS and CUDA max allocated, in MiB."""
+    rss = peak_rss_mib()
     cuda = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     return {"peak_rss_mib": round(rss, 1), "cuda_max_allocated_mib": None if cuda is None else round(cuda, 1)}
 
