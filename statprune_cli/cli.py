@@ -199,6 +199,21 @@ def sweep(
     _emit(result, as_json, render)
 
 
+def _target_config(target: str, set_: list[str] | None, gguf_file: str | None, device: str | None, dtype: str | None) -> Any:
+    """The evaluation commands' config: a YAML file (with --set) or a model folder / hub id, then --device/--dtype."""
+    from statprune_cli.config import Config, ModelConfig, load_config
+
+    if target.endswith((".yaml", ".yml")):
+        cfg = load_config(target, list(set_ or []))
+    else:
+        cfg = Config(model=ModelConfig(name_or_path=target, gguf_file=gguf_file))
+    if device is not None:
+        cfg.runtime.device = device
+    if dtype is not None:
+        cfg.model.dtype = dtype
+    return cfg
+
+
 @app.command("eval-ppl")
 @_exit_codes
 def eval_ppl(
@@ -220,25 +235,18 @@ def eval_ppl(
 
     Example: statprune eval-ppl out/smollm2-50 --dataset wikitext2 --data-files ../shared/data/wikitext-2-raw --seqlen 512
     """
-    from statprune_cli.config import Config, DataConfig, EvalConfig, ModelConfig, _build, load_config, validate
+    from statprune_cli.config import DataConfig, _build, validate
     from statprune_cli.pipeline import run_eval
     from statprune_cli.distributed import is_main_process
     from statprune_cli.ui import UI
 
-    if target.endswith((".yaml", ".yml")):
-        cfg = load_config(target, list(set_ or []))
-    else:
-        cfg = Config(model=ModelConfig(name_or_path=target, gguf_file=gguf_file), eval=EvalConfig())
+    cfg = _target_config(target, set_, gguf_file, device, dtype)
     e = cfg.eval
     if dataset is not None or not e.datasets:
         e.datasets = [_build(DataConfig, {"dataset": dataset or "wikitext2", "data_files": data_files, "split": split}, "--dataset")]
     for key, value in (("seqlen", seqlen), ("max_tokens", max_tokens), ("batch_size", batch_size)):
         if value is not None:
             setattr(e, key, value)
-    if device is not None:
-        cfg.runtime.device = device
-    if dtype is not None:
-        cfg.model.dtype = dtype
     validate(cfg)
     ui = UI(quiet=quiet or not is_main_process())
     results = run_eval(cfg, ui)
@@ -272,16 +280,12 @@ def eval_zeroshot(
     A folder written by `prune` also gets the result in its report.json.
     Example: statprune eval-zeroshot out/smollm2-50 --data-dir ../shared/data/zeroshot --tasks boolq,piqa --limit 100
     """
-    from statprune_cli.config import (ZEROSHOT_DEFAULT, Config, ModelConfig, check_zeroshot_data_dir, check_zeroshot_tasks,
-                                      load_config, validate)
+    from statprune_cli.config import ZEROSHOT_DEFAULT, check_zeroshot_data_dir, check_zeroshot_tasks, validate
     from statprune_cli.pipeline import run_zeroshot
     from statprune_cli.report import print_zeroshot
     from statprune_cli.ui import UI
 
-    if target.endswith((".yaml", ".yml")):
-        cfg = load_config(target, list(set_ or []))
-    else:
-        cfg = Config(model=ModelConfig(name_or_path=target, gguf_file=gguf_file))
+    cfg = _target_config(target, set_, gguf_file, device, dtype)
     z = cfg.eval.zeroshot
     if tasks is not None:
         z.tasks = [t.strip() for t in tasks.split(",") if t.strip()]
@@ -294,10 +298,6 @@ def eval_zeroshot(
     for key, value in (("limit", limit), ("batch_size", batch_size)):
         if value is not None:
             setattr(z, key, value)
-    if device is not None:
-        cfg.runtime.device = device
-    if dtype is not None:
-        cfg.model.dtype = dtype
     validate(cfg)
     ui = UI(quiet=quiet)
     result = run_zeroshot(cfg, ui)

@@ -42,10 +42,15 @@ def atomic_dir(path: Path, overwrite: bool, key: str = "output.dir") -> Iterator
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = path.parent / f".{path.name}.old-{os.getpid()}"
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
+    replace_dir(tmp, path)
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Rename a complete folder ``src`` to ``dst``; an old ``dst`` is moved aside first and removed last."""
+    old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+    if dst.exists():
+        dst.rename(old)
+    src.rename(dst)
     if old.exists():
         shutil.rmtree(old)
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -39,6 +38,7 @@ from statprune_cli.config import ModelConfig
 from statprune_cli.distributed import Communicator
 from statprune_cli.engine import LayerResult, LinearResult
 from statprune_cli.errors import InputError, PruneError
+from statprune_cli.export import replace_dir
 from statprune_cli.layers import find_decoder_layers
 from statprune_cli.load import torch_dtype
 
@@ -303,14 +303,8 @@ def partial_dir(path: Path, rename: bool = True) -> Iterator[Path]:
     partial = path.parent / f".{path.name}.partial"
     partial.mkdir(exist_ok=True)
     yield partial
-    if not rename:
-        return
-    old = path.parent / f".{path.name}.old-{os.getpid()}"
-    if path.exists():
-        path.rename(old)
-    partial.rename(path)
-    if old.exists():
-        shutil.rmtree(old)
+    if rename:
+        replace_dir(partial, path)
 
 
 def available_memory() -> int:
