@@ -404,5 +404,5 @@ class LayerwiseEngine:
         if not torch.isfinite(linear.weight).all():
             raise PruneError(f"non-finite weights in {name}")
         info, refiner = method.prune(linear, stats, target)
-        zeros = int((linear.weight == 0).sum())
+        zeros = linear.weight.numel() - int(torch.count_nonzero(linear.weight))
         return LinearResult(tuple(linear.weight.shape), target.sparsity, zeros, zeros / linear.weight.numel(), info), refiner

@@ -54,7 +54,7 @@ def model_sparsity(model: nn.Module) -> dict[str, float | int]:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        zeros += int((p == 0).sum())
+        zeros += p.numel() - int(torch.count_nonzero(p))
         total += p.numel()
     return {"zeros": zeros, "parameters": total, "sparsity": zeros / total if total else 0.0}
 

@@ -72,16 +72,34 @@ class Checkpoint:
         return sum(f.stat().st_size for f in set(self.files.values()))
 
     def read(self, names: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The tensors ``names``, each read with plain file I/O into memory of its own.
+
+        Not through ``safe_open``: its tensors live in a memory map of the whole file, whose touched
+        pages stay resident while any tensor from it lives, and copying out of it holds a tensor
+        twice; reading the bytes straight into a fresh tensor holds it once.
+        """
         by_file: dict[Path, list[str]] = {}
         for n in names:
             by_file.setdefault(self.files[n], []).append(n)
         out = {}
         for path, ns in by_file.items():
-            with safe_open(path, "pt") as f:
+            start, header = self._header(path)
+            with open(path, "rb") as f:
                 for n in ns:
-                    t = f.get_tensor(n)
+                    info = header[n]
+                    t = torch.empty(info["shape"], dtype=TORCH_DTYPES[info["dtype"]])
+                    begin, end = info["data_offsets"]
+                    f.seek(start + begin)
+                    if end > begin and f.readinto(memoryview(t.reshape(-1).view(torch.uint8).numpy())) != end - begin:
+                        raise InputError(f"model.name_or_path: {path} is truncated at tensor {n}")
                     out[n] = t if dtype is None or not t.is_floating_point() else t.to(dtype)
         return out
+
+    def _header(self, path: Path) -> tuple[int, dict[str, Any]]:
+        """(offset of the data, the JSON header) of a safetensors file."""
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            return 8 + size, json.loads(f.read(size))
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
@@ -138,6 +156,7 @@ class StreamedLayers:
     def __init__(self, checkpoint: Checkpoint, layers_name: str, dtype: torch.dtype | str) -> None:
         self.checkpoint, self.layers_name = checkpoint, layers_name
         self.dtype = None if dtype == "auto" else dtype
+        return_freed_memory_promptly()
 
     def fetch(self, index: int, layer: nn.Module, device: torch.device) -> None:
         prefix = f"{self.layers_name}.{index}."
@@ -169,8 +188,12 @@ class ShardWriter:
         return self.folder / f"model-{k + 1:05d}-of-{self.total:05d}.safetensors"
 
     def write(self, k: int, tensors: dict[str, torch.Tensor]) -> None:
+        """One shard; its header also counts its zeros, so the report's sparsity needs no second read."""
         data = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
-        _write_atomic(self.shard(k), lambda p: save_file(data, str(p), metadata={"format": "pt"}))
+        zeros = sum(t.numel() - int(torch.count_nonzero(t)) for t in data.values())  # (t == 0).sum() makes an int64 copy
+        numel = sum(t.numel() for t in data.values())
+        metadata = {"format": "pt", "statprune_zeros": str(zeros), "statprune_numel": str(numel)}
+        _write_atomic(self.shard(k), lambda p: write_safetensors(p, data, metadata))
 
     def write_layer(self, index: int, prefix: str, layer: nn.Module) -> None:
         state = layer.state_dict()
@@ -196,6 +219,36 @@ class ShardWriter:
         _write_atomic(self.folder / INDEX, lambda p: p.write_text(json.dumps(index, indent=2)))
 
 
+DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+          torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+TORCH_DTYPES = {name: dtype for dtype, name in DTYPES.items()}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """The safetensors format, written tensor by tensor straight from memory.
+
+    ``safetensors.torch.save_file`` first builds the whole file as one bytes object, which doubles a
+    shard's memory at the moment it is written (the embeddings' shard included); the format is an
+    8-byte header length, a JSON header and the raw little-endian data, so it is written here directly.
+    ``safe_open`` reads it back (tests compare it with save_pretrained's files).
+    """
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, t in tensors.items():
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for t in tensors.values():
+            f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+
+
 def _numel(shape: list[int]) -> int:
     n = 1
     for s in shape:
@@ -208,13 +261,31 @@ def _itemsize(dtype: str) -> int:
 
 
 def folder_sparsity(checkpoint: Checkpoint) -> dict[str, float | int]:
-    """Zeros over every tensor of a written checkpoint, one shard at a time (the model is never whole in memory)."""
+    """Zeros over every tensor of an output that ``ShardWriter`` wrote, from the counts in the shards' headers."""
     zeros = total = 0
     for path in sorted(set(checkpoint.files.values())):
-        for t in load_file(str(path)).values():
-            zeros += int((t == 0).sum())
-            total += t.numel()
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+        if "statprune_zeros" not in meta:
+            raise PruneError(f"{path.name} was not written by this run (no zero count in its header)")
+        zeros += int(meta["statprune_zeros"])
+        total += int(meta["statprune_numel"])
     return {"zeros": zeros, "parameters": total, "sparsity": zeros / total if total else 0.0}
+
+
+def return_freed_memory_promptly() -> None:
+    """Have glibc serve large blocks (>= 1 MiB) with mmap, so that a freed layer goes back to the system.
+
+    By default glibc raises its mmap threshold up to 32 MiB as large blocks are freed; a layer's
+    16 MiB tensors then come from the heap, which fragments, and a streaming run's resident memory
+    creeps up with every layer. No-op where glibc is not the allocator.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 # ---------------------------------------------------------------- resume
