@@ -59,11 +59,15 @@ def statprune(*args: str, launcher: tuple[str, ...] = ()) -> dict | list:
 
 
 def prune(overrides: list[str], out: Path) -> dict:
+    """One fresh prune into ``out`` (removed afterwards); a streaming run's leftover partial folder is cleared first."""
+    partial = out.parent / f".{out.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
     try:
         return statprune("prune", str(BASE_CONFIG), "--overwrite", "--output", str(out),
                          *[a for o in overrides for a in ("--set", o)])
     finally:
         shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def pattern_overrides(setting: str) -> list[str]:
