@@ -30,6 +30,9 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Overri
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no log lines; errors still go to stderr.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout (for CI jobs and scripts).")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output, once the new one is complete.")]
+DeviceOpt = Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N (default: the config's, else auto).")]
+DtypeOpt = Annotated[Optional[str], typer.Option(help="float32, bfloat16, float16 or auto (default: the config's, else float32).")]
+GgufOpt = Annotated[Optional[str], typer.Option(help="GGUF file inside the model folder.")]
 
 
 def _exit_codes(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -224,9 +227,9 @@ def eval_ppl(
     seqlen: Annotated[Optional[int], typer.Option(help="Window length in tokens (default: the config's eval.seqlen, else 2048).")] = None,
     max_tokens: Annotated[Optional[int], typer.Option(help="Evaluate only the first windows covering this many tokens.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Windows per forward pass (default: the config's, else 1).")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N (default: the config's, else auto).")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16, float16 or auto (default: the config's, else float32).")] = None,
-    gguf_file: Annotated[Optional[str], typer.Option(help="GGUF file inside the model folder.")] = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    gguf_file: GgufOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
@@ -268,9 +271,9 @@ def eval_zeroshot(
     limit: Annotated[Optional[int], typer.Option(help="Only the first N examples of each task.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Requests per forward pass (default: the config's, else 1).")] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="Local task files (e.g. ../shared/data/zeroshot); no hub access. Default: eval.zeroshot.data_dir, else $STATPRUNE_ZEROSHOT_DATA, else the hub.")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N (default: the config's, else auto).")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16, float16 or auto (default: the config's, else float32).")] = None,
-    gguf_file: Annotated[Optional[str], typer.Option(help="GGUF file inside the model folder.")] = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    gguf_file: GgufOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
