@@ -83,7 +83,7 @@ class Checkpoint:
             by_file.setdefault(self.files[n], []).append(n)
         out = {}
         for path, ns in by_file.items():
-            start, header = self._header(path)
+            start, header = read_header(path)
             with open(path, "rb") as f:
                 for n in ns:
                     info = header[n]
@@ -95,14 +95,15 @@ class Checkpoint:
                     out[n] = t if dtype is None or not t.is_floating_point() else t.to(dtype)
         return out
 
-    def _header(self, path: Path) -> tuple[int, dict[str, Any]]:
-        """(offset of the data, the JSON header) of a safetensors file."""
-        with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            return 8 + size, json.loads(f.read(size))
-
     def __contains__(self, name: str) -> bool:
         return name in self.files
+
+
+def read_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """(offset of the data, the JSON header) of a safetensors file."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        return 8 + size, json.loads(f.read(size))
 
 
 def resolve_folder(mc: ModelConfig) -> Path:
@@ -210,11 +211,10 @@ class ShardWriter:
             path = self.shard(k)
             if not path.is_file():
                 raise PruneError(f"output shard {path.name} is missing")
-            with safe_open(path, "pt") as f:
-                for n in f.keys():  # noqa: SIM118 - not a dict
+            for n, info in read_header(path)[1].items():
+                if n != "__metadata__":
                     weight_map[n] = path.name
-                    sl = f.get_slice(n)
-                    total += _numel(sl.get_shape()) * _itemsize(sl.get_dtype())
+                    total += info["data_offsets"][1] - info["data_offsets"][0]
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         _write_atomic(self.folder / INDEX, lambda p: p.write_text(json.dumps(index, indent=2)))
 
@@ -247,17 +247,6 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
         f.write(raw)
         for t in tensors.values():
             f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def _itemsize(dtype: str) -> int:
-    return {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}[dtype]
 
 
 def folder_sparsity(checkpoint: Checkpoint) -> dict[str, float | int]:
