@@ -50,6 +50,13 @@ VARIANTS: dict[str, list[str]] = {
     "wanda+measured+skip1": [SP, "pruning.options={score: tempered, alpha: 1.0, compensation: measured}", "calibration.skip_first_tokens=1"],
     "tempered(a=0.75)+skip1": [SP, "pruning.options={score: tempered, alpha: 0.75, compensation: none}", "calibration.skip_first_tokens=1"],
     "variance+mean+skip1": [SP, "pruning.options={score: variance, compensation: mean}", "calibration.skip_first_tokens=1"],
+    # mask correction: swaps that bring each row's mean output back (statprune's default options otherwise: wanda+skip1)
+    "wanda+skip1+balance(c=50)": [SP, "pruning.options={balance_cycles: 50}"],
+    "wanda+skip1+balance(c=50;p=0)": [SP, "pruning.options={balance_cycles: 50, balance_var_power: 0.0}"],
+    "wanda+skip1+balance(c=50;p=2)": [SP, "pruning.options={balance_cycles: 50, balance_var_power: 2.0}"],
+    "wanda+skip1+balance(c=200)": [SP, "pruning.options={balance_cycles: 200}"],
+    "wanda+skip1+balance(c=50;attn)": [SP, "pruning.options={balance_cycles: 50, balance_targets: ['re:.*self_attn']}"],
+    "wanda+skip1+balance(c=50;mlp)": [SP, "pruning.options={balance_cycles: 50, balance_targets: ['re:.*mlp']}"],
 }
 
 

@@ -34,10 +34,14 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
-def matches(pattern: str, name: str, module: nn.Module) -> bool:
+def name_matches(pattern: str, name: str) -> bool:
     if pattern.startswith("re:"):
         return re.match(pattern[3:], name) is not None
-    return pattern == name or pattern == type(module).__name__
+    return pattern == name
+
+
+def matches(pattern: str, name: str, module: nn.Module) -> bool:
+    return name_matches(pattern, name) or pattern == type(module).__name__
 
 
 def target_linears(layer: nn.Module, prefix: str, targets: list[str], ignore: list[str]) -> dict[str, nn.Linear]:

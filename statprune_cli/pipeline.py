@@ -188,7 +188,7 @@ def prune_model(
         notes.append("OWL layer sparsities: " + ", ".join(f"{s:.3f}" for s in layer_sparsity))
 
     def target_for(index: int, name: str) -> Target:
-        return target if layer_sparsity is None else replace(target, sparsity=layer_sparsity[index])
+        return replace(target, name=name, sparsity=target.sparsity if layer_sparsity is None else layer_sparsity[index])
 
     result = engine.run(method, target_for, p.targets, p.ignore, batches, stats=stats, sequential=p.sequential, skip_first=skip,
                         resume=placement.resume, on_layer_done=placement.on_layer_done)

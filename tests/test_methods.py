@@ -165,3 +165,94 @@ def test_measured_compensation_is_the_least_squares_row_map(bias: bool, compensa
     assert ((fixed - dense) ** 2).mean() < ((pruned - dense) ** 2).mean()
     if bias:
         assert torch.allclose(fixed.mean(0), dense.mean(0), atol=1e-4)
+
+
+def balance_reference(w, mask, score, stats, cycles, nm=None, p=1.0):
+    """The mean-balancing swaps written as a plain loop over rows and candidates (the rule in statprune.py's docstring)."""
+    mask = mask.clone()
+    d = w.double() * stats.mean
+    ratio = d / stats.var.clamp_min(1e-12).pow(p)
+    for i in range(w.shape[0]):
+        err = float((d[i] * mask[i]).sum())
+        cols = range(w.shape[1])
+        grow = [sorted((j for j in cols if mask[i, j] and d[i, j] > 0), key=lambda j: -ratio[i, j])[:cycles],
+                sorted((j for j in cols if mask[i, j] and d[i, j] < 0), key=lambda j: ratio[i, j])[:cycles]]
+        drop = [sorted((j for j in cols if not mask[i, j] and d[i, j] < 0), key=lambda j: score[i, j])[:cycles],
+                sorted((j for j in cols if not mask[i, j] and d[i, j] > 0), key=lambda j: score[i, j])[:cycles]]
+        protected = set()
+        pg, pd = [0, 0], [0, 0]
+        for _ in range(cycles):
+            side = 0 if err > 0 else 1
+            if pg[side] >= len(grow[side]) or (nm is None and pd[side] >= len(drop[side])):
+                break
+            g = grow[side][pg[side]]
+            if nm is None:
+                q = drop[side][pd[side]]
+            else:
+                start = g - g % nm[1]
+                q = min((j for j in range(start, start + nm[1]) if not mask[i, j] and j not in protected), key=lambda j: score[i, j])
+            new = err + float(d[i, q]) - float(d[i, g])
+            if abs(new) < abs(err):
+                mask[i, g], mask[i, q], err = False, True, new
+                pd[side] += 1
+                protected |= {g, q}
+            pg[side] += 1
+    return mask
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4), (4, 8)])
+def test_mean_balancing_matches_the_plain_loop_and_keeps_the_pattern(nm) -> None:
+    from statprune_cli.masks import make_mask
+    from statprune_cli.methods.statprune import balance_mean
+
+    lin, x = layer_and_inputs(seed=3)
+    w, stats = lin.weight.detach().clone(), ChannelStats.of(x)
+    score = w.abs() * stats.m2.sqrt().float()
+    mask = make_mask(score, 0.5, nm, "row")
+    out = balance_mean(w, mask, score, stats, 6, nm)
+    assert torch.equal(out, balance_reference(w, mask, score, stats, 6, nm))
+    assert (out != mask).any()
+    assert torch.equal(out.sum(1), mask.sum(1))
+    if nm:
+        assert (out.reshape(16, -1, nm[1]).sum(-1) == nm[0]).all()
+    d = w.double() * stats.mean
+    before, after = (d * mask).sum(1).abs(), (d * out).sum(1).abs()
+    assert (after <= before).all() and after.sum() < 0.5 * before.sum()
+
+
+def test_statprune_balance_option_changes_only_the_mask() -> None:
+    lin, x = layer_and_inputs(seed=1)
+    plain, balanced = nn.Linear(32, 16), nn.Linear(32, 16)
+    plain.load_state_dict(lin.state_dict())
+    balanced.load_state_dict(lin.state_dict())
+    stats = ChannelStats.of(x)
+    build_method("statprune", {}).prune(plain, stats, Target(0.5))
+    build_method("statprune", {"balance_cycles": 8}).prune(balanced, stats, Target(0.5))
+    kept = balanced.weight != 0
+    assert torch.equal(balanced.weight[kept], lin.weight[kept])
+    assert not torch.equal(kept, plain.weight != 0)
+    shift = lambda m: (outputs(m, x) - outputs(lin, x)).mean(0).abs().mean()  # noqa: E731
+    assert shift(balanced) < shift(plain)
+
+
+@pytest.mark.parametrize("options,key", [({"balance_cycles": -1}, "balance_cycles"), ({"balance_var_power": -0.5}, "balance_var_power")])
+def test_balance_options_are_checked(options, key) -> None:
+    from statprune_cli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"pruning.options.{key}"):
+        build_method("statprune", options)
+
+
+def test_balance_targets_select_linears_by_name() -> None:
+    lin, x = layer_and_inputs(seed=1)
+    stats, w = ChannelStats.of(x), lin.weight.detach().float()
+    method = build_method("statprune", {"balance_cycles": 8, "balance_targets": ["re:.*self_attn"]})
+    plain = build_method("statprune", {})
+    score = method.score(w, stats)
+    attn, mlp = (Target(0.5, name=f"model.layers.0.{n}") for n in ("self_attn.q_proj", "mlp.up_proj"))
+    assert torch.equal(method.mask(w, score, stats, mlp), plain.mask(w, score, stats, mlp))
+    assert not torch.equal(method.mask(w, score, stats, attn), plain.mask(w, score, stats, attn))
+    from statprune_cli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="pruning.options.balance_targets"):
+        build_method("statprune", {"balance_targets": 5})

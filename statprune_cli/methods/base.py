@@ -24,6 +24,7 @@ class Target:
     sparsity: float
     nm: tuple[int, int] | None = None
     granularity: str = "row"
+    name: str = ""  # the linear's full module name, for options that apply to some linears only
 
 
 @dataclass
@@ -81,7 +82,11 @@ class Method:
         """An optional measured correction of the pruned ``linear``; ``dense`` is its weight before pruning."""
         return None
 
+    def mask(self, weight: torch.Tensor, score: torch.Tensor, stats: ChannelStats | None, target: Target) -> torch.Tensor:
+        """Which weights go (True = pruned); the default keeps the highest scores under the target's pattern."""
+        return make_mask(score, target.sparsity, target.nm, target.granularity)
+
     def prune(self, linear: nn.Linear, stats: ChannelStats | None, target: Target) -> tuple[dict[str, Any], Refiner | None]:
         weight = linear.weight.data.float().clone()
-        mask = make_mask(self.score(weight, stats), target.sparsity, target.nm, target.granularity)
+        mask = self.mask(weight, self.score(weight, stats), stats, target)
         return self.update(linear, weight, mask, stats), self.refiner(linear, weight, stats)

@@ -20,6 +20,13 @@ compensation (after the mask, closed form, per output row i)
           the calibration tokens: c = Cov(y, y') / Var(y'), b += E[y] - c E[y'] (no bias: c = E[y y'] / E[y'^2])
   measured_scale: the same without the intercept, c = E[y y'] / E[y'^2], for every architecture
 
+mask correction (``balance_cycles`` > 0): the mask's mean shift, e_i = sum_pruned W_ij mu_j, is driven
+  towards 0 by swapping, per row, a pruned weight whose W_ij mu_j has the sign of e_i (largest
+  W_ij mu_j / s2_j^p first: much mean, little variance) against a kept weight of the opposite sign
+  with the lowest score (for N:M, the lowest-score kept weight of the same group). A swap is made only
+  when it shrinks |e_i|, so each row keeps its count and every N:M group stays valid. This is the
+  training-free mask update of DSnoT (Zhang et al., ICLR 2024) on our channel statistics.
+
 robust statistics: ``skip_first_tokens`` (default 1) leaves the first positions of every window
 out of the statistics. The first token of a window acts as an attention sink and carries massive
 activations in a few channels (e.g. a second moment 13x the rest in SmolLM2's last down_proj),
@@ -28,14 +35,15 @@ which would otherwise decide those channels' scores.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from statprune_cli.errors import ConfigError
-from statprune_cli.methods.base import Method, Options
+from statprune_cli.layers import name_matches
+from statprune_cli.methods.base import Method, Options, Target
 from statprune_cli.stats import ChannelStats
 
 SCORES = ("variance", "tempered", "first_order", "magnitude")
@@ -51,6 +59,9 @@ class StatPruneOptions(Options):
     energy_stat: str = "m2"
     measure_tokens: int = 256
     skip_first_tokens: int = 1
+    balance_cycles: int = 0
+    balance_var_power: float = 1.0
+    balance_targets: list[str] = field(default_factory=lambda: ["re:.*"])
 
     def __post_init__(self) -> None:
         if self.score not in SCORES:
@@ -64,6 +75,10 @@ class StatPruneOptions(Options):
             raise ConfigError("pruning.options.skip_first_tokens", f"expected an integer >= 0, got {self.skip_first_tokens}")
         if self.measure_tokens < 1:
             raise ConfigError("pruning.options.measure_tokens", f"expected an integer >= 1, got {self.measure_tokens}")
+        if self.balance_cycles < 0:
+            raise ConfigError("pruning.options.balance_cycles", f"expected an integer >= 0, got {self.balance_cycles}")
+        if self.balance_var_power < 0:
+            raise ConfigError("pruning.options.balance_var_power", f"expected a number >= 0, got {self.balance_var_power}")
         if self.energy_stat not in ("m2", "s2"):
             raise ConfigError("pruning.options.energy_stat", f"expected 'm2' or 's2', got {self.energy_stat!r}")
 
@@ -102,6 +117,13 @@ class StatPrune(Method):
         if act is None:
             return weight.abs()
         return weight.abs() * act.to(weight.device, torch.float32)
+
+    def mask(self, weight: torch.Tensor, score: torch.Tensor, stats: ChannelStats | None, target: Target) -> torch.Tensor:
+        mask = super().mask(weight, score, stats, target)
+        if self.options.balance_cycles and any(name_matches(p, target.name) for p in self.options.balance_targets):
+            assert stats is not None
+            mask = balance_mean(weight, mask, score, stats, self.options.balance_cycles, target.nm, self.options.balance_var_power)
+        return mask
 
     def update(self, linear: nn.Linear, weight: torch.Tensor, mask: torch.Tensor, stats: ChannelStats | None) -> dict[str, Any]:
         assert stats is not None
@@ -169,3 +191,65 @@ class MeasuredCompensation:
             self.linear.bias.data.copy_((self.bias0 + self.s_y / n - c * self.s_p / n).to(self.linear.bias.dtype))
         self.dense = None  # free the dense copy as soon as the layer is done
         return {"scale_mean": float(c.mean()), "measured_tokens": n}
+
+
+def balance_mean(
+    weight: torch.Tensor, mask: torch.Tensor, score: torch.Tensor, stats: ChannelStats, cycles: int,
+    nm: tuple[int, int] | None = None, var_power: float = 1.0,
+) -> torch.Tensor:
+    """Swap pruned and kept weights row by row so the pruned row's mean output moves back to the dense one.
+
+    At most ``cycles`` candidate regrowths per row (from the ``cycles`` best of each sign); each row
+    keeps its number of pruned weights. Returns a new mask (True = pruned).
+    """
+    mask = mask.clone()
+    rows, cols = weight.shape
+    d = weight.double() * stats.mean.to(weight.device)  # each weight's share of its row's mean output
+    var = stats.var.to(weight.device).clamp_min(1e-12)
+    err = (d * mask).sum(1)  # E[y_dense - y_pruned] per row
+    k = min(cycles, cols)
+    ninf = float("-inf")
+    ratio = d / var.pow(var_power)
+    grow = [torch.topk(torch.where(mask & (d > 0), ratio, ninf), k, dim=1),  # used while err > 0
+            torch.topk(torch.where(mask & (d < 0), -ratio, ninf), k, dim=1)]  # used while err < 0
+    score = score.double()
+    if nm is None:
+        drop = [torch.topk(torch.where(~mask & (d < 0), -score, ninf), k, dim=1),  # while err > 0
+                torch.topk(torch.where(~mask & (d > 0), -score, ninf), k, dim=1)]
+    else:
+        keep_score = torch.where(mask, float("inf"), score)  # pruned (and regrown) weights are not candidates
+        offsets = torch.arange(nm[1], device=weight.device)
+    ptr = torch.zeros(rows, 4, dtype=torch.long, device=weight.device)  # grow+, grow-, drop+, drop-
+    active = torch.ones(rows, dtype=torch.bool, device=weight.device)
+    row = torch.arange(rows, device=weight.device)
+
+    def pick(lists: list, first: int, side: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        p = ptr[row, first + side].clamp_max(k - 1)[:, None]
+        vals = torch.where(side[:, None] == 0, lists[0].values.gather(1, p), lists[1].values.gather(1, p))[:, 0]
+        idx = torch.where(side[:, None] == 0, lists[0].indices.gather(1, p), lists[1].indices.gather(1, p))[:, 0]
+        return idx, (vals > ninf) & (ptr[row, first + side] < k)
+
+    for _ in range(cycles):
+        side = (err <= 0).long()  # 0: the pruned part of the row adds to the mean, regrow a positive share
+        g, g_ok = pick(grow, 0, side)
+        if nm is None:
+            p, p_ok = pick(drop, 2, side)
+        else:
+            group = (g - g % nm[1])[:, None] + offsets
+            p = group.gather(1, keep_score.gather(1, group).argmin(1, keepdim=True))[:, 0]
+            p_ok = torch.ones_like(g_ok)
+        active &= g_ok & p_ok
+        if not active.any():
+            break
+        new_err = err + d[row, p] - d[row, g]
+        swap = active & (new_err.abs() < err.abs())
+        r = row[swap]
+        mask[r, g[swap]] = False
+        mask[r, p[swap]] = True
+        err = torch.where(swap, new_err, err)
+        if nm is not None:
+            keep_score[r, p[swap]] = float("inf")
+            keep_score[r, g[swap]] = float("inf")
+        ptr[row[active], side[active]] += 1  # a candidate that would overshoot is passed over
+        ptr[r, 2 + side[swap]] += 1
+    return mask
