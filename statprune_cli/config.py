@@ -117,6 +117,7 @@ class RuntimeConfig:
     threads: int | None = None
     streaming: bool | str = "auto"  # read layers from the checkpoint one at a time; auto: when it would not fit
     streaming_memory_share: float = 0.5  # auto streams when the checkpoint is larger than this share of free memory
+    dist_timeout_minutes: float = 30.0  # under a launcher: how long a rank waits for a hung peer before all stop
 
 
 @dataclass
@@ -380,6 +381,8 @@ def validate(cfg: Config) -> None:
                                                "to safetensors (save_pretrained) or set runtime.streaming: false")
     if not 0 < r.streaming_memory_share <= 1:
         raise ConfigError("runtime.streaming_memory_share", f"expected a number in (0, 1], got {r.streaming_memory_share}")
+    if not r.dist_timeout_minutes > 0:
+        raise ConfigError("runtime.dist_timeout_minutes", f"expected a number of minutes > 0, got {r.dist_timeout_minutes}")
     if cfg.runtime.threads is not None and cfg.runtime.threads < 1:
         raise ConfigError("runtime.threads", f"expected an integer >= 1, got {cfg.runtime.threads}")
 

@@ -27,7 +27,6 @@ from statprune_cli.errors import ConfigError, PruneError
 from statprune_cli.stats import ChannelStats
 
 T = TypeVar("T")
-TIMEOUT = timedelta(minutes=30)  # a rank that hangs (not one that dies: that fails at once) stops the others after this
 
 
 def launched_world_size() -> int:
@@ -113,8 +112,10 @@ def device_for_rank(device: torch.device, local_rank: int, world_size: int) -> t
 
 
 @contextmanager
-def launched(device: torch.device) -> Iterator[tuple[Communicator, torch.device]]:
+def launched(device: torch.device, timeout_minutes: float = 30.0) -> Iterator[tuple[Communicator, torch.device]]:
     """Join the launcher's process group (nccl on CUDA, gloo on CPU) and yield (communicator, this rank's device).
+
+    ``timeout_minutes``: a rank that hangs (one that dies fails the others at once) stops the others after this.
 
     Outside a launcher: the single-process communicator and ``device`` unchanged.
     """
@@ -127,7 +128,7 @@ def launched(device: torch.device) -> Iterator[tuple[Communicator, torch.device]
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, rank=rank, world_size=world, timeout=TIMEOUT,
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(minutes=timeout_minutes),
                             device_id=device if device.type == "cuda" else None)
     try:
         yield Communicator(rank, world), device

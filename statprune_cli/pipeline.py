@@ -255,7 +255,7 @@ def run_prune(cfg: Config, overwrite: bool = False, stats_path: Path | None = No
                                                    "streaming run avoids; run `statprune eval-zeroshot` on the output instead")
             prepare_zeroshot(cfg.eval.zeroshot)
     check_world(cfg, batches)
-    with launched(device) as (comm, device):
+    with launched(device, cfg.runtime.dist_timeout_minutes) as (comm, device):
         run = Run(cfg, method, list(shapes), batches, stats, stats_path, evals, device, ui, timer, comm)
         if checkpoint is None:
             return prune_in_memory(run, out, overwrite, tokenizer, calibration)
@@ -485,7 +485,7 @@ def run_eval(cfg: Config, ui: UI | None = None) -> list[dict[str, Any]]:
 def reading_engine(cfg: Config, device: torch.device, near: Path | None, ui: UI) -> Iterator[LayerwiseEngine]:
     """An engine over the unpruned model, streamed from its checkpoint when ``runtime.streaming`` says so
     (calibrate and eval-ppl write no weights, so they need no output folder), in the launcher's process group."""
-    with launched(device) as (comm, device), \
+    with launched(device, cfg.runtime.dist_timeout_minutes) as (comm, device), \
             tempfile.TemporaryDirectory(prefix=".statprune-activations-", dir=near.parent if near else None) as acts:
         placement = Placement(activation_dir=Path(acts), comm=comm)
         if should_stream(cfg.model, cfg.runtime.streaming, cfg.runtime.streaming_memory_share):

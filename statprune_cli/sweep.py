@@ -188,6 +188,19 @@ def sweep_table(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_segments(result: dict[str, Any]) -> list[tuple[str, list[int], list[float]]]:
+    """(method, x positions, perplexities) per line: unstructured sparsities and N:M patterns are not joined,
+    as a line between 70% and 2:4 would suggest a trend that does not exist."""
+    settings, out = result["settings"], []
+    for m in result["methods"]:
+        cells = {c["setting"]: c for c in result["cells"] if c["method"] == m and not c["error"]}
+        for nm in (False, True):
+            xs = [i for i, s in enumerate(settings) if s in cells and (":" in s) == nm]
+            if xs:
+                out.append((m, xs, [cells[settings[i]]["perplexity"][0] for i in xs]))
+    return out
+
+
 def write_plot(result: dict[str, Any], path: Path) -> str | None:
     """sweep.png if matplotlib is installed (``pip install 'statprune[plot]'``); the table does not need it."""
     try:
@@ -199,10 +212,10 @@ def write_plot(result: dict[str, Any], path: Path) -> str | None:
         return None
     settings = result["settings"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for m in result["methods"]:
-        cells = {c["setting"]: c for c in result["cells"] if c["method"] == m and not c["error"]}
-        xs = [i for i, s in enumerate(settings) if s in cells]
-        ax.plot(xs, [cells[settings[i]]["perplexity"][0] for i in xs], marker="o", label=m)
+    colours: dict[str, str] = {}
+    for m, xs, ys in plot_segments(result):
+        (line,) = ax.plot(xs, ys, marker="o", color=colours.get(m), label=None if m in colours else m)
+        colours[m] = line.get_color()
     ax.axhline(result["dense"][0], color="black", linestyle="--", linewidth=1, label="dense")
     ax.set_xticks(range(len(settings)), settings)
     ax.set_yscale("log")

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import functools
 import importlib.metadata
+import importlib.util
 import logging
 import os
 from collections.abc import Iterator
@@ -79,11 +80,8 @@ class PreparedTasks:
 
 def require_lm_eval() -> str:
     """lm-eval's version, or a one-line error saying what to install."""
-    try:
-        import lm_eval  # noqa: F401
-    except ImportError:
-        raise InputError("eval.zeroshot: needs lm-evaluation-harness, which is not installed; "
-                         "pip install 'statprune[eval]'") from None
+    if importlib.util.find_spec("lm_eval") is None:
+        raise InputError("eval.zeroshot: needs lm-evaluation-harness, which is not installed; pip install 'statprune[eval]'")
     return importlib.metadata.version("lm_eval")
 
 

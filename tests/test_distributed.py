@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from statprune_cli.cli import app
-from statprune_cli.distributed import Communicator, device_for_rank
+from statprune_cli.distributed import Communicator, device_for_rank, launched
 from statprune_cli.errors import ConfigError
 from statprune_cli.stats import ChannelStats
 
@@ -174,3 +175,16 @@ def test_sharding_is_round_robin_and_cuda_processes_take_their_local_gpu() -> No
     assert device_for_rank(torch.device("cpu"), 3, 4) == torch.device("cpu")
     with pytest.raises(ConfigError, match="runtime.device: expected cuda or auto under a launcher"):
         device_for_rank(torch.device("cuda", 1), 0, 2)
+
+
+def test_the_process_group_timeout_comes_from_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.distributed as dist
+
+    seen: dict = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: seen.update(kw, backend=backend))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: seen.update(destroyed=True))
+    with launched(torch.device("cpu"), 0.5) as (comm, device):
+        assert (comm.rank, comm.world_size, device.type) == (1, 2, "cpu")
+    assert seen["timeout"] == timedelta(seconds=30) and seen["backend"] == "gloo" and seen["destroyed"]

@@ -74,3 +74,13 @@ def test_sweep_bad_input_is_one_line(cfg: Path, tmp_path: Path, args: list[str],
     assert res.exit_code == 2, res.output
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_the_plot_does_not_join_unstructured_and_nm_points() -> None:
+    from statprune_cli.sweep import plot_segments
+
+    cell = lambda m, s, p, e=None: {"method": m, "setting": s, "perplexity": [p], "error": e}  # noqa: E731
+    result = {"methods": ["wanda", "ria"], "settings": ["0.5", "0.6", "2:4", "4:8"],
+              "cells": [cell("wanda", "0.5", 10.0), cell("wanda", "0.6", 20.0), cell("wanda", "2:4", 30.0),
+                        cell("wanda", "4:8", 25.0), cell("ria", "0.6", 21.0), cell("ria", "2:4", None, "boom")]}
+    assert plot_segments(result) == [("wanda", [0, 1], [10.0, 20.0]), ("wanda", [2, 3], [30.0, 25.0]), ("ria", [1], [21.0])]

@@ -206,7 +206,7 @@ def test_bad_config_keys_stop_prune_before_loading(tmp_path: Path, tiny_model_di
 
 def test_without_lm_eval_the_error_says_what_to_install(tiny_model_dir: Path, task_dir: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "lm_eval", None)  # makes `import lm_eval` raise ImportError
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed: find_spec gives None
     res = run("eval-zeroshot", str(tiny_model_dir), "--data-dir", str(task_dir), "-q")
     assert res.exit_code == 2
     assert res.stderr == ("statprune: error: eval.zeroshot: needs lm-evaluation-harness, which is not installed; "
