@@ -8,20 +8,35 @@ from __future__ import annotations
 import torch
 
 
+CHUNK_ELEMENTS = 1 << 20  # rows are selected in chunks of about this many scores
+
+
+def lowest_k(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of the ``k`` lowest scores of each row, ties broken by column index (what a stable sort's first k are).
+
+    Selecting (``kthvalue``) in chunks of rows keeps the temporary values and int64 indices to a few
+    tens of MB; a full sort of the matrix would hold three times its size, gigabytes for one large linear.
+    """
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    if k == 0:
+        return mask
+    step = max(1, CHUNK_ELEMENTS // score.shape[1])
+    for part, out in zip(score.split(step), mask.split(step)):
+        kth = part.kthvalue(k, dim=1, keepdim=True).values
+        below = part < kth
+        need = k - below.sum(1, keepdim=True)  # how many of the entries equal to the kth value go, first by column
+        tied = part == kth
+        if bool((tied.sum(1, keepdim=True) > need).any()):
+            tied &= tied.cumsum(1, dtype=torch.int32) <= need
+        torch.logical_or(below, tied, out=out)
+    return mask
+
+
 def unstructured_mask(score: torch.Tensor, sparsity: float, granularity: str = "row") -> torch.Tensor:
     """Prune the ``int(cols * sparsity)`` lowest scores of each row (or of the whole matrix)."""
-    mask = torch.zeros_like(score, dtype=torch.bool)
     if granularity == "row":
-        k = int(score.shape[1] * sparsity)
-        if k:
-            idx = torch.sort(score, dim=1, stable=True).indices[:, :k]
-            mask.scatter_(1, idx, True)
-        return mask
-    k = int(score.numel() * sparsity)
-    if k:
-        idx = torch.sort(score.flatten(), stable=True).indices[:k]
-        mask.view(-1)[idx] = True
-    return mask
+        return lowest_k(score, int(score.shape[1] * sparsity))
+    return lowest_k(score.reshape(1, -1), int(score.numel() * sparsity)).reshape(score.shape)
 
 
 def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:

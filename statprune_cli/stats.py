@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from statprune_cli.errors import InputError, PruneError
 
 FIELDS = ("sum", "sumsq", "sumabs")
+CHUNK_ELEMENTS = 1 << 20
 
 
 @dataclass
@@ -40,8 +41,15 @@ class ChannelStats:
         if gram:
             x32 = x.float()
             g = x32.T @ x32
-        x = x.to(torch.float64)
-        return cls(x.shape[0], x.sum(0), (x * x).sum(0), x.abs().sum(0), g)
+        out = cls.empty(x.shape[-1])
+        out.sum, out.sumsq, out.sumabs = (t.to(x.device) for t in (out.sum, out.sumsq, out.sumabs))
+        for part in x.split(max(1, CHUNK_ELEMENTS // x.shape[-1])):  # float64 copies of a chunk, not of the batch
+            p = part.to(torch.float64)
+            out.sum += p.sum(0)
+            out.sumsq += (p * p).sum(0)
+            out.sumabs += p.abs().sum(0)
+        out.count, out.gram = x.shape[0], g
+        return out
 
     @classmethod
     def total(cls, parts: list[ChannelStats]) -> ChannelStats:

@@ -36,3 +36,15 @@ def test_nm_has_exact_zeros_per_group(n: int, m: int) -> None:
 def test_nm_rejects_indivisible_columns() -> None:
     with pytest.raises(ValueError, match="divisible"):
         nm_mask(torch.rand(2, 10), 2, 4)
+
+
+@pytest.mark.parametrize("granularity", ["row", "matrix"])
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.9])
+def test_selection_equals_a_stable_sort_with_many_ties(granularity: str, sparsity: float) -> None:
+    g = torch.Generator().manual_seed(0)
+    score = torch.randint(0, 4, (12, 40), generator=g).float()  # few distinct values: ties at every threshold
+    score[3] = 0.0  # a row of equal scores: the first columns go
+    flat = score if granularity == "row" else score.reshape(1, -1)
+    k = int(flat.shape[1] * sparsity)
+    expected = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, torch.sort(flat, dim=1, stable=True).indices[:, :k], True)
+    assert torch.equal(unstructured_mask(score, sparsity, granularity), expected.reshape(score.shape))

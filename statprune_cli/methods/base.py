@@ -75,7 +75,7 @@ class Method:
 
     def update(self, linear: nn.Linear, weight: torch.Tensor, mask: torch.Tensor, stats: ChannelStats | None) -> dict[str, Any]:
         """Write the pruned weight into ``linear``; subclasses may also compensate. Returns report info."""
-        linear.weight.data.copy_(weight.masked_fill(mask, 0.0))
+        linear.weight.data.masked_fill_(mask, 0.0)  # in place: no second copy of a large matrix
         return {}
 
     def refiner(self, linear: nn.Linear, dense: torch.Tensor, stats: ChannelStats | None) -> Refiner | None:
@@ -87,6 +87,7 @@ class Method:
         return make_mask(score, target.sparsity, target.nm, target.granularity)
 
     def prune(self, linear: nn.Linear, stats: ChannelStats | None, target: Target) -> tuple[dict[str, Any], Refiner | None]:
-        weight = linear.weight.data.float().clone()
+        weight = linear.weight.data.float()  # no copy of a float32 weight: nothing writes to it before ``update`` reads it
         mask = self.mask(weight, self.score(weight, stats), stats, target)
-        return self.update(linear, weight, mask, stats), self.refiner(linear, weight, stats)
+        dense = weight.clone() if self.needs_output_pass else weight  # a refiner compares with the unpruned weight
+        return self.update(linear, weight, mask, stats), self.refiner(linear, dense, stats)

@@ -128,6 +128,8 @@ class StatPrune(Method):
     def update(self, linear: nn.Linear, weight: torch.Tensor, mask: torch.Tensor, stats: ChannelStats | None) -> dict[str, Any]:
         assert stats is not None
         o = self.options
+        if o.compensation in ("none", "measured", "measured_scale"):  # only the mask here (measured: after the next pass)
+            return super().update(linear, weight, mask, stats)
         w = weight.double()
         kept = w.masked_fill(mask, 0.0)
         new = kept
