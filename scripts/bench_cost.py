@@ -72,7 +72,29 @@ def write_doc(args: argparse.Namespace, key: str) -> None:
         cells = [f"{t[meth]:.1f} s" if t[meth] else "" for meth in methods]
         ratio = [f"{t['statprune'] / t[d]:.2f}x" if t.get("statprune") and t.get(d) else "" for d in ("wanda", "sparsegpt")]
         out.append(f"| {label.get(m, m)} | " + " | ".join(cells + ratio) + " |")
+    runs: dict[tuple[str, str], list[float]] = {}
+    for r in sorted(rows, key=lambda r: r["repeat"]):
+        runs.setdefault((r["model"], r["method"]), []).append(r["prune_s"])
+    out += ["", "Every run, in repeat order (the spread is this machine's run-to-run noise):", "",
+            "| model | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
+    for m in models:
+        out.append(f"| {label.get(m, m)} | " + " | ".join(" / ".join(f"{t:.1f}" for t in runs.get((m, meth), []))
+                                                       for meth in methods) + " |")
+    out += ["", READING]
     write_section("cost", "\n".join(out) + "\n")
+
+
+READING = """Reading it. statprune runs exactly Wanda's passes (one statistics pass and one pass of the pruned layer
+per decoder layer) and differs only in which positions feed the statistics, so its cost is Wanda's up to noise;
+on this machine two runs of the same command differ by up to 25% (SparseGPT on the wide model: 329 and 410 s),
+which is larger than any difference between the two. SparseGPT adds, per linear, the Gram matrix X X^T (as many
+FLOPs as a forward pass of a square layer per token), a Cholesky factorisation (d^3/3) and the column-by-column
+update (rows x d^2). With 8 windows x 512 tokens on the wide model that is about 2.6 TFLOP per decoder layer on
+top of Wanda's 3.3 TFLOP of forward passes, which CPU BLAS runs at nearly full speed: SparseGPT costs 3.3x Wanda
+here, not the 5x or more that the baselines issue expects, so "statprune <= 1/5 of SparseGPT" cannot hold for
+any method that runs Wanda's two passes on this hardware at this calibration size; what holds is "statprune
+costs what Wanda costs". The gap grows with width (d^3 and rows x d^2 against the forward's rows x d per token)
+and with the column loop's launch overhead on a GPU, which this CPU measurement does not show."""
 
 
 if __name__ == "__main__":

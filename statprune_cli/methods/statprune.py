@@ -221,7 +221,7 @@ def balance_mean(
     else:
         keep_score = torch.where(mask, float("inf"), score)  # pruned (and regrown) weights are not candidates
         offsets = torch.arange(nm[1], device=weight.device)
-    ptr = torch.zeros(rows, 4, dtype=torch.long, device=weight.device)  # grow+, grow-, drop+, drop-
+    ptr = torch.zeros(rows, 4, dtype=torch.long, device=weight.device)  # next candidate: grow while err > 0, grow while err < 0, drop (same)
     active = torch.ones(rows, dtype=torch.bool, device=weight.device)
     row = torch.arange(rows, device=weight.device)
 
