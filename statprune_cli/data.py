@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+from array import array
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from statprune_cli.errors import InputError
 
 C4_HUB = ("allenai/c4", "en/c4-train.00000-of-01024.json.gz")
 MAX_CALIBRATION_DOCS = 20_000  # tokenizing more than this buys nothing for a few hundred windows
+TOKENIZE_CHUNK = 256
 
 
 def _read_jsonl(path: Path, column: str, key: str) -> list[str]:
@@ -92,7 +94,8 @@ def calibration_windows(
 ) -> tuple[torch.Tensor, str]:
     """``nsamples`` windows of ``seqlen`` tokens, shape (nsamples, seqlen), int64, and where they came from."""
     docs = docs[:MAX_CALIBRATION_DOCS]
-    ids = tokenize(docs)
+    # int32 arrays, tokenized in chunks: Python lists of ints take ~9x the memory (300 MB for 20,000 C4 documents)
+    ids = [array("i", t) for i in range(0, len(docs), TOKENIZE_CHUNK) for t in tokenize(docs[i : i + TOKENIZE_CHUNK])]
     rng = random.Random(seed)
     total = sum(len(t) for t in ids)
     if total < nsamples * seqlen:
@@ -109,14 +112,16 @@ def calibration_windows(
             start = rng.randint(0, len(t) - seqlen - 1)
             windows.append(t[start : start + seqlen])
     else:
-        stream = [tok for t in ids for tok in t]
+        stream = array("i")
+        for t in ids:
+            stream.extend(t)
         log(f"only {long_docs} of {len(ids)} documents exceed {seqlen} tokens (need {nsamples}): "
             "drawing windows from the concatenated token stream")
         origin = "token stream"
         for _ in range(nsamples):
             start = rng.randint(0, len(stream) - seqlen - 1)
             windows.append(stream[start : start + seqlen])
-    return torch.tensor(windows, dtype=torch.long), origin
+    return torch.stack([torch.frombuffer(w, dtype=torch.int32) for w in windows]).long(), origin
 
 
 def eval_windows(ids: torch.Tensor, seqlen: int, max_tokens: int | None) -> torch.Tensor:

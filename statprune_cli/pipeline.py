@@ -31,7 +31,7 @@ from statprune_cli.profile import outlier_ratio, owl_sparsities
 from statprune_cli.report import layer_summary, model_sparsity, package_versions, peak_memory
 from statprune_cli.stats import ChannelStats, load_stats, save_stats
 from statprune_cli.streaming import (Checkpoint, StreamedLayers, StreamingOutput, folder_sparsity, load_skeleton, partial_dir,
-                                     resolve_folder, should_stream)
+                                     resolve_folder, should_stream, trim_heap)
 from statprune_cli.ui import UI
 from statprune_cli.zeroshot import evaluate_zeroshot, prepare_zeroshot
 
@@ -254,6 +254,7 @@ def run_prune(cfg: Config, overwrite: bool = False, stats_path: Path | None = No
                 raise ConfigError("eval.zeroshot", "zero-shot evaluation puts the whole model on the device, which a "
                                                    "streaming run avoids; run `statprune eval-zeroshot` on the output instead")
             prepare_zeroshot(cfg.eval.zeroshot)
+        trim_heap()
     check_world(cfg, batches)
     with launched(device, cfg.runtime.dist_timeout_minutes) as (comm, device):
         run = Run(cfg, method, list(shapes), batches, stats, stats_path, evals, device, ui, timer, comm)
