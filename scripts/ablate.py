@@ -96,7 +96,9 @@ def write_doc(args: argparse.Namespace, key: str) -> None:
         "Variant names: the score (`wanda` = tempered with alpha 1, i.e. |W| m2^(1/2); `variance`; `tempered(a=..)`), "
         "then the compensation (`mean`, `energy(v/b=beta)`, `both`, `measured` = least-squares affine per row, "
         "`measured_scale` = the same without intercept), then `skipK` = the first K positions of every window left out of "
-        "the statistics (attention sinks). `wanda` alone is the reference Wanda. Lower is better.",
+        "the statistics (attention sinks), then `balance(c=cycles;p=power;attn|mlp)` = DSnoT-style mean balancing of the "
+        "mask (`balance_cycles`, `balance_var_power`, `balance_targets`; on every linear unless attn or mlp is named). "
+        "`wanda` alone is the reference Wanda. Lower is better.",
         "",
         "| variant | " + " | ".join(settings) + " |",
         "|---|" + "---:|" * len(settings),
