@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from statprune_cli.errors import InputError, PruneError
 
 FIELDS = ("sum", "sumsq", "sumabs")
-CHUNK_ELEMENTS = 1 << 20
+CHUNK_ELEMENTS = 1 << 20  # a batch's sums are taken over float64 copies of this many values at a time
 
 
 @dataclass
@@ -41,15 +41,14 @@ class ChannelStats:
         if gram:
             x32 = x.float()
             g = x32.T @ x32
-        out = cls.empty(x.shape[-1])
-        out.sum, out.sumsq, out.sumabs = (t.to(x.device) for t in (out.sum, out.sumsq, out.sumabs))
+        z = torch.zeros(x.shape[-1], dtype=torch.float64, device=x.device)
+        total, squares, absolute = z, z.clone(), z.clone()
         for part in x.split(max(1, CHUNK_ELEMENTS // x.shape[-1])):  # float64 copies of a chunk, not of the batch
             p = part.to(torch.float64)
-            out.sum += p.sum(0)
-            out.sumsq += (p * p).sum(0)
-            out.sumabs += p.abs().sum(0)
-        out.count, out.gram = x.shape[0], g
-        return out
+            total += p.sum(0)
+            squares += (p * p).sum(0)
+            absolute += p.abs().sum(0)
+        return cls(x.shape[0], total, squares, absolute, g)
 
     @classmethod
     def total(cls, parts: list[ChannelStats]) -> ChannelStats:

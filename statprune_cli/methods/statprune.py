@@ -213,15 +213,16 @@ def balance_mean(
     ninf = float("-inf")
     ratio = d / var.pow(var_power)
     grow = [torch.topk(torch.where(mask & (d > 0), ratio, ninf), k, dim=1),  # used while err > 0
-            torch.topk(torch.where(mask & (d < 0), -ratio, ninf), k, dim=1)]  # used while err < 0
+            torch.topk(torch.where(mask & (d < 0), -ratio, ninf), k, dim=1)]  # used while err <= 0
     score = score.double()
     if nm is None:
         drop = [torch.topk(torch.where(~mask & (d < 0), -score, ninf), k, dim=1),  # while err > 0
-                torch.topk(torch.where(~mask & (d > 0), -score, ninf), k, dim=1)]
+                torch.topk(torch.where(~mask & (d > 0), -score, ninf), k, dim=1)]  # while err <= 0
     else:
         keep_score = torch.where(mask, float("inf"), score)  # pruned (and regrown) weights are not candidates
         offsets = torch.arange(nm[1], device=weight.device)
-    ptr = torch.zeros(rows, 4, dtype=torch.long, device=weight.device)  # next candidate: grow while err > 0, grow while err < 0, drop (same)
+    # per row, the next candidate in grow[0], grow[1], drop[0], drop[1] (index 0: while err > 0, 1: while err <= 0)
+    ptr = torch.zeros(rows, 4, dtype=torch.long, device=weight.device)
     active = torch.ones(rows, dtype=torch.bool, device=weight.device)
     row = torch.arange(rows, device=weight.device)
 
