@@ -65,14 +65,16 @@ def main() -> None:
     ap.add_argument("--settings", default="50%,2:4,4:8")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0, help="calibration seed; another seed shows how much a row moves by chance")
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--results", type=Path, default=ROOT / "bench-out" / "ablation.jsonl")
-    ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "ablation.md")
+    ap.add_argument("--doc", type=Path, default=None, help="default: docs/ablation.md (seed 0), docs/ablation-seedN.md otherwise")
     args = ap.parse_args()
+    args.doc = args.doc or ROOT / "docs" / ("ablation.md" if not args.seed else f"ablation-seed{args.seed}.md")
     model = ensure_model()
-    common = common_overrides(model, args.nsamples, args.seqlen, args.eval_tokens, "validation")
-    key = f"n{args.nsamples}-s{args.seqlen}-e{args.eval_tokens}"
+    common = common_overrides(model, args.nsamples, args.seqlen, args.eval_tokens, "validation") + [f"calibration.seed={args.seed}"]
+    key = f"n{args.nsamples}-s{args.seqlen}-e{args.eval_tokens}" + (f"-seed{args.seed}" if args.seed else "")
     cells = {(name, setting): common + VARIANTS[name] + pattern_overrides(setting)
              for setting in args.settings.split(",") for name in args.variants.split(",")}
     run_grid(args.results, key, "variant", cells, model, args.seqlen, args.eval_tokens, "validation")
@@ -87,11 +89,12 @@ def write_doc(args: argparse.Namespace, key: str) -> None:
     lines = [
         "# Ablation: statprune's score and compensation (SmolLM2-135M)",
         "",
-        f"Calibration: {args.nsamples} windows x {args.seqlen} tokens of the C4 sample, seed 0, sequential. "
+        f"Calibration: {args.nsamples} windows x {args.seqlen} tokens of the C4 sample, seed {args.seed}, sequential. "
         f"Score: perplexity on the first {args.eval_tokens} tokens of the WikiText-2 **validation** split, seqlen {args.seqlen}, float32, CPU. "
         f"Dense perplexity: {dense:.3f}." if dense else "",
         "",
-        f"Made by: `python scripts/ablate.py --settings {args.settings} --nsamples {args.nsamples} --seqlen {args.seqlen} --eval-tokens {args.eval_tokens}`",
+        f"Made by: `python scripts/ablate.py --settings {args.settings} --nsamples {args.nsamples} --seqlen {args.seqlen} --eval-tokens {args.eval_tokens}"
+        + (f" --seed {args.seed}" if args.seed else "") + "`",
         "",
         "Variant names: the score (`wanda` = tempered with alpha 1, i.e. |W| m2^(1/2); `variance`; `tempered(a=..)`), "
         "then the compensation (`mean`, `energy(v/b=beta)`, `both`, `measured` = least-squares affine per row, "
