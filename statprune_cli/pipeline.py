@@ -80,13 +80,17 @@ def calibration_batches(cfg: Config, tokenizer: Any, ui: UI) -> tuple[list[torch
         return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
     windows, origin = calibration_windows(docs, tokenize, c.nsamples, c.seqlen, c.seed, log=ui.log)
+    del docs
+    trim_heap()  # tokenizing leaves tens of MB of freed heap that would count in the whole run's peak
     where = f" ({c.data_files})" if c.data_files else ""
     return batched(windows, c.batch_size), f"{c.nsamples} windows x {c.seqlen} tokens from {c.dataset}{where}, seed {c.seed}, from {origin}"
 
 
 def eval_sets(cfg: Config, tokenizer: Any) -> list[EvalSet]:
     e = cfg.eval
-    return [load_eval_set(tokenizer, d, e.seqlen, e.max_tokens, key=f"eval.datasets[{i}]") for i, d in enumerate(e.datasets)]
+    sets = [load_eval_set(tokenizer, d, e.seqlen, e.max_tokens, key=f"eval.datasets[{i}]") for i, d in enumerate(e.datasets)]
+    trim_heap()
+    return sets
 
 
 @dataclass
@@ -254,7 +258,6 @@ def run_prune(cfg: Config, overwrite: bool = False, stats_path: Path | None = No
                 raise ConfigError("eval.zeroshot", "zero-shot evaluation puts the whole model on the device, which a "
                                                    "streaming run avoids; run `statprune eval-zeroshot` on the output instead")
             prepare_zeroshot(cfg.eval.zeroshot)
-        trim_heap()
     check_world(cfg, batches)
     with launched(device, cfg.runtime.dist_timeout_minutes) as (comm, device):
         run = Run(cfg, method, list(shapes), batches, stats, stats_path, evals, device, ui, timer, comm)

@@ -281,8 +281,8 @@ def return_freed_memory_promptly() -> None:
 def trim_heap() -> None:
     """Give the heap's free pages back to the system (glibc ``malloc_trim``).
 
-    Tokenizing the calibration text leaves tens of MB of freed but resident heap behind, which
-    would otherwise count in a streaming run's peak for the whole run. No-op where glibc is not the allocator.
+    Tokenizing calibration and evaluation text leaves tens of MB of freed but resident heap behind,
+    which would otherwise count in a streaming run's peak for the whole run. No-op where glibc is not the allocator.
     """
     gc.collect()
     try:
