@@ -183,6 +183,11 @@ class LinearResult:
     zeros: int
     sparsity: float
     info: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # tensors a method hands back to be saved beside the weights
+
+    def record(self) -> dict[str, Any]:
+        """The JSON-able part (``extras`` go to their own file)."""
+        return {"shape": list(self.shape), "target": self.target, "zeros": self.zeros, "sparsity": self.sparsity, "info": self.info}
 
 
 @dataclass
@@ -190,6 +195,13 @@ class LayerResult:
     index: int
     seconds: float
     linears: dict[str, LinearResult] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        return {"index": self.index, "seconds": self.seconds, "linears": {n: r.record() for n, r in self.linears.items()}}
+
+    def extras(self) -> dict[str, torch.Tensor]:
+        """Every linear's extra tensors, named ``<linear>.<key>``."""
+        return {f"{n}.{k}": t for n, r in self.linears.items() for k, t in r.extras.items()}
 
 
 @dataclass
@@ -404,5 +416,7 @@ class LayerwiseEngine:
         if not torch.isfinite(linear.weight).all():
             raise PruneError(f"non-finite weights in {name}")
         info, refiner = method.prune(linear, stats, target)
+        extras = {k: info.pop(k).detach().to("cpu").contiguous() for k in [k for k, v in info.items() if isinstance(v, torch.Tensor)]}
         zeros = linear.weight.numel() - int(torch.count_nonzero(linear.weight))
-        return LinearResult(tuple(linear.weight.shape), target.sparsity, zeros, zeros / linear.weight.numel(), info), refiner
+        return LinearResult(tuple(linear.weight.shape), target.sparsity, zeros, zeros / linear.weight.numel(), info,
+                            extras), refiner

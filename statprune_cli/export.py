@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -59,6 +61,17 @@ def save_model_folder(folder: Path, model: nn.Module, tokenizer: PreTrainedToken
     """A Hugging Face folder that ``AutoModelForCausalLM.from_pretrained`` loads as is."""
     model.save_pretrained(folder, max_shard_size=shard_size)
     tokenizer.save_pretrained(folder)
+
+
+EXTRAS_NAME = "pruning_extras.safetensors"
+
+
+def write_extras(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Tensors a method made beside the weights (RIA's channel permutations), named ``<linear>.<key>``.
+
+    A file of their own: transformers loads the weight files as they are, without unexpected keys.
+    """
+    save_file(dict(sorted(tensors.items())), str(folder / EXTRAS_NAME), metadata={"format": "pt"})
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -22,7 +22,7 @@ from statprune_cli.data import batched, calibration_windows, load_documents
 from statprune_cli.distributed import Communicator, launched, launched_world_size
 from statprune_cli.engine import EngineResult, LayerDone, LayerIO, LayerwiseEngine, Resume
 from statprune_cli.errors import ConfigError, InputError
-from statprune_cli.export import atomic_dir, check_output_dir, save_model_folder, write_json_atomic
+from statprune_cli.export import EXTRAS_NAME, atomic_dir, check_output_dir, save_model_folder, write_extras, write_json_atomic
 from statprune_cli.layers import find_decoder_layers
 from statprune_cli.load import check_against_model, enable_biases, load_model, load_model_config, load_tokenizer, torch_dtype
 from statprune_cli.methods import Method, Target, build_method
@@ -294,6 +294,9 @@ def prune_in_memory(run: Run, out: Path, overwrite: bool, tokenizer: Any, calibr
         with timer.phase("save"):
             with atomic_dir(out, overwrite) as tmp:
                 save_model_folder(tmp, model, tokenizer, parse_size(cfg.output.shard_size, "output.shard_size"))
+                extras = {k: t for layer in pruned.result.layers for k, t in layer.extras().items()}
+                if extras:
+                    write_extras(tmp, extras)
                 run.write_run_files(tmp, report)
         report["timings"]["save"] = round(timer.phases["save"], 3)
     run.comm.barrier()  # the other processes end when the folder is complete
@@ -412,6 +415,7 @@ class Run:
         (folder / "statprune.yaml").write_text(dump_config(self.cfg))
         report["timings"] = {k: round(v, 3) for k, v in self.timer.phases.items()}
         report["memory"] = peak_memory()
+        report["extras_file"] = EXTRAS_NAME if (folder / EXTRAS_NAME).is_file() else None
         (folder / "report.json").write_text(json.dumps(report, indent=2))
 
 

@@ -23,7 +23,6 @@ import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,7 @@ from statprune_cli.config import ModelConfig
 from statprune_cli.distributed import Communicator
 from statprune_cli.engine import LayerResult, LinearResult
 from statprune_cli.errors import InputError, PruneError
-from statprune_cli.export import replace_dir
+from statprune_cli.export import replace_dir, write_extras
 from statprune_cli.layers import find_decoder_layers
 from statprune_cli.load import torch_dtype
 
@@ -342,7 +341,7 @@ class Progress:
         if not self.comm.is_main:
             return
         record = {"config": config, "next_layer": next_layer, "world_size": self.comm.world_size,
-                  "results": [asdict(r) for r in results], "extra": extra}
+                  "results": [r.record() for r in results], "extra": extra}
         _write_atomic(self.path, lambda p: p.write_text(json.dumps(record)))
         for old in self.folder.glob("inputs-*.safetensors"):
             if int(old.name[len("inputs-"):][:5]) < next_layer:
@@ -423,16 +422,28 @@ class StreamingOutput:
     def layer_done(self, index: int, layer: nn.Module, next_inputs: list[torch.Tensor], results: list[LayerResult]) -> None:
         if self.comm.is_main:
             self.writer.write_layer(index, self.layers_name, layer)
+            extras = results[-1].extras()
+            if extras:  # on disk before progress.json moves on, so a resumed run still has them
+                _write_atomic(self.extras_piece(index), lambda p: save_file(extras, str(p)))
         self.progress.save(self.config, index + 1, next_inputs, results, {})
         # tests: simulate a crash right here, in every process ("1") or in one ("1@rank1")
         crash_after = os.environ.get("STATPRUNE_TEST_KILL_AFTER_LAYER")
         if crash_after in (str(index), f"{index}@rank{self.comm.rank}"):
             os.kill(os.getpid(), 9)
 
+    def extras_piece(self, index: int) -> Path:
+        return self.folder / f"extras-{index:05d}.safetensors"
+
     def finish_weights(self, model: nn.Module) -> Checkpoint:
-        """Write what is not in a decoder layer and the index (rank 0); the folder is then a checkpoint to evaluate."""
+        """Write what is not in a decoder layer, the index and the methods' extra tensors (rank 0); the folder is then
+        a checkpoint to evaluate."""
         if self.comm.is_main:
             self.writer.write_rest(model, self.layers_name)
             self.writer.finish()
+            pieces = sorted(self.folder.glob("extras-*.safetensors"))
+            if pieces:
+                write_extras(self.folder, {k: t for p in pieces for k, t in load_file(str(p)).items()})
+                for p in pieces:
+                    p.unlink()
         self.comm.barrier()
         return Checkpoint(self.folder, "output.dir")

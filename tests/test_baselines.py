@@ -149,6 +149,7 @@ def test_ria_reallocation_permutation_keeps_the_function_and_gives_nm_in_that_or
     assert ((permuted.reshape(16, -1, 4) == 0).sum(-1) == 2).all()
     assert int((lin.weight == 0).sum()) == w.numel() // 2
     assert "reallocation_kept_score_gain" in info
+    assert torch.equal(info["channel_permutation"].long(), order)  # saved by the engine in pruning_extras.safetensors
 
 
 def test_owl_layer_sparsities_average_to_the_target() -> None:

@@ -123,3 +123,28 @@ def test_calibrate_and_eval_stream_the_same_numbers(tmp_path: Path, tiny_model_d
     (a, ppl_a), (b, ppl_b) = results.values()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert ppl_a == ppl_b
+
+
+def test_ria_channel_permutations_are_saved_and_survive_a_resume(tmp_path: Path, tiny_model_dir: Path,
+                                                                  text_files: dict[str, Path]) -> None:
+    cfg = write_config(tmp_path / "run.yaml", tiny_model_dir, text_files, tmp_path / "out",
+                       pruning={"method": "ria", "pattern": "2:4", "options": {"reallocation": True}},
+                       runtime={"device": "cpu", "streaming": True})
+    mem = run_cli(cfg, "--set", "runtime.streaming=false", "-o", str(tmp_path / "mem"))
+    assert mem.returncode == 0, mem.stderr
+    assert run_cli(cfg, env={"STATPRUNE_TEST_KILL_AFTER_LAYER": "1"}).returncode == -9
+    assert list((tmp_path / ".out.partial").glob("extras-*.safetensors"))
+    resumed = run_cli(cfg)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_weights(tmp_path / "mem", tmp_path / "out")
+    perms = load_file(str(tmp_path / "out" / "pruning_extras.safetensors"))
+    weights = tensors(tmp_path / "out")
+    linears = [k[: -len(".weight")] for k in weights if k.startswith("model.layers.") and k.endswith("proj.weight")]
+    assert sorted(perms) == sorted(f"{n}.channel_permutation" for n in linears)
+    for name in linears:
+        w, perm = weights[f"{name}.weight"], perms[f"{name}.channel_permutation"].long()
+        assert sorted(perm.tolist()) == list(range(w.shape[1]))
+        assert ((w[:, perm].reshape(w.shape[0], -1, 4) == 0).sum(-1) == 2).all(), name  # N:M in the saved order
+        assert ((w.reshape(w.shape[0], -1, 4) == 0).sum(-1) != 2).any(), name  # and not in the stored one
+    assert not list((tmp_path / "out").glob("extras-*"))
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["extras_file"] == "pruning_extras.safetensors"

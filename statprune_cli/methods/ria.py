@@ -8,9 +8,10 @@ Channel reallocation (N:M only, ``reallocation: true``): N:M forces every group 
 input channels to lose N weights per row, which hurts when several important channels sit in one
 group. Sorting the channels by total score and dealing them out so that each group gets one
 channel from each importance tier spreads them. The mask is chosen on the permuted columns and
-mapped back, so the stored weights are N:M once their columns are put in that order (a runtime
-with N:M kernels permutes the weight's columns and the layer's input alike, which changes nothing
-in the layer's function; the permutation is not stored yet).
+mapped back, so the stored weights keep the model's function and are N:M once their columns are
+put in that order: each linear's permutation is saved in the output's pruning_extras.safetensors
+(``<linear>.channel_permutation``, int32), so a runtime with N:M kernels stores
+``weight[:, perm]`` and gathers its input as ``x[..., perm]``.
 """
 
 from __future__ import annotations
@@ -71,5 +72,6 @@ class RIA(Method):
         mask = torch.empty_like(score, dtype=torch.bool)
         mask[:, order] = nm_mask(score[:, order], *target.nm)
         direct = make_mask(score, target.sparsity, target.nm, "row")
-        info = {"reallocation_kept_score_gain": float(score[~mask].sum() / score[~direct].sum() - 1.0)}
+        info = {"reallocation_kept_score_gain": float(score[~mask].sum() / score[~direct].sum() - 1.0),
+                "channel_permutation": order.to(torch.int32)}
         return {**self.update(linear, weight, mask, stats), **info}, None
