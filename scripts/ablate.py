@@ -25,6 +25,8 @@ VARIANTS: dict[str, list[str]] = {
     "score=variance": [SP, "pruning.options={score: variance, compensation: none}"],
     "score=tempered(a=0.5)": [SP, "pruning.options={score: tempered, alpha: 0.5, compensation: none}"],
     "score=first_order": [SP, "pruning.options={score: first_order, compensation: none}"],
+    "score=tempered(a=1.25)": [SP, "pruning.options={score: tempered, alpha: 1.25, compensation: none}"],
+    "score=tempered(a=1.5)": [SP, "pruning.options={score: tempered, alpha: 1.5, compensation: none}"],
     # compensation only
     "comp=mean": [SP, "pruning.options={score: magnitude, compensation: mean}"],
     "wanda+mean": [SP, "pruning.options={score: tempered, alpha: 1.0, compensation: mean}"],
@@ -49,14 +51,15 @@ VARIANTS: dict[str, list[str]] = {
     "wanda+measured_scale+skip1": [SP, "pruning.options={score: tempered, alpha: 1.0, compensation: measured_scale}", "calibration.skip_first_tokens=1"],
     "wanda+measured+skip1": [SP, "pruning.options={score: tempered, alpha: 1.0, compensation: measured}", "calibration.skip_first_tokens=1"],
     "tempered(a=0.75)+skip1": [SP, "pruning.options={score: tempered, alpha: 0.75, compensation: none}", "calibration.skip_first_tokens=1"],
+    "first_order+skip1": [SP, "pruning.options={score: first_order, compensation: none}", "calibration.skip_first_tokens=1"],
     "variance+mean+skip1": [SP, "pruning.options={score: variance, compensation: mean}", "calibration.skip_first_tokens=1"],
-    # mask correction: swaps that bring each row's mean output back (statprune's default options otherwise: wanda+skip1)
-    "wanda+skip1+balance(c=50)": [SP, "pruning.options={balance_cycles: 50}"],
-    "wanda+skip1+balance(c=50;p=0)": [SP, "pruning.options={balance_cycles: 50, balance_var_power: 0.0}"],
-    "wanda+skip1+balance(c=50;p=2)": [SP, "pruning.options={balance_cycles: 50, balance_var_power: 2.0}"],
-    "wanda+skip1+balance(c=200)": [SP, "pruning.options={balance_cycles: 200}"],
-    "wanda+skip1+balance(c=50;attn)": [SP, "pruning.options={balance_cycles: 50, balance_targets: ['re:.*self_attn']}"],
-    "wanda+skip1+balance(c=50;mlp)": [SP, "pruning.options={balance_cycles: 50, balance_targets: ['re:.*mlp']}"],
+    # mask correction: swaps that bring each row's mean output back (on wanda+skip1)
+    "wanda+skip1+balance(c=50)": [SP, "pruning.options={balance_cycles: 50}", "calibration.skip_first_tokens=1"],
+    "wanda+skip1+balance(c=50;p=0)": [SP, "pruning.options={balance_cycles: 50, balance_var_power: 0.0}", "calibration.skip_first_tokens=1"],
+    "wanda+skip1+balance(c=50;p=2)": [SP, "pruning.options={balance_cycles: 50, balance_var_power: 2.0}", "calibration.skip_first_tokens=1"],
+    "wanda+skip1+balance(c=200)": [SP, "pruning.options={balance_cycles: 200}", "calibration.skip_first_tokens=1"],
+    "wanda+skip1+balance(c=50;attn)": [SP, "pruning.options={balance_cycles: 50, balance_targets: ['re:.*self_attn']}", "calibration.skip_first_tokens=1"],
+    "wanda+skip1+balance(c=50;mlp)": [SP, "pruning.options={balance_cycles: 50, balance_targets: ['re:.*mlp']}", "calibration.skip_first_tokens=1"],
 }
 
 
@@ -73,7 +76,9 @@ def main() -> None:
     args = ap.parse_args()
     args.doc = args.doc or ROOT / "docs" / ("ablation.md" if not args.seed else f"ablation-seed{args.seed}.md")
     model = ensure_model()
-    common = common_overrides(model, args.nsamples, args.seqlen, args.eval_tokens, "validation") + [f"calibration.seed={args.seed}"]
+    # no skipped positions unless a variant says so (statprune's own default would otherwise leak into its variants)
+    common = common_overrides(model, args.nsamples, args.seqlen, args.eval_tokens, "validation") + [
+        f"calibration.seed={args.seed}", "calibration.skip_first_tokens=0"]
     key = f"n{args.nsamples}-s{args.seqlen}-e{args.eval_tokens}" + (f"-seed{args.seed}" if args.seed else "")
     cells = {(name, setting): common + VARIANTS[name] + pattern_overrides(setting)
              for setting in args.settings.split(",") for name in args.variants.split(",")}

@@ -156,6 +156,7 @@ ERRORS = [
     (["--set", "pruning.method=obs"], "pruning.method: expected one of magnitude, ria, sparsegpt, statprune, wanda, got 'obs'"),
     (["--set", "pruning.options={gamma: 1}"], "pruning.options.gamma: unknown key"),
     (["--set", "pruning.method=statprune", "--set", "pruning.options={beta: 2}"], "pruning.options.beta: expected a number in [0, 1]"),
+    (["--set", "pruning.method=statprune", "--set", "pruning.options={alpha: 2.5}"], "pruning.options.alpha: expected a number in [0, 2]"),
     (["--set", "pruning.targets=[re:.*nothing]"], "pruning.targets: matches no linear layer"),
     (["--set", "pruning.targets=['re:(']"], "pruning.targets[0]: invalid regular expression"),
     (["--set", "pruning.granularity=column"], "pruning.granularity: expected 'row' or 'matrix'"),

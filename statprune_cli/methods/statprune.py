@@ -6,7 +6,7 @@ E[e_i] = sum_pruned W_ij mu_j and Var[e_i] ~ sum_pruned W_ij^2 s2_j. Hence:
 
 score (which weights to drop)
   variance:    |W_ij| * sqrt(s2_j)        the error left once the mean is compensated
-  tempered:    |W_ij| * m2_j^(alpha/2)    alpha = 1 is Wanda, alpha = 0 is magnitude
+  tempered:    |W_ij| * m2_j^(alpha/2)    alpha = 1 is Wanda, alpha = 0 is magnitude, 0 <= alpha <= 2
   first_order: |W_ij| * a_j
   magnitude:   |W_ij|                     (for the "compensation only" ablation)
 
@@ -68,9 +68,10 @@ class StatPruneOptions(Options):
             raise ConfigError("pruning.options.score", f"expected one of {', '.join(SCORES)}, got {self.score!r}")
         if self.compensation not in COMPENSATIONS:
             raise ConfigError("pruning.options.compensation", f"expected one of {', '.join(COMPENSATIONS)}, got {self.compensation!r}")
-        for key in ("alpha", "beta"):
-            if not 0.0 <= getattr(self, key) <= 1.0:
-                raise ConfigError(f"pruning.options.{key}", f"expected a number in [0, 1], got {getattr(self, key)}")
+        if not 0.0 <= self.alpha <= 2.0:  # above 1 the activations weigh more than in Wanda
+            raise ConfigError("pruning.options.alpha", f"expected a number in [0, 2], got {self.alpha}")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ConfigError("pruning.options.beta", f"expected a number in [0, 1], got {self.beta}")
         if self.skip_first_tokens < 0:
             raise ConfigError("pruning.options.skip_first_tokens", f"expected an integer >= 0, got {self.skip_first_tokens}")
         if self.measure_tokens < 1:
