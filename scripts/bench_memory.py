@@ -143,7 +143,12 @@ masks are selected with ``kthvalue`` over chunks of rows instead of a full sort 
 int64 indices: three times a matrix), applied in place, without a float copy of a float32 weight, and the channel
 sums take float64 copies of chunks of a batch, not of all of it. The fixed costs before the first layer (the
 tokenizer and the model classes, about 150 MiB) count in the growth over imports while not depending on the model
-size, so the growth / (layer + activations + embeddings) ratio falls as checkpoints grow."""
+size, so the growth / (layer + activations + embeddings) ratio falls as checkpoints grow.
+
+Run-to-run variation: the same streaming command on the 12-layer checkpoint peaked at 1.15 GiB in some runs and
+crept to 1.8 GiB in others (about +50 MiB of freed but resident heap per layer; which runs do so changed with
+nothing but the run, e.g. a calibration path spelled differently). Since the heap is trimmed after every
+layer is dropped, the same command peaked at 1.15-1.41 GiB over six runs. The table is one run per cell."""
 
 
 if __name__ == "__main__":
