@@ -148,7 +148,7 @@ size, so the growth / (layer + activations + embeddings) ratio falls as checkpoi
 Run-to-run variation: the same streaming command on the 12-layer checkpoint peaked at 1.15 GiB in some runs and
 crept to 1.8 GiB in others (about +50 MiB of freed but resident heap per layer; which runs do so changed with
 nothing but the run, e.g. a calibration path spelled differently). Since the heap is trimmed after every
-layer is dropped, the same command peaked at 1.15-1.41 GiB over six runs. The table is one run per cell."""
+layer is dropped, the same command peaked at 1.15-1.41 GiB over five runs. The table is one run per cell."""
 
 
 if __name__ == "__main__":
