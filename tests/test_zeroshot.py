@@ -240,3 +240,28 @@ def test_sweep_zeroshot_column_equals_prune(tmp_path: Path, tiny_model_dir: Path
     no_tasks = write_config(tmp_path / "none.yaml", tiny_model_dir, text_files, tmp_path / "out2")
     res = run("sweep", str(no_tasks), "--zeroshot", "-o", str(tmp_path / "sw2"), "-q")
     assert res.exit_code == 2 and "eval.zeroshot.tasks: --zeroshot needs the tasks" in res.stderr
+
+
+def test_without_a_data_folder_the_stock_hub_tasks_are_asked_for(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hub mode (no network here): lm-eval gets the stock task names with its default task index, the hub left as it is."""
+    import datasets.config
+    import lm_eval.tasks
+
+    seen = {}
+
+    class FakeTaskManager:
+        def __init__(self, include_defaults: bool = True) -> None:
+            seen["defaults"] = include_defaults
+
+    def fake_simple_evaluate(**kw):
+        seen.update(tasks=kw["tasks"], offline=datasets.config.HF_HUB_OFFLINE)
+        return {"results": {t: {"acc,none": 0.5, "acc_stderr,none": 0.1} for t in kw["tasks"]},
+                "n-samples": {t: {"effective": 4} for t in kw["tasks"]}}
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(lm_eval, "simple_evaluate", fake_simple_evaluate)
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", FakeTaskManager)
+    model, tok = tiny_model("llama"), AutoTokenizer.from_pretrained(tiny_model_dir)
+    out = evaluate_zeroshot(model, tok, ZeroShotConfig(tasks=["rte", "boolq"], limit=4))
+    assert seen == {"defaults": True, "tasks": ["rte", "boolq"], "offline": False}
+    assert out.source == "hub" and [t.task for t in out.tasks] == ["rte", "boolq"] and out.tasks[0].n == 4
