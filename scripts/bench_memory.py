@@ -145,10 +145,13 @@ sums take float64 copies of chunks of a batch, not of all of it. The fixed costs
 tokenizer and the model classes, about 150 MiB) count in the growth over imports while not depending on the model
 size, so the growth / (layer + activations + embeddings) ratio falls as checkpoints grow.
 
-Run-to-run variation: the same streaming command on the 12-layer checkpoint peaked at 1.15 GiB in some runs and
-crept to 1.8 GiB in others (about +50 MiB of freed but resident heap per layer; which runs do so changed with
-nothing but the run, e.g. a calibration path spelled differently). Since the heap is trimmed after every
-layer is dropped, the same command peaked at 1.15-1.41 GiB over five runs. The table is one run per cell."""
+Run-to-run variation: the same streaming command peaks at one of two levels, about 1.15 GiB or about 1.40
+GiB (ten runs on the 12-layer checkpoint: 1138-1157 MiB five times, 1389-1410 MiB five times; the 24-layer one
+1158 and 1441 MiB), with nothing changed but the run. Before the heap was trimmed after every layer, the high
+runs also kept about +50 MiB of freed heap per layer and reached 1.8 GiB on 12 layers. The extra ~250 MiB is
+already there when the first layer starts; its cause is not found (not the hash seed, not transparent huge
+pages, not the number of malloc arenas, not the mmap threshold). The table is one run per cell: a low one.
+At the high level the 24-layer checkpoint's peak is 28% of its size and its growth 1.8x."""
 
 
 if __name__ == "__main__":
