@@ -416,7 +416,8 @@ class LayerwiseEngine:
         if not torch.isfinite(linear.weight).all():
             raise PruneError(f"non-finite weights in {name}")
         info, refiner = method.prune(linear, stats, target)
-        extras = {k: info.pop(k).detach().to("cpu").contiguous() for k in [k for k, v in info.items() if isinstance(v, torch.Tensor)]}
+        tensor_keys = [k for k, v in info.items() if isinstance(v, torch.Tensor)]  # for the output folder, not the report
+        extras = {k: info.pop(k).detach().to("cpu").contiguous() for k in tensor_keys}
         zeros = linear.weight.numel() - int(torch.count_nonzero(linear.weight))
         return LinearResult(tuple(linear.weight.shape), target.sparsity, zeros, zeros / linear.weight.numel(), info,
                             extras), refiner

@@ -1,7 +1,8 @@
 """What a pruning method is: a score, a mask rule and an optional weight update.
 
 The engine calls ``Method.prune`` once per target linear, after calibration; nothing in the
-engine knows which method runs.
+engine knows which method runs. ``prune`` returns report info; tensors in it (RIA's channel
+permutation) are saved beside the weights in the output's pruning_extras.safetensors instead.
 """
 
 from __future__ import annotations
