@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _runs import ROOT, common_overrides, ensure_model, load_jsonl, pattern_overrides, run_grid  # noqa: E402
 
 SP = "pruning.method=statprune"
+SKIP1 = "calibration.skip_first_tokens=1"
 VARIANTS: dict[str, list[str]] = {
     "magnitude": ["pruning.method=magnitude"],
     "wanda": ["pruning.method=wanda"],
@@ -43,23 +44,23 @@ VARIANTS: dict[str, list[str]] = {
     "variance+measured": [SP, "pruning.options={score: variance, compensation: measured}"],
     "wanda+measured_scale": [SP, "pruning.options={score: tempered, alpha: 1.0, compensation: measured_scale}"],
     # robust statistics: the first position of each window (attention sink) left out of the statistics
-    "wanda+skip1": ["pruning.method=wanda", "calibration.skip_first_tokens=1"],
-    "wanda+mean+skip1": [SP, "pruning.options={score: tempered, alpha: 1.0, compensation: mean}", "calibration.skip_first_tokens=1"],
-    "tempered(a=0.5)+skip1": [SP, "pruning.options={score: tempered, alpha: 0.5, compensation: none}", "calibration.skip_first_tokens=1"],
+    "wanda+skip1": ["pruning.method=wanda", SKIP1],
+    "wanda+mean+skip1": [SP, "pruning.options={score: tempered, alpha: 1.0, compensation: mean}", SKIP1],
+    "tempered(a=0.5)+skip1": [SP, "pruning.options={score: tempered, alpha: 0.5, compensation: none}", SKIP1],
     "wanda+skip4": ["pruning.method=wanda", "calibration.skip_first_tokens=4"],
-    "wanda+energy(m2/b=1)+skip1": [SP, "pruning.options={score: tempered, alpha: 1.0, compensation: energy, beta: 1.0}", "calibration.skip_first_tokens=1"],
-    "wanda+measured_scale+skip1": [SP, "pruning.options={score: tempered, alpha: 1.0, compensation: measured_scale}", "calibration.skip_first_tokens=1"],
-    "wanda+measured+skip1": [SP, "pruning.options={score: tempered, alpha: 1.0, compensation: measured}", "calibration.skip_first_tokens=1"],
-    "tempered(a=0.75)+skip1": [SP, "pruning.options={score: tempered, alpha: 0.75, compensation: none}", "calibration.skip_first_tokens=1"],
-    "first_order+skip1": [SP, "pruning.options={score: first_order, compensation: none}", "calibration.skip_first_tokens=1"],
-    "variance+mean+skip1": [SP, "pruning.options={score: variance, compensation: mean}", "calibration.skip_first_tokens=1"],
+    "wanda+energy(m2/b=1)+skip1": [SP, "pruning.options={score: tempered, alpha: 1.0, compensation: energy, beta: 1.0}", SKIP1],
+    "wanda+measured_scale+skip1": [SP, "pruning.options={score: tempered, alpha: 1.0, compensation: measured_scale}", SKIP1],
+    "wanda+measured+skip1": [SP, "pruning.options={score: tempered, alpha: 1.0, compensation: measured}", SKIP1],
+    "tempered(a=0.75)+skip1": [SP, "pruning.options={score: tempered, alpha: 0.75, compensation: none}", SKIP1],
+    "first_order+skip1": [SP, "pruning.options={score: first_order, compensation: none}", SKIP1],
+    "variance+mean+skip1": [SP, "pruning.options={score: variance, compensation: mean}", SKIP1],
     # mask correction: swaps that bring each row's mean output back (on wanda+skip1)
-    "wanda+skip1+balance(c=50)": [SP, "pruning.options={balance_cycles: 50}", "calibration.skip_first_tokens=1"],
-    "wanda+skip1+balance(c=50;p=0)": [SP, "pruning.options={balance_cycles: 50, balance_var_power: 0.0}", "calibration.skip_first_tokens=1"],
-    "wanda+skip1+balance(c=50;p=2)": [SP, "pruning.options={balance_cycles: 50, balance_var_power: 2.0}", "calibration.skip_first_tokens=1"],
-    "wanda+skip1+balance(c=200)": [SP, "pruning.options={balance_cycles: 200}", "calibration.skip_first_tokens=1"],
-    "wanda+skip1+balance(c=50;attn)": [SP, "pruning.options={balance_cycles: 50, balance_targets: ['re:.*self_attn']}", "calibration.skip_first_tokens=1"],
-    "wanda+skip1+balance(c=50;mlp)": [SP, "pruning.options={balance_cycles: 50, balance_targets: ['re:.*mlp']}", "calibration.skip_first_tokens=1"],
+    "wanda+skip1+balance(c=50)": [SP, "pruning.options={balance_cycles: 50}", SKIP1],
+    "wanda+skip1+balance(c=50;p=0)": [SP, "pruning.options={balance_cycles: 50, balance_var_power: 0.0}", SKIP1],
+    "wanda+skip1+balance(c=50;p=2)": [SP, "pruning.options={balance_cycles: 50, balance_var_power: 2.0}", SKIP1],
+    "wanda+skip1+balance(c=200)": [SP, "pruning.options={balance_cycles: 200}", SKIP1],
+    "wanda+skip1+balance(c=50;attn)": [SP, "pruning.options={balance_cycles: 50, balance_targets: ['re:.*self_attn']}", SKIP1],
+    "wanda+skip1+balance(c=50;mlp)": [SP, "pruning.options={balance_cycles: 50, balance_targets: ['re:.*mlp']}", SKIP1],
 }
 
 

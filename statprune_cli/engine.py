@@ -189,6 +189,10 @@ class LinearResult:
         """The JSON-able part (``extras`` go to their own file)."""
         return {"shape": list(self.shape), "target": self.target, "zeros": self.zeros, "sparsity": self.sparsity, "info": self.info}
 
+    @classmethod
+    def from_record(cls, r: dict[str, Any]) -> LinearResult:
+        return cls(tuple(r["shape"]), r["target"], r["zeros"], r["sparsity"], r["info"])
+
 
 @dataclass
 class LayerResult:
@@ -198,6 +202,11 @@ class LayerResult:
 
     def record(self) -> dict[str, Any]:
         return {"index": self.index, "seconds": self.seconds, "linears": {n: r.record() for n, r in self.linears.items()}}
+
+    @classmethod
+    def from_record(cls, r: dict[str, Any]) -> LayerResult:
+        """A layer done by an interrupted run, as ``record`` wrote it (its extras are in their own file)."""
+        return cls(r["index"], r["seconds"], {n: LinearResult.from_record(v) for n, v in r["linears"].items()})
 
     def extras(self) -> dict[str, torch.Tensor]:
         """Every linear's extra tensors, named ``<linear>.<key>``."""

@@ -36,7 +36,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from statprune_cli.config import ModelConfig
 from statprune_cli.distributed import Communicator
-from statprune_cli.engine import LayerResult, LinearResult
+from statprune_cli.engine import LayerResult
 from statprune_cli.errors import InputError, PruneError
 from statprune_cli.export import replace_dir, write_extras
 from statprune_cli.layers import find_decoder_layers
@@ -329,8 +329,7 @@ class Progress:
         tensors = load_file(str(self.inputs(record["next_layer"])))
         hidden = [tensors[f"batch.{j}"] for j in range(sum(k.startswith("batch.") for k in tensors))]
         torch.set_rng_state(tensors["rng_state"])
-        results = [LayerResult(r["index"], r["seconds"], {n: LinearResult(tuple(v["shape"]), v["target"], v["zeros"], v["sparsity"], v["info"])
-                                                          for n, v in r["linears"].items()}) for r in record["results"]]
+        results = [LayerResult.from_record(r) for r in record["results"]]
         return record["next_layer"], hidden, results, record["extra"]
 
     def save(self, config: dict[str, Any], next_layer: int, hidden: list[torch.Tensor], results: list[LayerResult],
