@@ -19,6 +19,7 @@ from _runs import ROOT, common_overrides, ensure_model, load_jsonl, pattern_over
 
 SP = "pruning.method=statprune"
 SKIP1 = "calibration.skip_first_tokens=1"
+TRUESEQ = "pruning.true_sequential=true"
 VARIANTS: dict[str, list[str]] = {
     "magnitude": ["pruning.method=magnitude"],
     "wanda": ["pruning.method=wanda"],
@@ -61,6 +62,11 @@ VARIANTS: dict[str, list[str]] = {
     "wanda+skip1+balance(c=200)": [SP, "pruning.options={balance_cycles: 200}", SKIP1],
     "wanda+skip1+balance(c=50;attn)": [SP, "pruning.options={balance_cycles: 50, balance_targets: ['re:.*self_attn']}", SKIP1],
     "wanda+skip1+balance(c=50;mlp)": [SP, "pruning.options={balance_cycles: 50, balance_targets: ['re:.*mlp']}", SKIP1],
+    # true sequential: inside each layer q/k/v, then o, then gate/up, then down, each from the pruned upstream
+    "wanda+trueseq": ["pruning.method=wanda", TRUESEQ],
+    "wanda+skip1+trueseq": ["pruning.method=wanda", SKIP1, TRUESEQ],
+    "wanda+energy(m2/b=1)+trueseq": [SP, "pruning.options={score: tempered, alpha: 1.0, compensation: energy, beta: 1.0}",
+                                     TRUESEQ],
 }
 
 

@@ -80,6 +80,7 @@ class PruningConfig:
     targets: list[str] = field(default_factory=lambda: ["Linear"])
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])
     sequential: bool = True
+    true_sequential: bool = False  # inside a layer: q/k/v, then o, then gate/up, then down, each after the ones it reads
     options: dict[str, Any] = field(default_factory=dict)
 
 

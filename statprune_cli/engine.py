@@ -5,7 +5,10 @@
    differ between layers (Gemma 3 alternates sliding-window and global attention).
 2. For each layer: move it to the device, run the batches through it with hooks that collect
    input statistics of the target linears, let the method prune them, run the batches again to
-   produce the pruned layer's outputs for the next layer, move it back.
+   produce the pruned layer's outputs for the next layer, move it back. With ``true_sequential``
+   the linears of a layer are pruned group by group in the order the layer calls them (q/k/v,
+   then o, then gate/up, then down), each group calibrated on the outputs of the groups already
+   pruned: one pass per group instead of one per layer.
 
 The engine knows nothing of any method: it asks ``method.prune`` for each linear. Nor does it
 know where the layers' weights live: ``InMemoryLayers`` moves them between CPU and the device,
@@ -165,6 +168,36 @@ def forward_layer(
 
 
 @torch.no_grad()
+def input_groups(layer: nn.Module, linears: dict[str, nn.Linear], x: torch.Tensor, args: LayerArgs,
+                 device: torch.device) -> list[list[str]]:
+    """The target linears in the order ``layer`` calls them on one batch, grouped by the tensor they read.
+
+    Linears that read the same tensor (q/k/v, gate/up) form one group: found from the forward
+    itself, so no architecture needs a table of its own.
+    """
+    seen: list[tuple[torch.Tensor, list[str]]] = []  # the tensors are held so no id is reused mid-pass
+    names = {lin: name for name, lin in linears.items()}
+
+    def record(module: nn.Module, inp: tuple[torch.Tensor, ...]) -> None:
+        for tensor, group in seen:
+            if tensor is inp[0]:
+                if names[module] not in group:
+                    group.append(names[module])
+                return
+        seen.append((inp[0], [names[module]]))
+
+    handles = [lin.register_forward_pre_hook(record) for lin in linears.values()]
+    try:
+        forward_layer(layer, [x], args, device, lambda j, t: t)
+    finally:
+        for h in handles:
+            h.remove()
+    groups = [g for _, g in seen]
+    called = {n for g in groups for n in g}
+    return groups + [[n] for n in linears if n not in called]  # never called on this batch: last, one by one
+
+
+@torch.no_grad()
 def head_logits(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, final_hidden: torch.Tensor) -> torch.Tensor:
     """Logits from the last decoder layer's output, through the model's own final norm and head."""
     last = len(layers) - 1
@@ -288,6 +321,7 @@ class LayerwiseEngine:
         batches: list[torch.Tensor] | None,
         stats: dict[str, ChannelStats] | None = None,
         sequential: bool = True,
+        true_sequential: bool = False,
         skip_first: int = 0,
         gram: bool | None = None,
         resume: Resume | None = None,
@@ -301,6 +335,8 @@ class LayerwiseEngine:
         this process runs its share (``comm.shard``). ``resume`` starts at a later layer with this
         process's saved activations; ``on_layer_done(i, layer, next inputs, results)`` runs after
         each layer, while its weights are still on the device (streaming writes them out there).
+        ``true_sequential``: inside a layer, each group of linears is calibrated after the groups it
+        reads from are pruned (see ``input_groups``).
         """
         collect = stats is None and (method is None or method.needs_calibration)
         gram = bool(method is not None and method.needs_gram) if gram is None else gram
@@ -318,7 +354,7 @@ class LayerwiseEngine:
                 t0 = time.perf_counter()
                 with self.layer(i) as layer:
                     hidden = self._layer_pass(i, layer, method, target_for, targets, ignore, hidden, args, all_stats,
-                                              collect, sequential, skip_first, gram, results)
+                                              collect, sequential, true_sequential, skip_first, gram, results)
                     results[-1].seconds = time.perf_counter() - t0
                     if on_layer_done is not None:
                         on_layer_done(i, layer, hidden, results)
@@ -328,26 +364,34 @@ class LayerwiseEngine:
     def _layer_pass(
         self, i: int, layer: nn.Module, method: Method | None, target_for: Callable[[int, str], Target], targets: list[str],
         ignore: list[str], hidden: list[torch.Tensor], args: list[LayerArgs], all_stats: dict[str, ChannelStats],
-        collect: bool, sequential: bool, skip_first: int, gram: bool, results: list[LayerResult],
+        collect: bool, sequential: bool, true_sequential: bool, skip_first: int, gram: bool, results: list[LayerResult],
     ) -> list[torch.Tensor]:
         """Collect layer i's statistics, prune its linears, and return the inputs of layer i + 1."""
         linears = self.linears(i, targets, ignore)
+        groups = [list(linears)]
+        if collect and true_sequential and method is not None and linears:
+            groups = input_groups(layer, linears, hidden[0], args[i], self.device)
         outputs = None
-        layer_stats: dict[str, ChannelStats] = {}
-        if collect:
-            layer_stats, outputs = self._collect(layer, linears, hidden, args[i], skip_first, gram)
-            all_stats.update(layer_stats)
         result = LayerResult(i, 0.0)
         results.append(result)
-        if method is None:
-            return outputs or []
         refiners = {}
-        for name, linear in linears.items():
-            result.linears[name], refiner = self._prune_one(method, name, linear, all_stats.get(name), target_for(i, name))
-            if refiner is not None:
-                refiners[name] = refiner
-        for s in layer_stats.values():  # a Gram matrix is in_features^2: keep only the current layer's
-            s.gram = None
+        for group in groups:
+            layer_stats: dict[str, ChannelStats] = {}
+            if collect:  # the first pass prunes nothing yet: its outputs are the dense layer's
+                layer_stats, group_outputs = self._collect(layer, {n: linears[n] for n in group}, hidden, args[i],
+                                                           skip_first, gram)
+                outputs = group_outputs if outputs is None else outputs
+                all_stats.update(layer_stats)
+            if method is None:
+                return outputs or []
+            for name in group:
+                result.linears[name], refiner = self._prune_one(method, name, linears[name], all_stats.get(name),
+                                                                target_for(i, name))
+                if refiner is not None:
+                    refiners[name] = refiner
+            for s in layer_stats.values():  # a Gram matrix is in_features^2: keep only the current group's
+                s.gram = None
+        result.linears = {n: result.linears[n] for n in linears}  # the layer's order, whatever the groups' order
         if collect and (sequential or refiners):
             observers = {linears[n]: r.observe for n, r in refiners.items()}
             pruned_outputs = self._forward_observed(layer, observers, hidden, args[i], skip_first)

@@ -121,9 +121,11 @@ def describe_mode(cfg: Config, method: Method, stats_path: Path | None) -> str:
         return f"one-shot: masks from dense-model statistics in {stats_path}, no forward pass"
     if not method.needs_calibration:
         return "data-free: no calibration pass"
+    inside = ("; inside each layer, each group of linears on the outputs of the groups already pruned (true sequential)"
+              if cfg.pruning.true_sequential else "")
     if cfg.pruning.sequential:
-        return "sequential: each layer is calibrated on the outputs of the already-pruned layers"
-    return "dense-activation: each layer is calibrated on the dense model's activations"
+        return "sequential: each layer is calibrated on the outputs of the already-pruned layers" + inside
+    return "dense-activation: each layer is calibrated on the dense model's activations" + inside
 
 
 @dataclass
@@ -194,7 +196,8 @@ def prune_model(
     def target_for(index: int, name: str) -> Target:
         return replace(target, name=name, sparsity=target.sparsity if layer_sparsity is None else layer_sparsity[index])
 
-    result = engine.run(method, target_for, p.targets, p.ignore, batches, stats=stats, sequential=p.sequential, skip_first=skip,
+    result = engine.run(method, target_for, p.targets, p.ignore, batches, stats=stats, sequential=p.sequential,
+                        true_sequential=p.true_sequential, skip_first=skip,
                         resume=placement.resume, on_layer_done=placement.on_layer_done)
     skipped = sorted({n for layer in result.layers for n, r in layer.linears.items() if "mean_compensation" in r.info})
     if skipped:

@@ -134,7 +134,8 @@ def run_sweep(cfg: Config, methods: list[str], settings: list[str], output: Path
                 method = build_method(c.method, c.cfg.pruning.options)
                 t0 = time.perf_counter()
                 pruned = prune_model(c.cfg, model, method, list(shapes), batches, None, device, ui, dense=dense,
-                                     reuse_dense=not cfg.pruning.sequential and not method.needs_output_pass)
+                                     reuse_dense=not (cfg.pruning.sequential or cfg.pruning.true_sequential
+                                                      or method.needs_output_pass))
                 c.prune_seconds = round(time.perf_counter() - t0, 3)
                 c.perplexity = [r["perplexity"] for r in perplexities(c.cfg, pruned.engine, evals, ui)]
                 zeros = sum(r.zeros for layer in pruned.result.layers for r in layer.linears.values())

@@ -171,3 +171,56 @@ def test_non_finite_statistics_stop_with_the_layer_name() -> None:
         model.model.embed_tokens.weight.fill_(float("inf"))
     with pytest.raises(PruneError, match=r"non-finite input statistics.*model\.layers\.0\.self_attn\.q_proj"):
         engine(model).run(build_method("wanda", {}), lambda i, n: Target(0.5), ["Linear"], [], [windows()])
+
+
+GROUPS = {
+    "opt": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.out_proj"], ["fc1"], ["fc2"]],
+    "llama": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+              ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]],
+}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_input_groups_follow_the_forward(arch: str) -> None:
+    from statprune_cli.engine import input_groups
+
+    model = tiny_model(arch)
+    eng = engine(model)
+    hidden, args = eng.capture([windows()])
+    linears = eng.linears(1, ["Linear"], [])
+    groups = input_groups(eng.layers[1], linears, hidden[0], args[1], torch.device("cpu"))
+    short = [[n.split(".layers.1.")[1] for n in g] for g in groups]
+    assert short == GROUPS.get(arch, GROUPS["llama"])
+
+
+def input_stats_of_full_forward(model, ids: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Sum of squares per channel of every decoder linear's input, from plain forwards of the whole model."""
+    sums: dict[str, torch.Tensor] = {}
+    handles = [m.register_forward_pre_hook(lambda m, inp, n=n: sums.__setitem__(
+        n, sums.get(n, 0) + inp[0].double().pow(2).reshape(-1, inp[0].shape[-1]).sum(0)))
+        for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    with torch.no_grad():
+        for x in ids:
+            model(x)
+    for h in handles:
+        h.remove()
+    return sums
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_true_sequential_calibrates_each_linear_on_the_pruned_model_upstream(arch: str) -> None:
+    """With true_sequential every linear's statistics are those of its input in the final pruned model
+    (nothing upstream changes after it is pruned, and it is pruned after everything upstream);
+    layer by layer only, the linears after the first group see the dense layer's inputs."""
+    ids = list(windows().split(3))
+    orders = []
+    for true_sequential in (True, False):
+        model = tiny_model(arch)
+        res = engine(model).run(build_method("wanda", {}), lambda i, n: Target(0.5), ["Linear"], [], ids,
+                                true_sequential=true_sequential)
+        final = input_stats_of_full_forward(model, ids)
+        same = {n: torch.allclose(res.stats[n].sumsq, final[n], rtol=1e-5) for n in final}
+        assert all(same.values()) == true_sequential, [n for n, ok in same.items() if not ok][:3]
+        orders.append([list(layer.linears) for layer in res.layers])
+        assert all(r.zeros == r.shape[0] * r.shape[1] // 2 for layer in res.layers for r in layer.linears.values())
+    assert orders[0] == orders[1]  # the report lists a layer's linears in the same order either way
