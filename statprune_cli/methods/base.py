@@ -83,12 +83,14 @@ class Method:
         """An optional measured correction of the pruned ``linear``; ``dense`` is its weight before pruning."""
         return None
 
-    def mask(self, weight: torch.Tensor, score: torch.Tensor, stats: ChannelStats | None, target: Target) -> torch.Tensor:
-        """Which weights go (True = pruned); the default keeps the highest scores under the target's pattern."""
-        return make_mask(score, target.sparsity, target.nm, target.granularity)
+    def mask(self, weight: torch.Tensor, score: torch.Tensor, stats: ChannelStats | None,
+             target: Target) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Which weights go (True = pruned), and report info on the choice; the default keeps the highest
+        scores under the target's pattern."""
+        return make_mask(score, target.sparsity, target.nm, target.granularity), {}
 
     def prune(self, linear: nn.Linear, stats: ChannelStats | None, target: Target) -> tuple[dict[str, Any], Refiner | None]:
         weight = linear.weight.data.float()  # no copy of a float32 weight: nothing writes to it before ``update`` reads it
-        mask = self.mask(weight, self.score(weight, stats), stats, target)
+        mask, info = self.mask(weight, self.score(weight, stats), stats, target)
         dense = weight.clone() if self.needs_output_pass else weight  # a refiner compares with the unpruned weight
-        return self.update(linear, weight, mask, stats), self.refiner(linear, dense, stats)
+        return {**self.update(linear, weight, mask, stats), **info}, self.refiner(linear, dense, stats)

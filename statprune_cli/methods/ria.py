@@ -20,11 +20,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from statprune_cli.errors import ConfigError
-from statprune_cli.masks import make_mask, nm_mask
-from statprune_cli.methods.base import Method, Options, Refiner, Target
+from statprune_cli.masks import nm_mask
+from statprune_cli.methods.base import Method, Options, Target
 from statprune_cli.stats import ChannelStats
 
 
@@ -63,15 +62,13 @@ class RIA(Method):
             torch.finfo(w.dtype).tiny)
         return relative * stats.l2.to(weight.device, torch.float32).pow(self.options.a)
 
-    def prune(self, linear: nn.Linear, stats: ChannelStats | None, target: Target) -> tuple[dict[str, Any], Refiner | None]:
+    def mask(self, weight: torch.Tensor, score: torch.Tensor, stats: ChannelStats | None,
+             target: Target) -> tuple[torch.Tensor, dict[str, Any]]:
         if not (self.options.reallocation and target.nm):
-            return super().prune(linear, stats, target)
-        weight = linear.weight.data.float().clone()
-        score = self.score(weight, stats)
+            return super().mask(weight, score, stats, target)
         order = reallocation_order(score, target.nm[1])
         mask = torch.empty_like(score, dtype=torch.bool)
         mask[:, order] = nm_mask(score[:, order], *target.nm)
-        direct = make_mask(score, target.sparsity, target.nm, "row")
-        info = {"reallocation_kept_score_gain": float(score[~mask].sum() / score[~direct].sum() - 1.0),
-                "channel_permutation": order.to(torch.int32)}
-        return {**self.update(linear, weight, mask, stats), **info}, None
+        direct, _ = super().mask(weight, score, stats, target)
+        return mask, {"reallocation_kept_score_gain": float(score[~mask].sum() / score[~direct].sum() - 1.0),
+                      "channel_permutation": order.to(torch.int32)}
