@@ -31,7 +31,8 @@ from statprune_cli.profile import outlier_ratio, owl_sparsities
 from statprune_cli.report import layer_summary, model_sparsity, package_versions, peak_memory
 from statprune_cli.stats import ChannelStats, load_stats, save_stats
 from statprune_cli.streaming import (Checkpoint, StreamedLayers, StreamingOutput, folder_sparsity, load_skeleton, partial_dir,
-                                     resolve_folder, should_stream, trim_heap)
+                                     resolve_folder, return_freed_memory_promptly, should_stream,
+                                     trim_heap)
 from statprune_cli.ui import UI
 from statprune_cli.zeroshot import evaluate_zeroshot, prepare_zeroshot
 
@@ -243,6 +244,8 @@ def run_prune(cfg: Config, overwrite: bool = False, stats_path: Path | None = No
         raise ConfigError("pruning.options.compensation", "expected a closed-form compensation under a launcher: the "
                                                           "measured ones run in one process only")
     streaming = should_stream(cfg.model, cfg.runtime.streaming, cfg.runtime.streaming_memory_share)
+    if streaming:
+        return_freed_memory_promptly()  # before the first large block: later ones must not land in heap holes
 
     with timer.phase("prepare"):
         model_config = load_model_config(cfg.model)
@@ -266,7 +269,11 @@ def run_prune(cfg: Config, overwrite: bool = False, stats_path: Path | None = No
         run = Run(cfg, method, list(shapes), batches, stats, stats_path, evals, device, ui, timer, comm)
         if checkpoint is None:
             return prune_in_memory(run, out, overwrite, tokenizer, calibration)
-        return prune_streamed(run, out, checkpoint, model_config, tokenizer, calibration)
+        with tempfile.TemporaryDirectory(prefix="statprune-tokenizer-") as tokenizer_dir:
+            tokenizer.save_pretrained(tokenizer_dir)
+            del tokenizer  # only its files go on; the layers to come want its ~30 MiB back
+            trim_heap()
+            return prune_streamed(run, out, checkpoint, model_config, Path(tokenizer_dir), calibration)
 
 
 def check_world(cfg: Config, batches: list[torch.Tensor] | None) -> None:
@@ -306,7 +313,7 @@ def prune_in_memory(run: Run, out: Path, overwrite: bool, tokenizer: Any, calibr
     return report
 
 
-def prune_streamed(run: Run, out: Path, checkpoint: Checkpoint, model_config: Any, tokenizer: Any,
+def prune_streamed(run: Run, out: Path, checkpoint: Checkpoint, model_config: Any, tokenizer_dir: Path,
                    calibration: str) -> dict[str, Any]:
     """Layers read from the checkpoint and written to ``.NAME.partial`` as they finish (by rank 0), resumable."""
     cfg, timer, comm = run.cfg, run.timer, run.comm
@@ -327,7 +334,8 @@ def prune_streamed(run: Run, out: Path, checkpoint: Checkpoint, model_config: An
                 model.config.save_pretrained(partial)
                 if getattr(model, "generation_config", None) is not None:
                     model.generation_config.save_pretrained(partial)
-                tokenizer.save_pretrained(partial)
+                for f in tokenizer_dir.iterdir():
+                    shutil.copy2(f, partial / f.name)
                 report["sparsity"]["all_parameters"] = folder_sparsity(Checkpoint(partial, "output.dir"))
                 output.progress.clear()
                 for acts in partial.glob("activations-*"):

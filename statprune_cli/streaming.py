@@ -157,7 +157,7 @@ class StreamedLayers:
     def __init__(self, checkpoint: Checkpoint, layers_name: str, dtype: torch.dtype | str) -> None:
         self.checkpoint, self.layers_name = checkpoint, layers_name
         self.dtype = None if dtype == "auto" else dtype
-        return_freed_memory_promptly()
+        return_freed_memory_promptly()  # at the latest here; `prune` sets it before any large block (see there)
 
     def fetch(self, index: int, layer: nn.Module, device: torch.device) -> None:
         prefix = f"{self.layers_name}.{index}."
@@ -268,7 +268,10 @@ def return_freed_memory_promptly() -> None:
 
     By default glibc raises its mmap threshold up to 32 MiB as large blocks are freed; a layer's
     16 MiB tensors then come from the heap, which fragments, and a streaming run's resident memory
-    creeps up with every layer. No-op where glibc is not the allocator.
+    creeps up with every layer. It must be set before the first large blocks: set after tokenizing
+    and loading, some runs had already grown a 957 MiB heap (780 MiB of it free, glibc mallinfo2),
+    whose holes later tensors filled and kept resident until the next trim, and peaked ~250 MiB
+    higher than the others. No-op where glibc is not the allocator.
     """
     try:
         import ctypes
