@@ -79,9 +79,12 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--results", type=Path, default=ROOT / "bench-out" / "ablation.jsonl")
-    ap.add_argument("--doc", type=Path, default=None, help="default: docs/ablation.md (seed 0), docs/ablation-seedN.md otherwise")
+    ap.add_argument("--doc", type=Path, default=None,
+                    help="default: docs/ablation.md (32 windows, seed 0), else docs/ablation[-nN][-seedS].md")
+    ap.add_argument("--doc-only", action="store_true", help="rewrite the docs from the results so far, run nothing")
     args = ap.parse_args()
-    args.doc = args.doc or ROOT / "docs" / ("ablation.md" if not args.seed else f"ablation-seed{args.seed}.md")
+    name = "ablation" + (f"-n{args.nsamples}" if args.nsamples != 32 else "") + (f"-seed{args.seed}" if args.seed else "")
+    args.doc = args.doc or ROOT / "docs" / f"{name}.md"
     model = ensure_model()
     # no skipped positions unless a variant says so (statprune's own default would otherwise leak into its variants)
     common = common_overrides(model, args.nsamples, args.seqlen, args.eval_tokens, "validation") + [
@@ -89,7 +92,8 @@ def main() -> None:
     key = f"n{args.nsamples}-s{args.seqlen}-e{args.eval_tokens}" + (f"-seed{args.seed}" if args.seed else "")
     cells = {(name, setting): common + VARIANTS[name] + pattern_overrides(setting)
              for setting in args.settings.split(",") for name in args.variants.split(",")}
-    run_grid(args.results, key, "variant", cells, model, args.seqlen, args.eval_tokens, "validation")
+    if not args.doc_only:
+        run_grid(args.results, key, "variant", cells, model, args.seqlen, args.eval_tokens, "validation")
     write_doc(args, key)
     write_seed_summary(args)
 

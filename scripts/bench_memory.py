@@ -145,13 +145,13 @@ sums take float64 copies of chunks of a batch, not of all of it. The fixed costs
 tokenizer and the model classes, about 150 MiB) count in the growth over imports while not depending on the model
 size, so the growth / (layer + activations + embeddings) ratio falls as checkpoints grow.
 
-Run-to-run variation: the same streaming command peaks at one of two levels, about 1.15 GiB or about 1.40
-GiB (ten runs on the 12-layer checkpoint: 1138-1157 MiB five times, 1389-1410 MiB five times; the 24-layer one
-1158 and 1441 MiB), with nothing changed but the run. Before the heap was trimmed after every layer, the high
-runs also kept about +50 MiB of freed heap per layer and reached 1.8 GiB on 12 layers. The extra ~250 MiB is
-already there when the first layer starts; its cause is not found (not the hash seed, not transparent huge
-pages, not the number of malloc arenas, not the mmap threshold). The table is one run per cell: a low one.
-At the high level the 24-layer checkpoint's peak is 28% of its size and its growth 1.8x."""
+Run to run: until this fix the same streaming command peaked at one of two levels, about 1.15 or about 1.40
+GiB (five runs each of ten on 12 layers). glibc's mallinfo2 at the end of a layer told them apart: a high run
+had grown a 957 MiB heap with 780 MiB of it free, a low one a 218 MiB heap. The fixed 1 MiB mmap threshold
+was set only when the first layer was read; before that glibc's threshold floats up to 32 MiB, and in some runs
+large blocks of the prepare phase went to the heap; their holes later served the layers' tensors and stayed
+resident until the next trim. Set before tokenizing (as now), 7 of 7 traced runs stayed at the low level
+(1131-1142 MiB on 12 layers)."""
 
 
 if __name__ == "__main__":

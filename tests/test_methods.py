@@ -109,6 +109,29 @@ def test_energy_compensation_scales_kept_weights_by_gamma() -> None:
     assert (gamma > 1).all()
 
 
+@pytest.mark.parametrize("pattern,options,compensation,skip", [
+    ("unstructured", {}, "none", 1),
+    ("2:4", {}, "energy", 0),
+    ("4:8", {}, "energy", 0),
+    ("2:4", {"compensation": "none"}, "none", 0),
+    ("unstructured", {"compensation": "energy", "skip_first_tokens": 3}, "energy", 3),
+])
+def test_statprune_auto_defaults_follow_the_pattern(pattern: str, options: dict, compensation: str, skip: int) -> None:
+    method = build_method("statprune", options, pattern)
+    assert (method.options.compensation, method.options.skip_first_tokens) == (compensation, skip)
+
+
+def test_statprune_default_at_2of4_is_energy_compensated() -> None:
+    lin, x = layer_and_inputs()
+    w = lin.weight.detach().double().clone()
+    stats = ChannelStats.of(x)
+    build_method("statprune", {}, "2:4").prune(lin, stats, Target(0.5, (2, 4)))
+    kept = w.masked_fill(lin.weight == 0, 0)
+    gamma = (((w * w) @ stats.m2) / ((kept * kept) @ stats.m2)) ** 0.5
+    assert torch.allclose(lin.weight.double(), kept * gamma[:, None], rtol=1e-6)
+    assert (lin.weight.reshape(lin.weight.shape[0], -1, 4) == 0).sum(-1).eq(2).all()
+
+
 def test_both_compensations_restore_the_dense_mean_after_scaling() -> None:
     lin, x = layer_and_inputs()
     dense_mean = outputs(lin, x).mean(0)

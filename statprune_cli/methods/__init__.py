@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from statprune_cli.config import parse_pattern
 from statprune_cli.methods.base import Method, Options, Refiner, Target
 from statprune_cli.methods.magnitude import Magnitude
 from statprune_cli.methods.ria import RIA
@@ -12,9 +13,10 @@ from statprune_cli.methods.wanda import Wanda
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Magnitude, Wanda, SparseGPT, RIA, StatPrune)}
 
 
-def build_method(name: str, options: dict) -> Method:
+def build_method(name: str, options: dict, pattern: str = "unstructured") -> Method:
+    """``pattern`` (pruning.pattern) settles the options a method leaves to it (statprune's ``auto``)."""
     cls = METHODS[name]
-    return cls(cls.Options.from_dict(options))
+    return cls(cls.Options.from_dict(options), parse_pattern(pattern))
 
 
 __all__ = ["METHODS", "Method", "Options", "Refiner", "Target", "build_method"]

@@ -27,7 +27,11 @@ mask correction (``balance_cycles`` > 0): the mask's mean shift, e_i = sum_prune
   when it shrinks |e_i|, so each row keeps its count and every N:M group stays valid. This is the
   training-free mask update of DSnoT (Zhang et al., ICLR 2024) on our channel statistics.
 
-robust statistics: ``skip_first_tokens`` (default 1) leaves the first positions of every window
+defaults (``auto``, chosen by scripts/ablate.py over five calibration seeds): unstructured keeps
+Wanda's score on sink-free statistics (compensation none, skip_first_tokens 1); N:M adds energy
+compensation on full statistics (compensation energy, skip_first_tokens 0).
+
+robust statistics: ``skip_first_tokens`` leaves the first positions of every window
 out of the statistics. The first token of a window acts as an attention sink and carries massive
 activations in a few channels (e.g. a second moment 13x the rest in SmolLM2's last down_proj),
 which would otherwise decide those channels' scores.
@@ -35,7 +39,7 @@ which would otherwise decide those channels' scores.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -47,18 +51,18 @@ from statprune_cli.methods.base import Method, Options, Target
 from statprune_cli.stats import ChannelStats
 
 SCORES = ("variance", "tempered", "first_order", "magnitude")
-COMPENSATIONS = ("none", "mean", "energy", "both", "measured", "measured_scale")
+COMPENSATIONS = ("auto", "none", "mean", "energy", "both", "measured", "measured_scale")
 
 
 @dataclass
 class StatPruneOptions(Options):
     score: str = "tempered"
     alpha: float = 1.0
-    compensation: str = "none"
+    compensation: str = "auto"  # energy for N:M patterns, none for unstructured
     beta: float = 1.0
     energy_stat: str = "m2"
     measure_tokens: int = 256
-    skip_first_tokens: int = 1
+    skip_first_tokens: int | None = None  # None: 0 for N:M patterns, 1 for unstructured
     balance_cycles: int = 0
     balance_var_power: float = 1.0
     balance_targets: list[str] = field(default_factory=lambda: ["re:.*"])
@@ -72,7 +76,7 @@ class StatPruneOptions(Options):
             raise ConfigError("pruning.options.alpha", f"expected a number in [0, 2], got {self.alpha}")
         if not 0.0 <= self.beta <= 1.0:
             raise ConfigError("pruning.options.beta", f"expected a number in [0, 1], got {self.beta}")
-        if self.skip_first_tokens < 0:
+        if self.skip_first_tokens is not None and self.skip_first_tokens < 0:
             raise ConfigError("pruning.options.skip_first_tokens", f"expected an integer >= 0, got {self.skip_first_tokens}")
         if self.measure_tokens < 1:
             raise ConfigError("pruning.options.measure_tokens", f"expected an integer >= 1, got {self.measure_tokens}")
@@ -87,6 +91,11 @@ class StatPruneOptions(Options):
 class StatPrune(Method):
     name = "statprune"
     Options = StatPruneOptions
+
+    def __init__(self, options: StatPruneOptions | None = None, nm: tuple[int, int] | None = None) -> None:
+        o = options if options is not None else StatPruneOptions()
+        self.options = replace(o, compensation=("energy" if nm else "none") if o.compensation == "auto" else o.compensation,
+                               skip_first_tokens=(0 if nm else 1) if o.skip_first_tokens is None else o.skip_first_tokens)
 
     @property
     def wants_bias(self) -> bool:
