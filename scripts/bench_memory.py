@@ -101,13 +101,14 @@ def write_doc(args: argparse.Namespace) -> None:
     base, base_code = rows[("baseline", False)]["peak_rss_mib"], rows[("baseline+modeling", False)]["peak_rss_mib"]
     out = ["## Memory: streaming against in-memory", "",
            f"Made by `python scripts/bench_memory.py --nsamples {args.nsamples} --smollm-nsamples {args.smollm_nsamples} "
-           f"--smollm-tokens {args.smollm_tokens}` on 2 CPU cores, one run at a time, float32, "
+           f"--smollm-tokens {args.smollm_tokens}` on 2 CPU cores, float32, "
            f"Wanda, {args.nsamples} windows x {SEQLEN} tokens, no evaluation. Synthetic Llama checkpoints: hidden {HIDDEN}, "
            f"intermediate {INTERMEDIATE}, random weights, differing only in layer count. RSS after imports: {base:.0f} MiB (torch, transformers, statprune), "
            f"{base_code:.0f} MiB once the modeling code that a prune loads lazily is imported too "
            "(`transformers.models.llama.modeling_llama` with modeling_utils, torch.distributed and sympy: code, the same "
            "for every size of the architecture). Growth is the peak above each; the target (below 1.5x the largest layer "
-           "+ activations + embeddings) is read on the second.", "",
+           "+ activations + embeddings) is read on the second. Peak RSS does not depend on what else runs on the machine; "
+           "the synthetic rows' prune times do (they ran beside other jobs), so they are no timing.", "",
            "| checkpoint | size | path | peak RSS | peak / size | growth over imports | over imports + modeling code "
            "| layer + activations + embeddings | growth / that (imports + modeling) | prune time |",
            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -122,7 +123,9 @@ def write_doc(args: argparse.Namespace) -> None:
                    f"{r['prune_s']:.0f} s |")
     a, b = rows.get(("smollm2", False)), rows.get(("smollm2", True))
     if a and b:
-        out += ["", f"SmolLM2-135M, statprune 50%, {a['nsamples']} windows x 512 tokens, WikiText-2 test perplexity over "
+        earlier = " (rows kept from an earlier run of this script, run alone: bench-out/memory-session4.jsonl)" if a.get(
+            "restored_from") else ""
+        out += ["", f"SmolLM2-135M{earlier}, statprune 50%, {a['nsamples']} windows x 512 tokens, WikiText-2 test perplexity over "
                 f"{a['tokens']} tokens:", "",
                 "| path | perplexity | prune time | peak RSS |", "|---|---:|---:|---:|",
                 f"| in memory | {a['ppl']!r} | {a['prune_s']:.1f} s | {a['peak_rss_mib']:.0f} MiB |",
