@@ -224,3 +224,15 @@ def test_true_sequential_calibrates_each_linear_on_the_pruned_model_upstream(arc
         orders.append([list(layer.linears) for layer in res.layers])
         assert all(r.zeros == r.shape[0] * r.shape[1] // 2 for layer in res.layers for r in layer.linears.values())
     assert orders[0] == orders[1]  # the report lists a layer's linears in the same order either way
+
+
+def test_true_sequential_with_disk_offload_equals_cpu(tmp_path: Path) -> None:
+    """Its extra passes alternate the activation files too, without overwriting the inputs they read."""
+    ids = list(windows().split(3))
+    weights = []
+    for offload in (True, "disk"):
+        model = tiny_model("llama")
+        LayerwiseEngine(model, torch.device("cpu"), offload, UI(quiet=True), activation_dir=tmp_path / str(offload)).run(
+            build_method("wanda", {}), lambda i, n: Target(0.5), ["Linear"], [], ids, true_sequential=True)
+        weights.append(model.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
