@@ -34,17 +34,20 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=ROOT / "bench-out" / "bench.jsonl")
     ap.add_argument("--doc-only", action="store_true", help="rewrite the doc from the results so far, run nothing")
     ap.add_argument("--section", default="bench", help="name of the docs/results section (and plot) to write")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="calibration seed; other than 0 the cells are only recorded (the tables show seed 0)")
     args = ap.parse_args()
     model = ensure_model()
-    common = common_overrides(model, args.nsamples, args.seqlen, args.max_tokens, "test")
-    key = f"n{args.nsamples}-s{args.seqlen}-e{args.max_tokens}"
+    common = common_overrides(model, args.nsamples, args.seqlen, args.max_tokens, "test") + [f"calibration.seed={args.seed}"]
+    key = f"n{args.nsamples}-s{args.seqlen}-e{args.max_tokens}" + (f"-seed{args.seed}" if args.seed else "")
     if args.doc_only:
         write_doc(args, key)
         return
     cells = {(method, setting): common + method_overrides(method) + pattern_overrides(setting)
              for setting in args.settings.split(",") for method in args.methods.split(",")}
     run_grid(args.results, key, "method", cells, model, args.seqlen, args.max_tokens, "test")
-    write_doc(args, key)
+    if not args.seed:
+        write_doc(args, key)
 
 
 TITLES = {"bench": "perplexity by method and sparsity", "owl": "the OWL layer profile against uniform sparsity"}
