@@ -93,8 +93,10 @@ def write_doc(args: argparse.Namespace, key: str) -> None:
     for m in methods:
         out.append(f"| {m} | " + " | ".join(f"{by[(m, s)]['prune_s']:.1f} s, {by[(m, s)]['peak_rss_mib']:.0f} MiB"
                                             if (m, s) in by else "" for s in settings) + " |")
-    if ("statprune", settings[0]) in by:
-        out += ["", f"statprune options: `{by[('statprune', settings[0])]['options']}`"]
+    options = {s: by[("statprune", s)]["options"] for s in settings if ("statprune", s) in by}
+    if options:  # its defaults depend on the pattern (compensation and skip_first_tokens: auto)
+        out += ["", "statprune options (as resolved for each setting):", ""]
+        out += [f"- {s}: `{o}`" for s, o in options.items()]
     write_section(args.section, "\n".join(out) + "\n")
     plot = {"model": "SmolLM2-135M", "datasets": ["wikitext2[test]"], "dense": [dense["ppl"]] if dense else [float("nan")],
             "methods": methods, "settings": settings,
