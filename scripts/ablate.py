@@ -20,6 +20,7 @@ from _runs import ROOT, common_overrides, ensure_model, load_jsonl, pattern_over
 SP = "pruning.method=statprune"
 SKIP1 = "calibration.skip_first_tokens=1"
 TRUESEQ = "pruning.true_sequential=true"
+ENERGY = "pruning.options={score: tempered, alpha: 1.0, compensation: energy, beta: 1.0}"
 VARIANTS: dict[str, list[str]] = {
     "magnitude": ["pruning.method=magnitude"],
     "wanda": ["pruning.method=wanda"],
@@ -32,7 +33,7 @@ VARIANTS: dict[str, list[str]] = {
     # compensation only
     "comp=mean": [SP, "pruning.options={score: magnitude, compensation: mean}"],
     "wanda+mean": [SP, "pruning.options={score: tempered, alpha: 1.0, compensation: mean}"],
-    "wanda+energy(m2/b=1)": [SP, "pruning.options={score: tempered, alpha: 1.0, compensation: energy, beta: 1.0}"],
+    "wanda+energy(m2/b=1)": [SP, ENERGY],
     # both
     "variance+mean": [SP, "pruning.options={score: variance, compensation: mean}"],
     "variance+energy(m2/b=1)": [SP, "pruning.options={score: variance, compensation: energy, beta: 1.0}"],
@@ -49,24 +50,23 @@ VARIANTS: dict[str, list[str]] = {
     "wanda+mean+skip1": [SP, "pruning.options={score: tempered, alpha: 1.0, compensation: mean}", SKIP1],
     "tempered(a=0.5)+skip1": [SP, "pruning.options={score: tempered, alpha: 0.5, compensation: none}", SKIP1],
     "wanda+skip4": ["pruning.method=wanda", "calibration.skip_first_tokens=4"],
-    "wanda+energy(m2/b=1)+skip1": [SP, "pruning.options={score: tempered, alpha: 1.0, compensation: energy, beta: 1.0}", SKIP1],
+    "wanda+energy(m2/b=1)+skip1": [SP, ENERGY, SKIP1],
     "wanda+measured_scale+skip1": [SP, "pruning.options={score: tempered, alpha: 1.0, compensation: measured_scale}", SKIP1],
     "wanda+measured+skip1": [SP, "pruning.options={score: tempered, alpha: 1.0, compensation: measured}", SKIP1],
     "tempered(a=0.75)+skip1": [SP, "pruning.options={score: tempered, alpha: 0.75, compensation: none}", SKIP1],
     "first_order+skip1": [SP, "pruning.options={score: first_order, compensation: none}", SKIP1],
     "variance+mean+skip1": [SP, "pruning.options={score: variance, compensation: mean}", SKIP1],
     # mask correction: swaps that bring each row's mean output back (on wanda+skip1)
-    "wanda+skip1+balance(c=50)": [SP, "pruning.options={balance_cycles: 50}", SKIP1],
-    "wanda+skip1+balance(c=50;p=0)": [SP, "pruning.options={balance_cycles: 50, balance_var_power: 0.0}", SKIP1],
-    "wanda+skip1+balance(c=50;p=2)": [SP, "pruning.options={balance_cycles: 50, balance_var_power: 2.0}", SKIP1],
-    "wanda+skip1+balance(c=200)": [SP, "pruning.options={balance_cycles: 200}", SKIP1],
-    "wanda+skip1+balance(c=50;attn)": [SP, "pruning.options={balance_cycles: 50, balance_targets: ['re:.*self_attn']}", SKIP1],
-    "wanda+skip1+balance(c=50;mlp)": [SP, "pruning.options={balance_cycles: 50, balance_targets: ['re:.*mlp']}", SKIP1],
+    "wanda+skip1+balance(c=50)": [SP, "pruning.options={compensation: none, balance_cycles: 50}", SKIP1],
+    "wanda+skip1+balance(c=50;p=0)": [SP, "pruning.options={compensation: none, balance_cycles: 50, balance_var_power: 0.0}", SKIP1],
+    "wanda+skip1+balance(c=50;p=2)": [SP, "pruning.options={compensation: none, balance_cycles: 50, balance_var_power: 2.0}", SKIP1],
+    "wanda+skip1+balance(c=200)": [SP, "pruning.options={compensation: none, balance_cycles: 200}", SKIP1],
+    "wanda+skip1+balance(c=50;attn)": [SP, "pruning.options={compensation: none, balance_cycles: 50, balance_targets: ['re:.*self_attn']}", SKIP1],
+    "wanda+skip1+balance(c=50;mlp)": [SP, "pruning.options={compensation: none, balance_cycles: 50, balance_targets: ['re:.*mlp']}", SKIP1],
     # true sequential: inside each layer q/k/v, then o, then gate/up, then down, each from the pruned upstream
     "wanda+trueseq": ["pruning.method=wanda", TRUESEQ],
     "wanda+skip1+trueseq": ["pruning.method=wanda", SKIP1, TRUESEQ],
-    "wanda+energy(m2/b=1)+trueseq": [SP, "pruning.options={score: tempered, alpha: 1.0, compensation: energy, beta: 1.0}",
-                                     TRUESEQ],
+    "wanda+energy(m2/b=1)+trueseq": [SP, ENERGY, TRUESEQ],
 }
 
 
