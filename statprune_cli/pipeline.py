@@ -243,9 +243,7 @@ def run_prune(cfg: Config, overwrite: bool = False, stats_path: Path | None = No
     if method.needs_output_pass and launched_world_size() > 1:
         raise ConfigError("pruning.options.compensation", "expected a closed-form compensation under a launcher: the "
                                                           "measured ones run in one process only")
-    streaming = should_stream(cfg.model, cfg.runtime.streaming, cfg.runtime.streaming_memory_share)
-    if streaming:
-        return_freed_memory_promptly()  # before the first large block: later ones must not land in heap holes
+    streaming = decide_streaming(cfg)
 
     with timer.phase("prepare"):
         model_config = load_model_config(cfg.model)
@@ -271,9 +269,19 @@ def run_prune(cfg: Config, overwrite: bool = False, stats_path: Path | None = No
             return prune_in_memory(run, out, overwrite, tokenizer, calibration)
         with tempfile.TemporaryDirectory(prefix="statprune-tokenizer-") as tokenizer_dir:
             tokenizer.save_pretrained(tokenizer_dir)
-            del tokenizer  # only its files go on; the layers to come want its ~30 MiB back
+            del tokenizer  # only its files go on; the layers to come want its memory back (24 MiB measured)
             trim_heap()
             return prune_streamed(run, out, checkpoint, model_config, Path(tokenizer_dir), calibration)
+
+
+def decide_streaming(cfg: Config) -> bool:
+    """Whether this run reads its layers from the checkpoint one at a time. Called before anything is
+    tokenized or loaded: from here on a streaming run's large blocks are mmapped, so none of them
+    land in heap holes that would stay resident (see ``return_freed_memory_promptly``)."""
+    streaming = should_stream(cfg.model, cfg.runtime.streaming, cfg.runtime.streaming_memory_share)
+    if streaming:
+        return_freed_memory_promptly()
+    return streaming
 
 
 def check_world(cfg: Config, batches: list[torch.Tensor] | None) -> None:
@@ -445,12 +453,13 @@ def run_calibrate(cfg: Config, output: Path, overwrite: bool = False, ui: UI | N
         raise InputError(f"--output: {output} already exists; pass --overwrite to replace it")
     device = setup_runtime(cfg)
     check_against_model(cfg, load_model_config(cfg.model))
+    streaming = decide_streaming(cfg)
     tokenizer = load_tokenizer(cfg.model)
     batches, calibration = calibration_batches(cfg, tokenizer, ui)
     check_world(cfg, batches)
     t0 = time.perf_counter()
     output.parent.mkdir(parents=True, exist_ok=True)
-    with reading_engine(cfg, device, output, ui) as engine:
+    with reading_engine(cfg, device, streaming, output, ui) as engine:
         p = cfg.pruning
         method = build_method(p.method, p.options, p.pattern)
         skip = statistics_skip(cfg, method)
@@ -494,20 +503,22 @@ def run_eval(cfg: Config, ui: UI | None = None) -> list[dict[str, Any]]:
     context = getattr(config, "max_position_embeddings", None)
     if context is not None and cfg.eval.seqlen > context:
         raise ConfigError("eval.seqlen", f"expected at most the model's context ({context} tokens), got {cfg.eval.seqlen}")
+    streaming = decide_streaming(cfg)
     tokenizer = load_tokenizer(cfg.model)
     sets = eval_sets(cfg, tokenizer)
-    with reading_engine(cfg, device, None, ui) as engine:
+    with reading_engine(cfg, device, streaming, None, ui) as engine:
         return [evaluate_perplexity(engine, es, cfg.eval.batch_size).to_dict() for es in sets]
 
 
 @contextmanager
-def reading_engine(cfg: Config, device: torch.device, near: Path | None, ui: UI) -> Iterator[LayerwiseEngine]:
-    """An engine over the unpruned model, streamed from its checkpoint when ``runtime.streaming`` says so
+def reading_engine(cfg: Config, device: torch.device, streaming: bool, near: Path | None,
+                   ui: UI) -> Iterator[LayerwiseEngine]:
+    """An engine over the unpruned model, streamed from its checkpoint when ``streaming`` (``decide_streaming``)
     (calibrate and eval-ppl write no weights, so they need no output folder), in the launcher's process group."""
     with launched(device, cfg.runtime.dist_timeout_minutes) as (comm, device), \
             tempfile.TemporaryDirectory(prefix=".statprune-activations-", dir=near.parent if near else None) as acts:
         placement = Placement(activation_dir=Path(acts), comm=comm)
-        if should_stream(cfg.model, cfg.runtime.streaming, cfg.runtime.streaming_memory_share):
+        if streaming:
             checkpoint = Checkpoint(resolve_folder(cfg.model))
             ui.log(f"streaming {cfg.model.name_or_path}: one decoder layer in memory at a time")
             model = load_skeleton(cfg.model, load_model_config(cfg.model), checkpoint)

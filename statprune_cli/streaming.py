@@ -157,7 +157,6 @@ class StreamedLayers:
     def __init__(self, checkpoint: Checkpoint, layers_name: str, dtype: torch.dtype | str) -> None:
         self.checkpoint, self.layers_name = checkpoint, layers_name
         self.dtype = None if dtype == "auto" else dtype
-        return_freed_memory_promptly()  # at the latest here; `prune` sets it before any large block (see there)
 
     def fetch(self, index: int, layer: nn.Module, device: torch.device) -> None:
         prefix = f"{self.layers_name}.{index}."
