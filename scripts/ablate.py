@@ -34,6 +34,8 @@ VARIANTS: dict[str, list[str]] = {
     "comp=mean": [SP, "pruning.options={score: magnitude, compensation: mean}"],
     "wanda+mean": [SP, "pruning.options={score: tempered, alpha: 1.0, compensation: mean}"],
     "wanda+energy(m2/b=1)": [SP, ENERGY],
+    "wanda+energy(m2/b=0.5)": [SP, ENERGY.replace("beta: 1.0", "beta: 0.5")],
+    "wanda+energy(m2/b=0.25)": [SP, ENERGY.replace("beta: 1.0", "beta: 0.25")],
     # both
     "variance+mean": [SP, "pruning.options={score: variance, compensation: mean}"],
     "variance+energy(m2/b=1)": [SP, "pruning.options={score: variance, compensation: energy, beta: 1.0}"],
