@@ -215,18 +215,29 @@ def perplexities(cfg: Config, engine: LayerwiseEngine, evals: list[EvalSet], ui:
     return out
 
 
-def check_stats(stats_path: Path, shapes: dict[str, tuple[int, int]], method: Method) -> dict[str, ChannelStats]:
-    """Load a ``--stats`` file and check it covers every target linear with what the method needs."""
+def check_stats(stats_path: Path, shapes: dict[str, tuple[int, int]], cfg: Config, method: Method) -> dict[str, ChannelStats]:
+    """Load a ``--stats`` file and check it covers every target linear with what the method needs.
+
+    The file's statistics leave out the first positions its calibrate run chose; they cannot be
+    recomputed without data. A config that sets another ``calibration.skip_first_tokens`` is refused;
+    one that leaves it to the method takes the file's (set in ``cfg``, so statprune.yaml repeats the run).
+    """
     if method.needs_output_pass:
         raise InputError("--stats: the method's measured compensation needs calibration data; drop --stats or change "
                          "pruning.options.compensation")
-    stats = load_stats(stats_path)
+    stats, skip = load_stats(stats_path)
     for name, (_, cols) in shapes.items():
         if name not in stats or stats[name].sum.numel() != cols:
             raise InputError(f"--stats: {stats_path} has no statistics of {cols} channels for {name}")
         if method.needs_gram and stats[name].gram is None:
             raise InputError(f"--stats: {stats_path} has no input Hessian for {name}; {method.name} needs one "
                              f"(run `statprune calibrate` with pruning.method: {method.name})")
+    wanted = cfg.calibration.skip_first_tokens
+    if skip is not None and wanted is not None and wanted != skip:
+        raise InputError(f"--stats: {stats_path} leaves out the first {skip} position(s) of each window, "
+                         f"calibration.skip_first_tokens asks for {wanted}; run `statprune calibrate` with {wanted} or drop the key")
+    if skip is not None:
+        cfg.calibration.skip_first_tokens = skip
     return stats
 
 
@@ -248,7 +259,7 @@ def run_prune(cfg: Config, overwrite: bool = False, stats_path: Path | None = No
     with timer.phase("prepare"):
         model_config = load_model_config(cfg.model)
         shapes = check_against_model(cfg, model_config)
-        stats = check_stats(stats_path, shapes, method) if stats_path else None
+        stats = check_stats(stats_path, shapes, cfg, method) if stats_path else None
         checkpoint = Checkpoint(resolve_folder(cfg.model)) if streaming else None
         tokenizer = load_tokenizer(cfg.model)
         batches, calibration = None, "none (the method needs no data)"
@@ -416,7 +427,7 @@ class Run:
             "mode": pruned.mode,
             "streaming": isinstance(pruned.engine.io, StreamedLayers),
             "calibration": {**asdict(self.cfg.calibration), "description": calibration,
-                            "statistics_skip_first_tokens": None if self.stats is not None else pruned.skip},
+                            "statistics_skip_first_tokens": pruned.skip},
             "device": str(self.device),
             "world_size": self.comm.world_size,
             "sparsity": {"pruned_linears": totals, "all_parameters": all_params},

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from statprune_cli.errors import InputError, PruneError
@@ -111,11 +112,14 @@ def save_stats(stats: dict[str, ChannelStats], path: Path, metadata: dict[str, s
     tmp.replace(path)
 
 
-def load_stats(path: Path) -> dict[str, ChannelStats]:
+def load_stats(path: Path) -> tuple[dict[str, ChannelStats], int | None]:
+    """The statistics of a ``statprune calibrate`` file, and how many first positions of each window they leave out."""
     if not path.is_file():
         raise InputError(f"--stats: file not found: {path}")
     try:
         tensors = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            skip = (f.metadata() or {}).get("skip_first_tokens")
     except Exception as e:  # safetensors raises several types for a bad file
         raise InputError(f"--stats: {path} is not a statprune statistics file ({e})") from None
     names = sorted({k.rsplit(".", 1)[0] for k in tensors})
@@ -124,6 +128,6 @@ def load_stats(path: Path) -> dict[str, ChannelStats]:
             n: ChannelStats(int(tensors[f"{n}.count"][0]), tensors[f"{n}.sum"], tensors[f"{n}.sumsq"], tensors[f"{n}.sumabs"],
                             tensors.get(f"{n}.gram"))
             for n in names
-        }
+        }, None if skip is None else int(skip)
     except KeyError as e:
         raise InputError(f"--stats: {path} lacks tensor {e}; expected count/sum/sumsq/sumabs per linear") from None

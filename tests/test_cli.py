@@ -106,6 +106,20 @@ def test_calibrate_then_one_shot_prune(cfg: Path, tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "--stats: file not found" in bad.stderr
 
 
+def test_one_shot_prune_takes_the_stats_files_skipped_positions(cfg: Path, tmp_path: Path) -> None:
+    """Statistics cannot be recomputed without data: the file's choice of skipped positions holds, a contrary config is refused."""
+    stats = tmp_path / "stats.safetensors"
+    sp = ["--set", "pruning.method=statprune"]
+    assert run("calibrate", str(cfg), "-q", "-o", str(stats), *sp, "--set", "pruning.pattern=2:4").exit_code == 0
+    res = run("prune", str(cfg), "-q", "--json", "--stats", str(stats), *sp)  # statprune at 50% would skip 1 itself
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["calibration"]["statistics_skip_first_tokens"] == 0
+    assert "skip_first_tokens: 0" in (tmp_path / "out" / "statprune.yaml").read_text()
+    bad = run("prune", str(cfg), "-q", "--overwrite", "--stats", str(stats), *sp, "--set", "calibration.skip_first_tokens=1")
+    assert bad.exit_code == 2
+    assert "leaves out the first 0 position(s) of each window, calibration.skip_first_tokens asks for 1" in bad.stderr
+
+
 def test_eval_ppl_on_a_model_folder(tiny_model_dir: Path, text_files: dict[str, Path]) -> None:
     res = run("eval-ppl", str(tiny_model_dir), "--dataset", f"text:{text_files['eval']}", "--seqlen", "32",
               "--max-tokens", "320", "--json", "-q")
