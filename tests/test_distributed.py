@@ -132,6 +132,40 @@ def test_a_killed_rank_fails_the_launch_and_the_run_resumes_on_two_processes(
     assert not [p for p in out.iterdir() if p.name.startswith(("inputs-", "activations-", "progress"))]
 
 
+FAKE_SRUN = """#!/usr/bin/env bash
+# srun for one machine: the job step's command once per node, all at once; fails if any fails
+while [[ $1 == --* ]]; do shift; done
+pids=()
+for _ in $(seq "$SLURM_NNODES"); do "$@" & pids+=($!); done
+rc=0
+for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+exit $rc
+"""
+
+
+def test_the_slurm_script_prunes_on_two_nodes_as_one_process_does(
+        tmp_path: Path, tiny_model_dir: Path, text_files: dict[str, Path], one_thread: None) -> None:
+    """scripts/slurm/prune.sbatch itself, on a fake two-node allocation: two torchrun agents meet by c10d rendezvous."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in {"srun": FAKE_SRUN, "scontrol": "#!/usr/bin/env bash\necho 127.0.0.1\n"}.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    cfg = config(tmp_path, tiny_model_dir, text_files, pruning={"method": "statprune", "options": {"compensation": "both"}})
+    single("prune", str(cfg), "-o", str(tmp_path / "one"))
+    slurm = {"SLURM_NNODES": "2", "SLURM_GPUS_PER_NODE": "1", "SLURM_CPUS_PER_TASK": "1", "SLURM_JOB_ID": "7",
+             "SLURM_JOB_NODELIST": "node[1-2]", "MASTER_PORT": str(free_port()), "VENV": sys.prefix,
+             "HF_HOME": str(tmp_path / "hf"), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    script = Path(__file__).resolve().parents[1] / "scripts" / "slurm" / "prune.sbatch"
+    res = subprocess.run(["bash", str(script), str(cfg), "-q", "--json", "-o", str(tmp_path / "two")], capture_output=True,
+                         text=True, env={**os.environ, **slurm}, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "statprune: 2 node(s) x 1 GPU(s), rendezvous 127.0.0.1:" in res.stdout
+    assert report(tmp_path / "two")["world_size"] == 2
+    one, two = tensors(tmp_path / "one"), tensors(tmp_path / "two")
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+
+
 @pytest.mark.parametrize("sets,command,message", [
     (["pruning.method=statprune", "pruning.options={compensation: measured}"], "prune",
      "pruning.options.compensation: expected a closed-form compensation under a launcher"),
