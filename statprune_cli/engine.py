@@ -142,6 +142,12 @@ class LayerIO(Protocol):
 
     def release(self, index: int, layer: nn.Module) -> None: ...
 
+    def fetch_outside(self, model: nn.Module, device: torch.device) -> None:
+        """The weights outside the decoder layers, on ``device``, for a forward from the embeddings."""
+
+    def release_outside(self, model: nn.Module) -> None:
+        """Those weights may go while only the layers run."""
+
 
 class InMemoryLayers:
     """Every layer's weights live in CPU memory; only the current one goes to the device."""
@@ -151,6 +157,12 @@ class InMemoryLayers:
 
     def release(self, index: int, layer: nn.Module) -> None:
         layer.to("cpu")
+
+    def fetch_outside(self, model: nn.Module, device: torch.device) -> None:
+        pass  # on the device since the engine started
+
+    def release_outside(self, model: nn.Module) -> None:
+        pass  # the model stays whole
 
 
 @torch.no_grad()
@@ -292,6 +304,7 @@ class LayerwiseEngine:
         return target_linears(self.layers[index], f"{self.layers_name}.{index}", targets, ignore)
 
     def capture(self, batches: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[LayerArgs]]:
+        self.io.fetch_outside(self.model, self.device)
         with self.ui.progress("capturing layer inputs", len(batches)) as advance:
             return capture_inputs(self.model, self.layers, batches, self.device, self.acts.next_pass(), advance)
 
@@ -349,6 +362,7 @@ class LayerwiseEngine:
         if resume is not None:
             start, hidden, results = resume.next_layer, resume.hidden, list(resume.results)
             self.ui.log(f"resuming at layer {start} of {len(self.layers)}")
+        self.io.release_outside(self.model)  # from here on only the layers run
         with self.ui.progress("pruning layers" if method else "calibrating layers", len(self.layers) - start) as advance:
             for i in range(start, len(self.layers)):
                 t0 = time.perf_counter()

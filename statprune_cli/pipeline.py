@@ -345,7 +345,7 @@ def prune_streamed(run: Run, out: Path, checkpoint: Checkpoint, model_config: An
         state = output.resume()
         placement = Placement(StreamedLayers(checkpoint, layers_name, torch_dtype(cfg.model.dtype)), partial,
                               None if state is None else Resume(*state), output.layer_done, comm)
-        pruned, ppl = run.prune_and_evaluate(model, placement, lambda: output.finish_weights(model))
+        pruned, ppl = run.prune_and_evaluate(model, placement, lambda: output.finish_weights(model, placement.io))
         report = run.report(pruned, ppl, calibration, None, out)
         comm.barrier()  # every process is done with its activations before rank 0 clears them
         if comm.is_main:

@@ -130,23 +130,33 @@ def _state_names(module: nn.Module) -> list[str]:
     return names
 
 
+def _outside_names(model: nn.Module, layers_name: str) -> list[str]:
+    """The tensors outside the decoder layers: embeddings, final norm, head (tied ones once)."""
+    return [n for n in _state_names(model) if not n.startswith(layers_name + ".")]
+
+
+def load_outside(model: nn.Module, checkpoint: Checkpoint, layers_name: str, dtype: torch.dtype | None,
+                 device: torch.device | str = "cpu") -> None:
+    """Read every tensor outside the decoder layers from ``checkpoint`` into ``model`` on ``device``."""
+    names = [n for n in _outside_names(model, layers_name) if n in checkpoint]
+    for n, t in checkpoint.read(names, dtype).items():
+        set_module_tensor_to_device(model, n, device, value=t)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+
+
 def load_skeleton(mc: ModelConfig, config: PretrainedConfig, checkpoint: Checkpoint) -> nn.Module:
     """The model with every weight outside the decoder layers loaded and the layers left on the meta device."""
     dtype = torch_dtype(mc.dtype)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=mc.trust_remote_code,
                                                  **({} if dtype == "auto" else {"dtype": dtype}))
-    prefix = find_decoder_layers(model)[0] + "."
-    rest = [n for n in _state_names(model) if not n.startswith(prefix)]
-    missing = [n for n in rest if n not in checkpoint]
+    layers_name = find_decoder_layers(model)[0]
     tied = getattr(config, "tie_word_embeddings", False)
-    for n in missing:
-        if not (tied and n.endswith("lm_head.weight")):
+    for n in _outside_names(model, layers_name):
+        if n not in checkpoint and not (tied and n.endswith("lm_head.weight")):
             raise InputError(f"model.name_or_path: the checkpoint in {checkpoint.folder} has no tensor {n}")
-    for n, t in checkpoint.read([n for n in rest if n in checkpoint], None if dtype == "auto" else dtype).items():
-        set_module_tensor_to_device(model, n, "cpu", value=t)
-    if tied:
-        model.tie_weights()
+    load_outside(model, checkpoint, layers_name, None if dtype == "auto" else dtype)
     model.config.use_cache = False
     return model.eval()
 
@@ -177,6 +187,21 @@ class StreamedLayers:
         for n in _state_names(layer):
             set_module_tensor_to_device(layer, n, "meta")
         trim_heap()  # without it, freed heap pages can pile up from layer to layer (seen: +50 MiB per layer)
+
+    def fetch_outside(self, model: nn.Module, device: torch.device) -> None:
+        """Embeddings, final norm and head back from the checkpoint if ``release_outside`` dropped them."""
+        if any(t.is_meta for n, t in model.named_parameters() if not n.startswith(self.layers_name + ".")):
+            load_outside(model, self.checkpoint, self.layers_name, self.dtype, device)
+
+    def release_outside(self, model: nn.Module) -> None:
+        """Drop the weights outside the layers while the layers run: the embeddings can be as large as a layer or two.
+
+        The engine needs them only to capture the first layer's inputs; pruning does not change them, and
+        they are read again from the checkpoint to be written or to evaluate.
+        """
+        for n in _outside_names(model, self.layers_name):
+            set_module_tensor_to_device(model, n, "meta")
+        trim_heap()
 
 
 class ShardWriter:
@@ -436,9 +461,10 @@ class StreamingOutput:
     def extras_piece(self, index: int) -> Path:
         return self.folder / f"extras-{index:05d}.safetensors"
 
-    def finish_weights(self, model: nn.Module) -> Checkpoint:
+    def finish_weights(self, model: nn.Module, io: StreamedLayers) -> Checkpoint:
         """Write what is not in a decoder layer, the index and the methods' extra tensors (rank 0); the folder is then
-        a checkpoint to evaluate."""
+        a checkpoint to evaluate. ``io`` reads the weights outside the layers back if the engine dropped them."""
+        io.fetch_outside(model, torch.device("cpu"))
         if self.comm.is_main:
             self.writer.write_rest(model, self.layers_name)
             self.writer.finish()

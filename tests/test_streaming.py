@@ -8,12 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_config
+from conftest import ARCHS, tiny_model, write_config
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from statprune_cli.cli import app
+from statprune_cli.config import ModelConfig
+from statprune_cli.engine import LayerwiseEngine
+from statprune_cli.layers import find_decoder_layers
+from statprune_cli.methods import Target
+from statprune_cli.streaming import Checkpoint, StreamedLayers, load_skeleton
+from statprune_cli.ui import UI
 
 runner = CliRunner()
 
@@ -148,3 +154,32 @@ def test_ria_channel_permutations_are_saved_and_survive_a_resume(tmp_path: Path,
         assert ((w.reshape(w.shape[0], -1, 4) == 0).sum(-1) != 2).any(), name  # and not in the stored one
     assert not list((tmp_path / "out").glob("extras-*"))
     assert json.loads((tmp_path / "out" / "report.json").read_text())["extras_file"] == "pruning_extras.safetensors"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_streamed_layers_run_without_the_embeddings_and_give_the_in_memory_statistics(tmp_path: Path, arch: str) -> None:
+    """While the layers run, nothing outside them is in memory (tied heads and OPT's learned positions included);
+    the statistics equal an in-memory run's, and the weights come back whole for the logits."""
+    model = tiny_model(arch)
+    model.save_pretrained(tmp_path)
+    checkpoint = Checkpoint(tmp_path)
+    skeleton = load_skeleton(ModelConfig(str(tmp_path)), model.config, checkpoint)
+    layers_name = find_decoder_layers(skeleton)[0]
+    io = StreamedLayers(checkpoint, layers_name, torch.float32)
+    outside = [n for n, _ in skeleton.named_parameters() if not n.startswith(layers_name + ".")]
+    in_memory_while_layers_run = []
+    batches = [torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+
+    def on_layer_done(i, layer, hidden, results) -> None:
+        in_memory_while_layers_run.extend(n for n in outside if not skeleton.get_parameter(n).is_meta)
+
+    streamed = LayerwiseEngine(skeleton, torch.device("cpu"), False, UI(quiet=True), io=io)
+    stats = streamed.run(None, lambda i, n: Target(0.0), ["Linear"], [], batches, on_layer_done=on_layer_done).stats
+    assert outside and in_memory_while_layers_run == []
+    reference = LayerwiseEngine(model, torch.device("cpu"), False, UI(quiet=True))
+    expected = reference.run(None, lambda i, n: Target(0.0), ["Linear"], [], batches).stats
+    assert stats.keys() == expected.keys()
+    assert all(torch.equal(stats[k].sumsq, expected[k].sumsq) for k in stats)
+    final = streamed.hidden_states(batches[:1])  # capture reads them back
+    logits = streamed.logits(batches[0], final[0])
+    assert torch.allclose(logits, model(batches[0]).logits, atol=1e-5)
