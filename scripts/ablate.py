@@ -53,6 +53,7 @@ VARIANTS: dict[str, list[str]] = {
     "tempered(a=0.5)+skip1": [SP, "pruning.options={score: tempered, alpha: 0.5, compensation: none}", SKIP1],
     "wanda+skip4": ["pruning.method=wanda", "calibration.skip_first_tokens=4"],
     "wanda+energy(m2/b=1)+skip1": [SP, ENERGY, SKIP1],
+    "wanda+energy(m2/b=0.5)+skip1": [SP, ENERGY.replace("beta: 1.0", "beta: 0.5"), SKIP1],
     "wanda+measured_scale+skip1": [SP, "pruning.options={score: tempered, alpha: 1.0, compensation: measured_scale}", SKIP1],
     "wanda+measured+skip1": [SP, "pruning.options={score: tempered, alpha: 1.0, compensation: measured}", SKIP1],
     "tempered(a=0.75)+skip1": [SP, "pruning.options={score: tempered, alpha: 0.75, compensation: none}", SKIP1],
