@@ -190,7 +190,7 @@ class StreamedLayers:
 
     def fetch_outside(self, model: nn.Module, device: torch.device) -> None:
         """Embeddings, final norm and head back from the checkpoint if ``release_outside`` dropped them."""
-        if any(t.is_meta for n, t in model.named_parameters() if not n.startswith(self.layers_name + ".")):
+        if any(t.is_meta for n, t in model.state_dict(keep_vars=True).items() if not n.startswith(self.layers_name + ".")):
             load_outside(model, self.checkpoint, self.layers_name, self.dtype, device)
 
     def release_outside(self, model: nn.Module) -> None:
@@ -199,8 +199,9 @@ class StreamedLayers:
         The engine needs them only to capture the first layer's inputs; pruning does not change them, and
         they are read again from the checkpoint to be written or to evaluate.
         """
-        for n in _outside_names(model, self.layers_name):
-            set_module_tensor_to_device(model, n, "meta")
+        for n in model.state_dict(keep_vars=True):  # every name: a tied head holds the embeddings under its own
+            if not n.startswith(self.layers_name + "."):
+                set_module_tensor_to_device(model, n, "meta")
         trim_heap()
 
 
