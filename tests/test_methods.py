@@ -113,7 +113,7 @@ def test_energy_compensation_scales_kept_weights_by_gamma() -> None:
     ("unstructured", {}, "none", 1),
     ("2:4", {}, "energy", 0),
     ("1:4", {}, "energy", 0),
-    ("4:8", {}, "none", 1),
+    ("4:8", {}, "energy", 0),
     ("2:4", {"compensation": "none"}, "none", 0),
     ("unstructured", {"compensation": "energy", "skip_first_tokens": 3}, "energy", 3),
 ])
@@ -122,15 +122,16 @@ def test_statprune_auto_defaults_follow_the_pattern(pattern: str, options: dict,
     assert (method.options.compensation, method.options.skip_first_tokens) == (compensation, skip)
 
 
-def test_statprune_default_at_2of4_is_energy_compensated() -> None:
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8)])
+def test_statprune_default_for_nm_restores_half_the_energy(n: int, m: int) -> None:
     lin, x = layer_and_inputs()
     w = lin.weight.detach().double().clone()
     stats = ChannelStats.of(x)
-    build_method("statprune", {}, "2:4").prune(lin, stats, Target(0.5, (2, 4)))
+    build_method("statprune", {}, f"{n}:{m}").prune(lin, stats, Target(n / m, (n, m)))
     kept = w.masked_fill(lin.weight == 0, 0)
-    gamma = (((w * w) @ stats.m2) / ((kept * kept) @ stats.m2)) ** 0.5
+    gamma = (((w * w) @ stats.m2) / ((kept * kept) @ stats.m2)) ** 0.25  # beta 0.5: the square root of full restoration
     assert torch.allclose(lin.weight.double(), kept * gamma[:, None], rtol=1e-6)
-    assert (lin.weight.reshape(lin.weight.shape[0], -1, 4) == 0).sum(-1).eq(2).all()
+    assert (lin.weight.reshape(lin.weight.shape[0], -1, m) == 0).sum(-1).eq(n).all()
 
 
 def test_both_compensations_restore_the_dense_mean_after_scaling() -> None:
