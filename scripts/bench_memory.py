@@ -23,8 +23,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import (ROOT, append_jsonl, common_overrides, ensure_model, load_jsonl, prune, synthetic_llama,  # noqa: E402
-                   write_section)
+from _runs import (BASE_CONFIG, ROOT, append_jsonl, common_overrides, ensure_model, load_jsonl, prune,  # noqa: E402
+                   synthetic_llama, write_section)
 
 HIDDEN, INTERMEDIATE = 2048, 5504
 SEQLEN = 512
@@ -43,6 +43,14 @@ BASELINES = {
 def baseline_rss_mib(modules: str) -> float:
     code = f"import {modules}; from statprune_cli.report import peak_rss_mib; print(peak_rss_mib())"
     return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
+def command_peak_mib(*args: str) -> float:
+    """Peak RSS (MiB) of one ``statprune`` command: a wrapper process waits for it and reads its children's high-water mark."""
+    code = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)")
+    cmd = [sys.executable, "-c", code, sys.executable, "-m", "statprune_cli", *args, "--quiet"]
+    return float(subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout)
 
 
 def checkpoint_mib(path: Path) -> float:
@@ -82,6 +90,21 @@ def main() -> None:
                "peak_rss_mib": r["memory"]["peak_rss_mib"], "prune_s": r["timings"]["prune"]}
         append_jsonl(args.results, rec)
         print(json.dumps(rec), flush=True)
+    # the other streaming commands on the 24-layer checkpoint: calibrate (statistics only) and eval-ppl (windows of --nsamples)
+    path = ROOT / "models" / f"synthetic-llama-h{HIDDEN}-l24"
+    sets = [a for o in common_overrides(path, args.nsamples, SEQLEN, args.nsamples * SEQLEN, "test")
+            + ["pruning.method=wanda", "runtime.streaming=true"] for a in ("--set", o)]
+    tmp = ROOT / "bench-out" / "memory-tmp.safetensors"
+    commands = {"calibrate": ["calibrate", str(BASE_CONFIG), *sets, "--overwrite", "--output", str(tmp)],
+                "eval-ppl": ["eval-ppl", str(BASE_CONFIG), *sets]}
+    for command, argv in commands.items():
+        if (f"synthetic-l24 {command}", True) not in done:
+            rec = {"model": f"synthetic-l24 {command}", "streaming": True, "nsamples": args.nsamples,
+                   **expected_mib(path, args.nsamples), "peak_rss_mib": command_peak_mib(*argv)}
+            append_jsonl(args.results, rec)
+            print(json.dumps(rec), flush=True)
+    for p in (tmp, tmp.with_suffix(".json")):
+        p.unlink(missing_ok=True)
     for streaming in (False, True):
         if ("smollm2", streaming) in done:
             continue
@@ -113,7 +136,7 @@ def write_doc(args: argparse.Namespace) -> None:
            "| layer + activations + embeddings | growth / that (imports + modeling) | prune time |",
            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for (model, streaming), r in sorted(rows.items()):
-        if not model.startswith("synthetic"):
+        if not model.startswith("synthetic") or " " in model:
             continue
         need = r["layer"] + r["activations"] + r["embeddings"]
         growth, growth_code = r["peak_rss_mib"] - base, r["peak_rss_mib"] - base_code
@@ -121,6 +144,17 @@ def write_doc(args: argparse.Namespace) -> None:
                    f"{r['peak_rss_mib']:.0f} MiB | {r['peak_rss_mib'] / r['checkpoint_mib']:.0%} | {growth:.0f} MiB "
                    f"({growth / need:.2f}x) | {growth_code:.0f} MiB | {need:.0f} MiB | {growth_code / need:.2f}x | "
                    f"{r['prune_s']:.0f} s |")
+    others = [(c, rows.get((f"synthetic-l24 {c}", True))) for c in ("calibrate", "eval-ppl")]
+    if all(r for _, r in others):
+        out += ["", "The other streaming commands on synthetic-l24 (same windows; eval-ppl over as many tokens as the "
+                "calibration): calibrate keeps the weights outside the layers only for the capture, as prune does; "
+                "eval-ppl keeps them throughout, as it needs the head for the logits.", "",
+                "| command | peak RSS | growth over imports | over imports + modeling code | growth / (layer + activations + embeddings) |",
+                "|---|---:|---:|---:|---:|"]
+        for c, r in others:
+            need = r["layer"] + r["activations"] + r["embeddings"]
+            out.append(f"| `statprune {c}` | {r['peak_rss_mib']:.0f} MiB | {r['peak_rss_mib'] - base:.0f} MiB | "
+                       f"{r['peak_rss_mib'] - base_code:.0f} MiB | {(r['peak_rss_mib'] - base_code) / need:.2f}x |")
     a, b = rows.get(("smollm2", False)), rows.get(("smollm2", True))
     if a and b:
         earlier = " (rows kept from an earlier run of this script, run alone: bench-out/memory-session4.jsonl)" if a.get(
