@@ -30,7 +30,7 @@ mask correction (``balance_cycles`` > 0): the mask's mean shift, e_i = sum_prune
 defaults (``auto``, chosen by scripts/ablate.py on the validation split): N:M patterns add half the
 energy restoration on full statistics (compensation energy, beta 0.5, skip_first_tokens 0: against
 Wanda over three calibration seeds, -6.6% at 2:4 and -4.0% at 4:8, every seed; full restoration,
-beta 1, gave -2.7% at 2:4 and +1.2% at 4:8); unstructured keeps Wanda's score on sink-free
+beta 1, gave -2.7% at 2:4 and +0.8% at 4:8); unstructured keeps Wanda's score on sink-free
 statistics (compensation none, skip_first_tokens 1), where a row loses too little energy for the
 scaling to matter.
 
