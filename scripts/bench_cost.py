@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import ROOT, append_jsonl, common_overrides, ensure_model, load_jsonl, prune, synthetic_llama, write_section  # noqa: E402
+from _runs import (ROOT, append_jsonl, common_overrides, ensure_model, load_jsonl, pattern_overrides, prune,  # noqa: E402
+                   synthetic_llama, write_section)
 
 WIDE = ROOT / "models" / "synthetic-llama-h4096-l4"
 
@@ -31,11 +32,12 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--setting", default="50%", help="sparsity or N:M pattern (N:M adds statprune's energy compensation)")
     ap.add_argument("--results", type=Path, default=ROOT / "bench-out" / "cost.jsonl")
     args = ap.parse_args()
     small = ensure_model()
     paths = {"smollm2": small, "wide": synthetic_llama(WIDE, 4096, 11008, 4, small)}
-    key = f"n{args.nsamples}-s{args.seqlen}"
+    key = f"n{args.nsamples}-s{args.seqlen}" + ("" if args.setting == "50%" else f"-{args.setting}")
     done = {(r["key"], r["model"], r["method"], r["repeat"]) for r in load_jsonl(args.results)}
     for rep in range(args.repeats):
         for name in args.models.split(","):
@@ -43,7 +45,7 @@ def main() -> None:
                 if (key, name, method, rep) in done:
                     continue
                 overrides = common_overrides(paths[name], args.nsamples, args.seqlen, args.seqlen, "test")
-                overrides += [f"pruning.method={method}", "eval.datasets=[]"]
+                overrides += [f"pruning.method={method}", "eval.datasets=[]", *pattern_overrides(args.setting)]
                 r = prune(overrides, ROOT / "bench-out" / "cost-tmp")
                 rec = {"key": key, "model": name, "method": method, "repeat": rep, "prune_s": r["timings"]["prune"],
                        "load_s": r["timings"]["load"], "peak_rss_mib": r["memory"]["peak_rss_mib"]}
@@ -60,9 +62,10 @@ def write_doc(args: argparse.Namespace, key: str) -> None:
         k = (r["model"], r["method"])
         best[k] = min(best.get(k, float("inf")), r["prune_s"])
     label = {"smollm2": "SmolLM2-135M (hidden 576, 30 layers)", "wide": "synthetic Llama (hidden 4096, 4 layers)"}
-    out = ["## Pruning cost", "",
+    at = "" if args.setting == "50%" else f" at {args.setting}"
+    out = [f"## Pruning cost{at}", "",
            f"Made by `python scripts/bench_cost.py --methods {args.methods} --models {args.models} --nsamples {args.nsamples} "
-           f"--seqlen {args.seqlen} --repeats {args.repeats}` on 2 CPU cores, float32: {args.nsamples} calibration windows x "
+           f"--seqlen {args.seqlen} --repeats {args.repeats}" + (f" --setting {args.setting}" if at else "") + "` on 2 CPU cores, float32: {args.nsamples} calibration windows x "
            f"{args.seqlen} tokens (the same windows for every method of a model), sequential, no evaluation. Prune wall "
            "time from each run's report (the fastest of the repeats).", "",
            "| model | " + " | ".join(methods) + " | statprune / wanda | statprune / sparsegpt |",
@@ -80,8 +83,8 @@ def write_doc(args: argparse.Namespace, key: str) -> None:
     for m in models:
         out.append(f"| {label.get(m, m)} | " + " | ".join(" / ".join(f"{t:.1f}" for t in runs.get((m, meth), []))
                                                        for meth in methods) + " |")
-    out += ["", READING]
-    write_section("cost", "\n".join(out) + "\n")
+    out += ["", READING if not at else READING_NM]
+    write_section("cost" + ("" if not at else "-" + args.setting.replace(":", "of")), "\n".join(out) + "\n")
 
 
 READING = """Reading it. statprune runs exactly Wanda's passes (one statistics pass and one pass of the pruned layer
@@ -95,6 +98,11 @@ here, not the 5x or more that the baselines issue expects, so "statprune <= 1/5 
 any method that runs Wanda's two passes on this hardware at this calibration size; what holds is "statprune
 costs what Wanda costs". The gap grows with width (d^3 and rows x d^2 against the forward's rows x d per token)
 and with the column loop's launch overhead on a GPU, which this CPU measurement does not show."""
+
+
+READING_NM = """At an N:M pattern statprune adds its energy compensation to Wanda's passes: per linear, two
+products of the squared weights with the channels' second moments and one scaling of the kept weights, elementwise
+work next to the forward passes."""
 
 
 if __name__ == "__main__":
