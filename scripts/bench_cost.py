@@ -9,7 +9,7 @@ this run; the report's `timings.prune` is the time. Results go to bench-out/cost
 docs/results/cost.md.
 
 Usage: python scripts/bench_cost.py [--methods wanda,sparsegpt,ria,statprune] [--nsamples 8] [--seqlen 512]
-                                    [--models smollm2,wide] [--repeats 1]
+                                    [--models smollm2,wide] [--repeats 1] [--setting 50%]
 """
 
 from __future__ import annotations
