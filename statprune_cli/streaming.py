@@ -186,7 +186,7 @@ class StreamedLayers:
     def release(self, index: int, layer: nn.Module) -> None:
         for n in _state_names(layer):
             set_module_tensor_to_device(layer, n, "meta")
-        trim_heap()  # without it, freed heap pages can pile up from layer to layer (seen: +50 MiB per layer)
+        trim_heap(collect=False)  # without it, freed heap pages can pile up from layer to layer (seen: +50 MiB per layer)
 
     def fetch_outside(self, model: nn.Module, device: torch.device) -> None:
         """Embeddings, final norm and head back from the checkpoint if ``release_outside`` dropped them."""
@@ -202,7 +202,7 @@ class StreamedLayers:
         for n in model.state_dict(keep_vars=True):  # every name: a tied head holds the embeddings under its own
             if not n.startswith(self.layers_name + "."):
                 set_module_tensor_to_device(model, n, "meta")
-        trim_heap()
+        trim_heap(collect=False)
 
 
 class ShardWriter:
@@ -289,30 +289,37 @@ def folder_sparsity(checkpoint: Checkpoint) -> dict[str, float | int]:
 
 
 def return_freed_memory_promptly() -> None:
-    """Have glibc serve large blocks (>= 1 MiB) with mmap, so that a freed layer goes back to the system.
+    """Have glibc serve large blocks (>= 16 MiB: a large model's weight matrices) with mmap, so that a freed layer
+    goes back to the system.
 
     By default glibc raises its mmap threshold up to 32 MiB as large blocks are freed; a layer's
-    16 MiB tensors then come from the heap, which fragments, and a streaming run's resident memory
-    creeps up with every layer. It must be set before the first large blocks: set after tokenizing
-    and loading, some runs had already grown a 957 MiB heap (780 MiB of it free, glibc mallinfo2),
-    whose holes later tensors filled and kept resident until the next trim, and peaked ~250 MiB
-    higher than the others. No-op where glibc is not the allocator.
+    tensors then come from the heap, which fragments, and a streaming run's resident memory creeps up
+    with every layer. It must be set before the first large blocks: set after tokenizing and
+    loading, some runs had already grown a 957 MiB heap (780 MiB of it free, glibc mallinfo2), whose
+    holes later tensors filled and kept resident until the next trim, and peaked ~250 MiB higher
+    than the others. Not lower than 16 MiB: at 1 MiB every activation-sized temporary of a forward
+    pass was a fresh mmap, page faults and all, and SmolLM2-135M pruned 1.8x slower streaming than in
+    memory (1.1x at 16 MiB, for a peak 0-110 MiB higher on the 12-layer synthetic checkpoint). No-op
+    where glibc is not the allocator.
     """
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        ctypes.CDLL("libc.so.6").mallopt(-3, 16 << 20)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass
 
 
-def trim_heap() -> None:
-    """Give the heap's free pages back to the system (glibc ``malloc_trim``).
+def trim_heap(collect: bool = True) -> None:
+    """Give the heap's free pages back to the system (glibc ``malloc_trim``), after a garbage collection if ``collect``.
 
     Tokenizing calibration and evaluation text leaves tens of MB of freed but resident heap behind,
-    which would otherwise count in a streaming run's peak for the whole run. No-op where glibc is not the allocator.
+    which would otherwise count in a streaming run's peak for the whole run. A dropped layer needs no
+    collection (its tensors go when their last reference does), and a full one per layer cost SmolLM2
+    5 s in 30 layers. No-op where glibc is not the allocator.
     """
-    gc.collect()
+    if collect:
+        gc.collect()
     try:
         import ctypes
 
