@@ -65,7 +65,7 @@ def write_doc(args: argparse.Namespace, key: str) -> None:
     at = "" if args.setting == "50%" else f" at {args.setting}"
     out = [f"## Pruning cost{at}", "",
            f"Made by `python scripts/bench_cost.py --methods {args.methods} --models {args.models} --nsamples {args.nsamples} "
-           f"--seqlen {args.seqlen} --repeats {args.repeats}" + (f" --setting {args.setting}" if at else "") + "` on 2 CPU cores, float32: {args.nsamples} calibration windows x "
+           f"--seqlen {args.seqlen} --repeats {args.repeats}" + (f" --setting {args.setting}" if at else "") + f"` on 2 CPU cores, float32: {args.nsamples} calibration windows x "
            f"{args.seqlen} tokens (the same windows for every method of a model), sequential, no evaluation. Prune wall "
            "time from each run's report (the fastest of the repeats).", "",
            "| model | " + " | ".join(methods) + " | statprune / wanda | statprune / sparsegpt |",

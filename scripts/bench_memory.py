@@ -184,8 +184,10 @@ sums take float64 copies of chunks of a batch, not of all of it. The fixed costs
 tokenizer and the model classes, about 150 MiB) count in the growth over imports while not depending on the model
 size, so the growth / (layer + activations + embeddings) ratio falls as checkpoints grow. Since the embeddings leave
 before the layers, the peak is the larger of (skeleton + embeddings) at the capture or at the end and (layer +
-activations + short-lived tensors) in between: 826 MiB on the traced 12-layer run, against 1128 MiB with the
-embeddings held throughout.
+activations + short-lived tensors) in between: 826-830 MiB on traced 12-layer runs with a 1 MiB mmap threshold,
+against 1128 MiB with the embeddings held throughout. The threshold is now 16 MiB, which made SmolLM2's streaming
+prune 1.5x faster (every 1-16 MiB temporary of a forward pass had been a fresh mmap) and its 12-layer peak 855-941
+MiB over six traced runs: heap holes again decide part of the peak, within the target.
 
 Run to run: until this fix the same streaming command peaked at one of two levels, about 1.15 or about 1.40
 GiB (five runs each of ten on 12 layers). glibc's mallinfo2 at the end of a layer told them apart: a high run
