@@ -130,9 +130,15 @@ def _state_names(module: nn.Module) -> list[str]:
     return names
 
 
+def _outside_tensors(model: nn.Module, layers_name: str) -> dict[str, torch.Tensor]:
+    """Every state tensor outside the decoder layers (embeddings, final norm, head), a tied one under each of its names."""
+    return {n: t for n, t in model.state_dict(keep_vars=True).items() if not n.startswith(layers_name + ".")}
+
+
 def _outside_names(model: nn.Module, layers_name: str) -> list[str]:
-    """The tensors outside the decoder layers: embeddings, final norm, head (tied ones once)."""
-    return [n for n in _state_names(model) if not n.startswith(layers_name + ".")]
+    """The names of those tensors, tied ones once (the first name, as save_pretrained keeps)."""
+    outside = _outside_tensors(model, layers_name)
+    return [n for n in _state_names(model) if n in outside]
 
 
 def load_outside(model: nn.Module, checkpoint: Checkpoint, layers_name: str, dtype: torch.dtype | None,
@@ -190,7 +196,7 @@ class StreamedLayers:
 
     def fetch_outside(self, model: nn.Module, device: torch.device) -> None:
         """Embeddings, final norm and head back from the checkpoint if ``release_outside`` dropped them."""
-        if any(t.is_meta for n, t in model.state_dict(keep_vars=True).items() if not n.startswith(self.layers_name + ".")):
+        if any(t.is_meta for t in _outside_tensors(model, self.layers_name).values()):
             load_outside(model, self.checkpoint, self.layers_name, self.dtype, device)
 
     def release_outside(self, model: nn.Module) -> None:
@@ -199,9 +205,8 @@ class StreamedLayers:
         The engine needs them only to capture the first layer's inputs; pruning does not change them, and
         they are read again from the checkpoint to be written or to evaluate.
         """
-        for n in model.state_dict(keep_vars=True):  # every name: a tied head holds the embeddings under its own
-            if not n.startswith(self.layers_name + "."):
-                set_module_tensor_to_device(model, n, "meta")
+        for n in _outside_tensors(model, self.layers_name):  # every name: a tied head holds the embeddings under its own
+            set_module_tensor_to_device(model, n, "meta")
         trim_heap(collect=False)
 
 
@@ -228,7 +233,7 @@ class ShardWriter:
 
     def write_rest(self, model: nn.Module, layers_name: str) -> None:
         state = model.state_dict()
-        self.write(self.total - 1, {n: state[n] for n in _state_names(model) if not n.startswith(layers_name + ".")})
+        self.write(self.total - 1, {n: state[n] for n in _outside_names(model, layers_name)})
 
     def finish(self) -> None:
         """The index that transformers reads, built from the shards on disk (so a resumed run gets it right)."""
