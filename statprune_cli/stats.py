@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from statprune_cli.errors import InputError, PruneError
 
@@ -117,9 +117,9 @@ def load_stats(path: Path) -> tuple[dict[str, ChannelStats], int | None]:
     if not path.is_file():
         raise InputError(f"--stats: file not found: {path}")
     try:
-        tensors = load_file(str(path))
         with safe_open(str(path), "pt") as f:
             skip = (f.metadata() or {}).get("skip_first_tokens")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
     except Exception as e:  # safetensors raises several types for a bad file
         raise InputError(f"--stats: {path} is not a statprune statistics file ({e})") from None
     names = sorted({k.rsplit(".", 1)[0] for k in tensors})
