@@ -39,6 +39,7 @@ def main() -> None:
     paths = {"smollm2": small, "wide": synthetic_llama(WIDE, 4096, 11008, 4, small)}
     key = f"n{args.nsamples}-s{args.seqlen}" + ("" if args.setting == "50%" else f"-{args.setting}")
     done = {(r["key"], r["model"], r["method"], r["repeat"]) for r in load_jsonl(args.results)}
+    cmd = "python scripts/bench_cost.py " + " ".join(sys.argv[1:])
     for rep in range(args.repeats):
         for name in args.models.split(","):
             for method in args.methods.split(","):
@@ -48,15 +49,23 @@ def main() -> None:
                 overrides += [f"pruning.method={method}", "eval.datasets=[]", *pattern_overrides(args.setting)]
                 r = prune(overrides, ROOT / "bench-out" / "cost-tmp")
                 rec = {"key": key, "model": name, "method": method, "repeat": rep, "prune_s": r["timings"]["prune"],
-                       "load_s": r["timings"]["load"], "peak_rss_mib": r["memory"]["peak_rss_mib"]}
+                       "load_s": r["timings"]["load"], "peak_rss_mib": r["memory"]["peak_rss_mib"], "cmd": cmd}
                 append_jsonl(args.results, rec)
                 print(f"{name:8} {method:10} prune {rec['prune_s']:8.1f}s  RSS {rec['peak_rss_mib']:.0f} MiB", flush=True)
     write_doc(args, key)
 
 
+METHOD_ORDER = ("magnitude", "wanda", "sparsegpt", "ria", "statprune")
+MODEL_ORDER = ("smollm2", "wide")
+
+
 def write_doc(args: argparse.Namespace, key: str) -> None:
+    """The table of every row recorded under ``key``, whichever runs wrote them (a narrower rerun keeps the others)."""
     rows = [r for r in load_jsonl(args.results) if r["key"] == key]
-    models, methods = args.models.split(","), args.methods.split(",")
+    models = sorted({r["model"] for r in rows}, key=lambda m: (MODEL_ORDER + (m,)).index(m))
+    methods = sorted({r["method"] for r in rows}, key=lambda m: (METHOD_ORDER + (m,)).index(m))
+    ratios = [d for d in ("wanda", "sparsegpt") if d in methods and "statprune" in methods]
+    cmds = list(dict.fromkeys(r.get("cmd", OLD_CMD.get(key, "")) for r in rows))
     best: dict[tuple[str, str], float] = {}
     for r in rows:
         k = (r["model"], r["method"])
@@ -64,16 +73,15 @@ def write_doc(args: argparse.Namespace, key: str) -> None:
     label = {"smollm2": "SmolLM2-135M (hidden 576, 30 layers)", "wide": "synthetic Llama (hidden 4096, 4 layers)"}
     at = "" if args.setting == "50%" else f" at {args.setting}"
     out = [f"## Pruning cost{at}", "",
-           f"Made by `python scripts/bench_cost.py --methods {args.methods} --models {args.models} --nsamples {args.nsamples} "
-           f"--seqlen {args.seqlen} --repeats {args.repeats}" + (f" --setting {args.setting}" if at else "") + f"` on 2 CPU cores, float32: {args.nsamples} calibration windows x "
+           "Made by " + " then ".join(f"`{c}`" for c in cmds) + f" on 2 CPU cores, float32: {args.nsamples} calibration windows x "
            f"{args.seqlen} tokens (the same windows for every method of a model), sequential, no evaluation. Prune wall "
            "time from each run's report (the fastest of the repeats).", "",
-           "| model | " + " | ".join(methods) + " | statprune / wanda | statprune / sparsegpt |",
-           "|---|" + "---:|" * (len(methods) + 2)]
+           "| model | " + " | ".join(methods + [f"statprune / {d}" for d in ratios]) + " |",
+           "|---|" + "---:|" * (len(methods) + len(ratios))]
     for m in models:
         t = {meth: best.get((m, meth)) for meth in methods}
         cells = [f"{t[meth]:.1f} s" if t[meth] else "" for meth in methods]
-        ratio = [f"{t['statprune'] / t[d]:.2f}x" if t.get("statprune") and t.get(d) else "" for d in ("wanda", "sparsegpt")]
+        ratio = [f"{t['statprune'] / t[d]:.2f}x" if t.get("statprune") and t.get(d) else "" for d in ratios]
         out.append(f"| {label.get(m, m)} | " + " | ".join(cells + ratio) + " |")
     runs: dict[tuple[str, str], list[float]] = {}
     for r in sorted(rows, key=lambda r: r["repeat"]):
@@ -86,6 +94,10 @@ def write_doc(args: argparse.Namespace, key: str) -> None:
     out += ["", READING if not at else READING_NM]
     write_section("cost" + ("" if not at else "-" + args.setting.replace(":", "of")), "\n".join(out) + "\n")
 
+
+# rows written before the command was recorded with each row
+OLD_CMD = {"n8-s512": "python scripts/bench_cost.py --methods wanda,sparsegpt,ria,statprune --models smollm2,wide --nsamples 8 --seqlen 512 --repeats 2",
+           "n8-s512-2:4": "python scripts/bench_cost.py --methods wanda,statprune --models smollm2 --nsamples 8 --seqlen 512 --repeats 3 --setting 2:4"}
 
 READING = """Reading it. statprune runs exactly Wanda's passes (one statistics pass and one pass of the pruned layer
 per decoder layer) and differs only in which positions feed the statistics, so its cost is Wanda's up to noise;
