@@ -210,15 +210,21 @@ def input_groups(layer: nn.Module, linears: dict[str, nn.Linear], x: torch.Tenso
 
 
 @torch.no_grad()
-def head_logits(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, final_hidden: torch.Tensor) -> torch.Tensor:
-    """Logits from the last decoder layer's output, through the model's own final norm and head."""
+def head_logits(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, final_hidden: torch.Tensor,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits from the last decoder layer's output, through the model's own final norm and head (and softcapping).
+
+    ``positions``: only these positions' logits (transformers' ``logits_to_keep``), so a caller can bound the
+    positions x vocabulary temporaries.
+    """
     last = len(layers) - 1
 
     def make(i: int) -> Callable[..., Any]:
         return lambda hidden_states, *a, **k: final_hidden if i == last else hidden_states
 
     with _patched_forwards(layers, make):
-        return model(input_ids=ids.to(final_hidden.device), use_cache=False).logits
+        keep = {} if positions is None else {"logits_to_keep": positions.to(final_hidden.device)}
+        return model(input_ids=ids.to(final_hidden.device), use_cache=False, **keep).logits
 
 
 @dataclass
@@ -322,8 +328,8 @@ class LayerwiseEngine:
                 advance()
         return hidden
 
-    def logits(self, ids: torch.Tensor, final_hidden: torch.Tensor) -> torch.Tensor:
-        return head_logits(self.model, self.layers, ids, final_hidden.to(self.device))
+    def logits(self, ids: torch.Tensor, final_hidden: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        return head_logits(self.model, self.layers, ids, final_hidden.to(self.device), positions)
 
     def run(
         self,

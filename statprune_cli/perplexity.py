@@ -51,6 +51,11 @@ def load_eval_set(tokenizer: PreTrainedTokenizerBase, data: DataConfig, seqlen: 
     return EvalSet(name, eval_windows(ids, seqlen, max_tokens), seqlen, max_tokens)
 
 
+# Positions per block of logits: a window's logits and the softmax's copy are positions x vocabulary floats each
+# (2 GiB for 2048 positions of a 128k vocabulary), so they are made and consumed a block at a time.
+LOGIT_BLOCK = 256
+
+
 @torch.no_grad()
 def window_nll(engine: LayerwiseEngine, windows: torch.Tensor, batch_size: int) -> tuple[float, int]:
     """Sum of next-token NLL over every window (of every process), and the number of predicted tokens."""
@@ -59,10 +64,13 @@ def window_nll(engine: LayerwiseEngine, windows: torch.Tensor, batch_size: int) 
     per_batch: list[tuple[float, int]] = []
     with engine.ui.progress("eval windows", len(batches)) as advance:
         for ids, hidden in zip(batches, final):
-            logits = engine.logits(ids, hidden).float()
-            target = ids.to(logits.device)[:, 1:]
-            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
-            per_batch.append((float(nll), target.numel()))
+            nll = 0.0
+            for start in range(0, ids.shape[1] - 1, LOGIT_BLOCK):
+                positions = torch.arange(start, min(start + LOGIT_BLOCK, ids.shape[1] - 1))
+                logits = engine.logits(ids, hidden, positions).float()
+                target = ids[:, positions + 1].to(logits.device)
+                nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
+            per_batch.append((nll, ids.shape[0] * (ids.shape[1] - 1)))
             advance()
     every = engine.comm.gather_ordered(per_batch)
     return sum(nll for nll, _ in every), sum(n for _, n in every)

@@ -30,7 +30,7 @@ import torch
 from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
@@ -376,7 +376,7 @@ class Progress:
              extra: dict[str, Any]) -> None:
         tensors = {f"batch.{j}": h.detach().to("cpu").contiguous() for j, h in enumerate(hidden)}
         tensors["rng_state"] = torch.get_rng_state()
-        _write_atomic(self.inputs(next_layer), lambda p: save_file(tensors, str(p)))
+        _write_atomic(self.inputs(next_layer), lambda p: write_safetensors(p, tensors, {}))  # no bytes copy of all activations
         self.comm.barrier()  # every process's activations are on disk before the record points at them
         if not self.comm.is_main:
             return
@@ -464,7 +464,7 @@ class StreamingOutput:
             self.writer.write_layer(index, self.layers_name, layer)
             extras = results[-1].extras()
             if extras:  # on disk before progress.json moves on, so a resumed run still has them
-                _write_atomic(self.extras_piece(index), lambda p: save_file(extras, str(p)))
+                _write_atomic(self.extras_piece(index), lambda p: write_safetensors(p, extras, {}))
         self.progress.save(self.config, index + 1, next_inputs, results, {})
         # tests: simulate a crash right here, in every process ("1") or in one ("1@rank1")
         crash_after = os.environ.get("STATPRUNE_TEST_KILL_AFTER_LAYER")

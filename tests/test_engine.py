@@ -7,6 +7,7 @@ import torch
 from conftest import ARCHS, tiny_model
 from transformers import AutoModelForCausalLM
 
+from statprune_cli import perplexity
 from statprune_cli.engine import LayerwiseEngine
 from statprune_cli.layers import find_decoder_layers, target_linears
 from statprune_cli.load import enable_biases
@@ -40,6 +41,19 @@ def test_layerwise_forward_equals_full_forward(arch: str) -> None:
     final = eng.hidden_states(batches)
     assert torch.equal(torch.cat(final), seen[0])
     assert torch.equal(torch.cat([eng.logits(b, h) for b, h in zip(batches, final)]), logits)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_window_nll_in_blocks_of_positions_equals_the_models_own_loss(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Logits made a block of positions at a time (7 here: blocks that do not divide the window) lose nothing."""
+    monkeypatch.setattr(perplexity, "LOGIT_BLOCK", 7)
+    model = tiny_model(arch)
+    ids = windows(5)
+    with torch.no_grad():  # transformers' mean next-token loss per window (Gemma's softcapping included)
+        ref = sum(float(model(w[None], labels=w[None]).loss) * (SEQ - 1) for w in ids)
+    nll, count = perplexity.window_nll(engine(model), ids, batch_size=2)
+    assert count == 5 * (SEQ - 1)
+    assert nll == pytest.approx(ref, rel=1e-5)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
