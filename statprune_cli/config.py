@@ -114,7 +114,7 @@ class OutputConfig:
 @dataclass
 class RuntimeConfig:
     device: str = "auto"
-    offload_activations: bool | str = False  # false: on the device; true: CPU memory; "disk": memory-mapped files
+    offload_activations: bool | str = False  # false: on the device; true or "cpu": CPU memory; "disk": memory-mapped files
     threads: int | None = None
     streaming: bool | str = "auto"  # read layers from the checkpoint one at a time; auto: when it would not fit
     streaming_memory_share: float = 0.5  # auto streams when the checkpoint is larger than this share of free memory
@@ -373,8 +373,8 @@ def validate(cfg: Config) -> None:
     if cfg.runtime.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", cfg.runtime.device):
         raise ConfigError("runtime.device", f"expected auto, cpu, cuda or cuda:N, got {cfg.runtime.device!r}")
     r = cfg.runtime
-    if isinstance(r.offload_activations, str) and r.offload_activations != "disk":
-        raise ConfigError("runtime.offload_activations", f"expected true, false or disk, got {r.offload_activations!r}")
+    if isinstance(r.offload_activations, str) and r.offload_activations not in ("cpu", "disk"):
+        raise ConfigError("runtime.offload_activations", f"expected true (or cpu), false or disk, got {r.offload_activations!r}")
     if isinstance(r.streaming, str) and r.streaming != "auto":
         raise ConfigError("runtime.streaming", f"expected true, false or auto, got {r.streaming!r}")
     if r.streaming is True and cfg.model.gguf_file:

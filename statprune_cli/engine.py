@@ -23,7 +23,7 @@ chosen, so every process prunes identically (see ``distributed.py``).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,7 +105,9 @@ class Activations:
     """Where hidden states wait between layers: the device, CPU memory, or memory-mapped files.
 
     On disk, each forward pass writes its outputs to a fresh set of files (two sets alternate, so a
-    pass never overwrites the inputs it reads), and only the pages in use stay in memory.
+    pass never overwrites the inputs it reads), and only the pages in use stay in memory. In CPU memory
+    beside a CUDA device, they wait in pinned memory and move on a copy stream of their own: a batch's
+    output goes down and the next batch comes up while the current one computes.
     """
 
     def __init__(self, device: torch.device, offload: bool | str, folder: Path | None = None, suffix: str = "") -> None:
@@ -116,10 +118,14 @@ class Activations:
         self.turn = 0
         if self.disk and folder is None:
             raise ValueError("disk offload needs a folder")
+        in_cpu_memory = offload is True or offload == "cpu"
+        self.copies = torch.cuda.Stream(device) if in_cpu_memory and device.type == "cuda" else None
 
     def next_pass(self) -> Callable[[int, torch.Tensor], torch.Tensor]:
         """A ``keep(j, tensor)`` for the j-th batch of one pass."""
         self.turn ^= 1
+        if self.copies is not None:
+            return self._keep_pinned
         if not self.disk:
             return lambda j, t: t.to(self.device)
         folder = self.folder / f"activations{self.suffix}-{self.turn}"
@@ -133,6 +139,37 @@ class Activations:
             return mapped
 
         return keep
+
+    def _keep_pinned(self, j: int, t: torch.Tensor) -> torch.Tensor:
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        self.copies.wait_stream(torch.cuda.current_stream(t.device))  # t is computed
+        with torch.cuda.stream(self.copies):
+            host.copy_(t, non_blocking=True)
+        t.record_stream(self.copies)  # its memory is not reused before the copy is done
+        return host
+
+    def on_device(self, hidden: list[torch.Tensor], device: torch.device) -> Iterator[torch.Tensor]:
+        """The batches of one pass on ``device``; from pinned memory, batch j + 1 is uploaded while batch j computes."""
+        if self.copies is None:
+            yield from (x.to(device) for x in hidden)
+            return
+
+        def upload(x: torch.Tensor) -> torch.Tensor:
+            with torch.cuda.stream(self.copies):
+                return x.to(device, non_blocking=True)
+
+        compute = torch.cuda.current_stream(device)
+        ahead = upload(hidden[0]) if hidden else None
+        for j in range(len(hidden)):
+            x, ahead = ahead, (upload(hidden[j + 1]) if j + 1 < len(hidden) else None)
+            compute.wait_stream(self.copies)
+            x.record_stream(compute)
+            yield x
+
+    def settle(self) -> None:
+        """Every copy to the host of this pass is complete, so the CPU (or another stream) may read the outputs."""
+        if self.copies is not None:
+            self.copies.synchronize()
 
 
 class LayerIO(Protocol):
@@ -167,13 +204,14 @@ class InMemoryLayers:
 
 @torch.no_grad()
 def forward_layer(
-    layer: nn.Module, inputs: list[torch.Tensor], args: LayerArgs, device: torch.device,
+    layer: nn.Module, inputs: Iterable[torch.Tensor], args: LayerArgs,
     keep: Callable[[int, torch.Tensor], torch.Tensor], advance: Callable[[], None] = lambda: None,
 ) -> list[torch.Tensor]:
+    """``inputs``: the batches, already on the layer's device."""
     outputs = []
     for j, x in enumerate(inputs):
         extra, kwargs = args[x.shape[0]]
-        y = layer(x.to(device), *extra, **kwargs)
+        y = layer(x, *extra, **kwargs)
         outputs.append(keep(j, y[0] if isinstance(y, tuple) else y))
         advance()
     return outputs
@@ -200,7 +238,7 @@ def input_groups(layer: nn.Module, linears: dict[str, nn.Linear], x: torch.Tenso
 
     handles = [lin.register_forward_pre_hook(record) for lin in linears.values()]
     try:
-        forward_layer(layer, [x], args, device, lambda j, t: t)
+        forward_layer(layer, [x.to(device)], args, lambda j, t: t)
     finally:
         for h in handles:
             h.remove()
@@ -312,11 +350,15 @@ class LayerwiseEngine:
     def capture(self, batches: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[LayerArgs]]:
         self.io.fetch_outside(self.model, self.device)
         with self.ui.progress("capturing layer inputs", len(batches)) as advance:
-            return capture_inputs(self.model, self.layers, batches, self.device, self.acts.next_pass(), advance)
+            captured = capture_inputs(self.model, self.layers, batches, self.device, self.acts.next_pass(), advance)
+        self.acts.settle()
+        return captured
 
     def _forward(self, layer: nn.Module, hidden: list[torch.Tensor], args: LayerArgs, what: str) -> list[torch.Tensor]:
         with self.ui.progress(what, len(hidden)) as advance:
-            return forward_layer(layer, hidden, args, self.device, self.acts.next_pass(), advance)
+            outputs = forward_layer(layer, self.acts.on_device(hidden, self.device), args, self.acts.next_pass(), advance)
+        self.acts.settle()
+        return outputs
 
     def hidden_states(self, batches: list[torch.Tensor]) -> list[torch.Tensor]:
         """The last decoder layer's outputs for ``batches``, all of them (the caller shards them if it wants)."""

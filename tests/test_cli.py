@@ -188,6 +188,8 @@ ERRORS = [
     (["--set", "runtime.colour=red"], "runtime.colour: unknown key; expected one of"),
     (["--set", "eval.max_tokens=8"], "eval.max_tokens: expected at least eval.seqlen"),
     (["--set", "output.shard_size=lots"], "output.shard_size: expected a size"),
+    (["--set", "runtime.offload_activations=gpu"], "runtime.offload_activations: expected true (or cpu), false or disk, got 'gpu'"),
+    (["--set", "runtime.device=tpu"], "runtime.device: expected auto, cpu, cuda or cuda:N, got 'tpu'"),
     (["--set", "sparsity"], "--set: expected key.path=value"),
 ]
 

@@ -69,7 +69,7 @@ def test_disk_activations_give_the_same_output(tmp_path: Path, tiny_model_dir: P
                                                streaming: bool) -> None:
     cfg = write_config(tmp_path / "run.yaml", tiny_model_dir, text_files, tmp_path / "cpu",
                        runtime={"device": "cpu", "streaming": streaming})
-    a = prune(cfg, "--set", "runtime.offload_activations=true")
+    a = prune(cfg, "--set", "runtime.offload_activations=cpu")
     b = prune(cfg, "--set", "runtime.offload_activations=disk", "-o", str(tmp_path / "disk"))
     assert_same_weights(tmp_path / "cpu", tmp_path / "disk")
     assert a["perplexity"] == b["perplexity"]
