@@ -97,6 +97,20 @@ def test_collected_stats_equal_the_layer_inputs() -> None:
         assert torch.allclose(got.sumsq, ref.sumsq, rtol=1e-6) and torch.allclose(got.sum, ref.sum, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_channel_stats_of_a_batch_equal_the_float64_formulas(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("statprune_cli.stats.CHUNK_ELEMENTS", 3 * 40 + 7)  # several chunks, the last one short
+    x = (torch.randn(2, 25, 40, dtype=torch.float64) * torch.linspace(0.01, 30, 40)).to(dtype)
+    before = x.clone()
+    got = ChannelStats.of(x)
+    ref = x.reshape(-1, 40).double()
+    assert got.count == 50
+    assert torch.allclose(got.sum, ref.sum(0), rtol=1e-12, atol=1e-12)
+    assert torch.allclose(got.sumsq, (ref * ref).sum(0), rtol=1e-12)
+    assert torch.allclose(got.sumabs, ref.abs().sum(0), rtol=1e-12)
+    assert torch.equal(x, before)  # the in-place steps work on a copy, float64 inputs too
+
+
 def test_skip_first_tokens_leaves_the_first_positions_out() -> None:
     model = tiny_model("llama")
     ids = windows()
