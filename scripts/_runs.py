@@ -118,6 +118,12 @@ def append_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def commit() -> str:
+    """The checkout's commit, recorded with each cell so a table can say which code made it."""
+    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    return proc.stdout.strip() or "unknown"
+
+
 def run_grid(results: Path, key: str, label: str, cells: dict[tuple[str, str], list[str]], model: Path, seqlen: int,
              eval_tokens: int, split: str) -> None:
     """The dense perplexity, then one `statprune prune` per (name, setting) cell not yet in ``results``."""
@@ -131,7 +137,7 @@ def run_grid(results: Path, key: str, label: str, cells: dict[tuple[str, str], l
         rec = {"key": key, label: name, "setting": setting, "ppl": r["perplexity"][0]["perplexity"],
                "prune_s": r["timings"]["prune"], "peak_rss_mib": r["memory"]["peak_rss_mib"],
                "sparsity_linears": r["sparsity"]["pruned_linears"]["sparsity"],
-               "sparsity_all": r["sparsity"]["all_parameters"]["sparsity"], "options": r["options"]}
+               "sparsity_all": r["sparsity"]["all_parameters"]["sparsity"], "options": r["options"], "commit": commit()}
         append_jsonl(results, rec)
         print(f"{setting:>5} {name:<28} ppl {rec['ppl']:9.3f}  prune {rec['prune_s']:6.1f}s  RSS {rec['peak_rss_mib']:.0f} MiB",
               flush=True)

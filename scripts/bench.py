@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=ROOT / "bench-out" / "bench.jsonl")
     ap.add_argument("--doc-only", action="store_true", help="rewrite the doc from the results so far, run nothing")
     ap.add_argument("--section", default="bench", help="name of the docs/results section (and plot) to write")
+    ap.add_argument("--timing-note", default="", help="a sentence on how the timings were taken (what ran alone)")
     ap.add_argument("--seed", type=int, default=0,
                     help="calibration seed; other than 0 the cells are only recorded (the tables show seed 0)")
     args = ap.parse_args()
@@ -87,12 +88,23 @@ def write_doc(args: argparse.Namespace, key: str) -> None:
         out.append(f"| {m} | " + " | ".join(f"{by[(m, s)]['ppl']:.2f}" if (m, s) in by else "" for s in settings) + " |")
     out += ["", f"![perplexity by method and sparsity](results/{args.section}.png)", "",
             "### Prune wall time (s) and peak RSS (MiB) of each `statprune prune` process", "",
-            "Timings of cells run while other jobs shared the 2 cores are not comparable; `docs/results.md`'s cost "
-            "section has the side-by-side timing.", "",
+            "Cells accumulate across runs: only cells of one commit that ran alone on the machine compare (see "
+            "below); `docs/results.md`'s cost section times every method side by side.", "",
             "| method | " + " | ".join(settings) + " |", "|---|" + "---:|" * len(settings)]
     for m in methods:
         out.append(f"| {m} | " + " | ".join(f"{by[(m, s)]['prune_s']:.1f} s, {by[(m, s)]['peak_rss_mib']:.0f} MiB"
                                             if (m, s) in by else "" for s in settings) + " |")
+    if any(("statprune", s) in by and ("wanda", s) in by for s in settings):
+        out.append("| statprune / wanda | " + " | ".join(
+            f"{by[('statprune', s)]['prune_s'] / by[('wanda', s)]['prune_s']:.2f}x"
+            if ("statprune", s) in by and ("wanda", s) in by else "" for s in settings) + " |")
+    commits: dict[str, list[str]] = {}
+    for m in methods:
+        made = sorted({by[(m, s)].get("commit", "an earlier commit") for s in settings if (m, s) in by})
+        commits.setdefault(", ".join(made), []).append(m)
+    out += ["", "Code of each row: " + "; ".join(f"{', '.join(ms)}: {c}" for c, ms in commits.items()) + "."]
+    if args.timing_note:
+        out += ["", args.timing_note]
     options = {s: by[("statprune", s)]["options"] for s in settings if ("statprune", s) in by}
     if options:  # its defaults depend on the pattern (compensation and skip_first_tokens: auto)
         out += ["", "statprune options (as resolved for each setting):", ""]
