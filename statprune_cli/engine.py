@@ -354,9 +354,12 @@ class LayerwiseEngine:
         self.acts.settle()
         return captured
 
-    def _forward(self, layer: nn.Module, hidden: list[torch.Tensor], args: LayerArgs, what: str) -> list[torch.Tensor]:
+    def _forward(self, layer: nn.Module, hidden: list[torch.Tensor], args: LayerArgs, what: str,
+                 keep_outputs: bool = True) -> list[torch.Tensor]:
+        """``hidden`` through ``layer``; ``keep_outputs`` False: a pass run for its hooks alone stores nothing."""
+        keep = self.acts.next_pass() if keep_outputs else (lambda j, t: None)
         with self.ui.progress(what, len(hidden)) as advance:
-            outputs = forward_layer(layer, self.acts.on_device(hidden, self.device), args, self.acts.next_pass(), advance)
+            outputs = forward_layer(layer, self.acts.on_device(hidden, self.device), args, keep, advance)
         self.acts.settle()
         return outputs
 
@@ -441,7 +444,7 @@ class LayerwiseEngine:
             layer_stats: dict[str, ChannelStats] = {}
             if collect:  # the first pass prunes nothing yet: its outputs are the dense layer's
                 layer_stats, group_outputs = self._collect(layer, {n: linears[n] for n in group}, hidden, args[i],
-                                                           skip_first, gram)
+                                                           skip_first, gram, keep_outputs=outputs is None)
                 outputs = group_outputs if outputs is None else outputs
                 all_stats.update(layer_stats)
             if method is None:
@@ -464,7 +467,7 @@ class LayerwiseEngine:
 
     def _forward_observed(
         self, layer: nn.Module, observers: dict[nn.Linear, Callable[[torch.Tensor], None]], hidden: list[torch.Tensor],
-        args: LayerArgs, skip_first: int,
+        args: LayerArgs, skip_first: int, keep_outputs: bool = True,
     ) -> list[torch.Tensor]:
         """One pass through ``layer`` with each observer called on its linear's input.
 
@@ -480,14 +483,14 @@ class LayerwiseEngine:
 
         handles = [lin.register_forward_pre_hook(lambda m, inp, fn=fn: call(fn, inp[0])) for lin, fn in observers.items()]
         try:
-            return self._forward(layer, hidden, args, "calibration batches")
+            return self._forward(layer, hidden, args, "calibration batches", keep_outputs)
         finally:
             for h in handles:
                 h.remove()
 
     def _collect(
         self, layer: nn.Module, linears: dict[str, nn.Linear], hidden: list[torch.Tensor], args: LayerArgs, skip_first: int,
-        gram: bool,
+        gram: bool, keep_outputs: bool = True,
     ) -> tuple[dict[str, ChannelStats], list[torch.Tensor]]:
         """One pass through ``layer`` that gives each target linear's input statistics, merged over processes.
 
@@ -515,7 +518,7 @@ class LayerwiseEngine:
         observers = {lin: observer(name) for name, lin in linears.items()}
         new_batch = layer.register_forward_pre_hook(lambda m, inp: per_batch.append({}))
         try:
-            outputs = self._forward_observed(layer, observers, hidden, args, skip_first)
+            outputs = self._forward_observed(layer, observers, hidden, args, skip_first, keep_outputs)
         finally:
             new_batch.remove()
         return self.comm.merge_stats(per_batch, grams), outputs

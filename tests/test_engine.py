@@ -8,7 +8,7 @@ from conftest import ARCHS, tiny_model
 from transformers import AutoModelForCausalLM
 
 from statprune_cli import perplexity
-from statprune_cli.engine import LayerwiseEngine
+from statprune_cli.engine import Activations, LayerwiseEngine
 from statprune_cli.layers import find_decoder_layers, target_linears
 from statprune_cli.load import enable_biases
 from statprune_cli.methods import Target, build_method
@@ -254,13 +254,19 @@ def test_true_sequential_calibrates_each_linear_on_the_pruned_model_upstream(arc
     assert orders[0] == orders[1]  # the report lists a layer's linears in the same order either way
 
 
-def test_true_sequential_with_disk_offload_equals_cpu(tmp_path: Path) -> None:
-    """Its extra passes alternate the activation files too, without overwriting the inputs they read."""
+def test_true_sequential_with_disk_offload_equals_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its extra passes alternate the activation files too, without overwriting the inputs they read, and the
+    passes run only for a later group's statistics store no outputs."""
     ids = list(windows().split(3))
     weights = []
+    stored = []
+    next_pass = Activations.next_pass
+    monkeypatch.setattr(Activations, "next_pass", lambda self: stored.append(1) or next_pass(self))
     for offload in (True, "disk"):
         model = tiny_model("llama")
         LayerwiseEngine(model, torch.device("cpu"), offload, UI(quiet=True), activation_dir=tmp_path / str(offload)).run(
             build_method("wanda", {}), lambda i, n: Target(0.5), ["Linear"], [], ids, true_sequential=True)
         weights.append(model.state_dict())
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    layers = model.config.num_hidden_layers  # per run: the capture, then per layer the dense and the pruned pass
+    assert len(stored) == 2 * (1 + 2 * layers)
