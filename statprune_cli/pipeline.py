@@ -250,7 +250,7 @@ def run_prune(cfg: Config, overwrite: bool = False, stats_path: Path | None = No
     check_output_dir(out, overwrite)
     device = setup_runtime(cfg)
     timer = Timer()
-    method = build_method(cfg.pruning.method, cfg.pruning.options, cfg.pruning.pattern)
+    method = build_method(cfg.pruning.method, cfg.pruning.options, cfg.pruning.pattern, cfg.pruning.sparsity)
     if method.needs_output_pass and launched_world_size() > 1:
         raise ConfigError("pruning.options.compensation", "expected a closed-form compensation under a launcher: the "
                                                           "measured ones run in one process only")
@@ -472,7 +472,7 @@ def run_calibrate(cfg: Config, output: Path, overwrite: bool = False, ui: UI | N
     output.parent.mkdir(parents=True, exist_ok=True)
     with reading_engine(cfg, device, streaming, output, ui) as engine:
         p = cfg.pruning
-        method = build_method(p.method, p.options, p.pattern)
+        method = build_method(p.method, p.options, p.pattern, p.sparsity)
         skip = statistics_skip(cfg, method)
         result = engine.run(None, lambda i, name: Target(0.0), p.targets, p.ignore, batches, skip_first=skip,
                             gram=method.needs_gram)

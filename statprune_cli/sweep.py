@@ -116,7 +116,8 @@ def run_sweep(cfg: Config, methods: list[str], settings: list[str], output: Path
         shapes = check_against_model(c.cfg, model_config)
     tokenizer = load_tokenizer(cfg.model)
     batches, calibration = None, "none (no method needs data)"
-    if any(needs_batches(c.cfg, build_method(c.method, c.cfg.pruning.options, c.cfg.pruning.pattern)) for c in cells):
+    if any(needs_batches(c.cfg, build_method(c.method, c.cfg.pruning.options, c.cfg.pruning.pattern, c.cfg.pruning.sparsity))
+           for c in cells):
         batches, calibration = calibration_batches(cfg, tokenizer, ui)
     evals = eval_sets(cfg, tokenizer)
 
@@ -131,7 +132,7 @@ def run_sweep(cfg: Config, methods: list[str], settings: list[str], output: Path
             ui.log(f"{c.method} at {c.setting}")
             model = copy.deepcopy(dense_model)
             try:
-                method = build_method(c.method, c.cfg.pruning.options, c.cfg.pruning.pattern)
+                method = build_method(c.method, c.cfg.pruning.options, c.cfg.pruning.pattern, c.cfg.pruning.sparsity)
                 t0 = time.perf_counter()
                 pruned = prune_model(c.cfg, model, method, list(shapes), batches, None, device, ui, dense=dense,
                                      reuse_dense=not (cfg.pruning.sequential or cfg.pruning.true_sequential

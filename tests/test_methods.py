@@ -109,17 +109,33 @@ def test_energy_compensation_scales_kept_weights_by_gamma() -> None:
     assert (gamma > 1).all()
 
 
-@pytest.mark.parametrize("pattern,options,compensation,skip", [
-    ("unstructured", {}, "none", 1),
-    ("2:4", {}, "energy", 0),
-    ("1:4", {}, "energy", 0),
-    ("4:8", {}, "energy", 0),
-    ("2:4", {"compensation": "none"}, "none", 0),
-    ("unstructured", {"compensation": "energy", "skip_first_tokens": 3}, "energy", 3),
+@pytest.mark.parametrize("pattern,sparsity,options,compensation,skip", [
+    ("unstructured", 0.5, {}, "none", 1),
+    ("unstructured", 0.59, {}, "none", 1),
+    ("unstructured", 0.6, {}, "energy", 1),
+    ("unstructured", 0.7, {}, "energy", 1),
+    ("2:4", 0.5, {}, "energy", 0),
+    ("1:4", 0.5, {}, "energy", 0),
+    ("4:8", 0.5, {}, "energy", 0),
+    ("2:4", 0.5, {"compensation": "none"}, "none", 0),
+    ("unstructured", 0.7, {"compensation": "none"}, "none", 1),
+    ("unstructured", 0.5, {"compensation": "energy", "skip_first_tokens": 3}, "energy", 3),
 ])
-def test_statprune_auto_defaults_follow_the_pattern(pattern: str, options: dict, compensation: str, skip: int) -> None:
-    method = build_method("statprune", options, pattern)
-    assert (method.options.compensation, method.options.skip_first_tokens) == (compensation, skip)
+def test_statprune_auto_defaults_follow_the_pattern_and_sparsity(pattern: str, sparsity: float, options: dict,
+                                                                 compensation: str, skip: int) -> None:
+    method = build_method("statprune", options, pattern, sparsity)
+    assert (method.options.compensation, method.options.skip_first_tokens, method.options.beta) == (compensation, skip, 0.5)
+
+
+def test_statprune_default_from_60_percent_restores_half_the_energy() -> None:
+    lin, x = layer_and_inputs()
+    w = lin.weight.detach().double().clone()
+    stats = ChannelStats.of(x)
+    build_method("statprune", {}, "unstructured", 0.7).prune(lin, stats, Target(0.7))
+    kept = w.masked_fill(lin.weight == 0, 0)
+    gamma = (((w * w) @ stats.m2) / ((kept * kept) @ stats.m2)) ** 0.25
+    assert torch.allclose(lin.weight.double(), kept * gamma[:, None], rtol=1e-6)
+    assert (lin.weight == 0).sum(1).eq(round(0.7 * lin.in_features)).all()
 
 
 @pytest.mark.parametrize("n,m", [(2, 4), (4, 8)])

@@ -30,9 +30,11 @@ mask correction (``balance_cycles`` > 0): the mask's mean shift, e_i = sum_prune
 defaults (``auto``, chosen by scripts/ablate.py on the validation split): N:M patterns add half the
 energy restoration on full statistics (compensation energy, beta 0.5, skip_first_tokens 0: against
 Wanda over three calibration seeds, -6.6% at 2:4 and -4.0% at 4:8, every seed; full restoration,
-beta 1, gave -2.7% at 2:4 and +0.8% at 4:8); unstructured keeps Wanda's score on sink-free
-statistics (compensation none, skip_first_tokens 1), where a row loses too little energy for the
-scaling to matter.
+beta 1, gave -2.7% at 2:4 and +0.8% at 4:8). Unstructured from 60% (ENERGY_FROM) does the same on
+sink-free statistics (compensation energy, beta 0.5, skip_first_tokens 1: against Wanda at 60%, -10.0,
+-15.5 and -9.1% over three seeds); below it keeps Wanda's score on sink-free statistics (compensation
+none, skip_first_tokens 1), where a row loses too little energy for the scaling to pay (the same
+energy compensation was +1.9% at 50%).
 
 robust statistics: ``skip_first_tokens`` leaves the first positions of every window
 out of the statistics. The first token of a window acts as an attention sink and carries massive
@@ -55,17 +57,18 @@ from statprune_cli.stats import ChannelStats
 
 SCORES = ("variance", "tempered", "first_order", "magnitude")
 COMPENSATIONS = ("auto", "none", "mean", "energy", "both", "measured", "measured_scale")
+ENERGY_FROM = 0.6  # unstructured sparsity from which ``auto`` restores energy (50% lost with it, 60% gained)
 
 
 @dataclass
 class StatPruneOptions(Options):
     score: str = "tempered"
     alpha: float = 1.0
-    compensation: str = "auto"  # energy for N:M patterns, none for unstructured
+    compensation: str = "auto"  # energy for N:M patterns and unstructured from ENERGY_FROM, none below
     beta: float = 0.5  # half the energy back: between least squares (no scaling) and full restoration
     energy_stat: str = "m2"
     measure_tokens: int = 256
-    skip_first_tokens: int | None = None  # None: 0 where auto compensation is energy, 1 otherwise
+    skip_first_tokens: int | None = None  # None: 0 for N:M patterns, 1 for unstructured
     balance_cycles: int = 0
     balance_var_power: float = 1.0
     balance_targets: list[str] = field(default_factory=lambda: ["re:.*"])
@@ -95,11 +98,11 @@ class StatPrune(Method):
     name = "statprune"
     Options = StatPruneOptions
 
-    def __init__(self, options: StatPruneOptions | None = None, nm: tuple[int, int] | None = None) -> None:
+    def __init__(self, options: StatPruneOptions | None = None, nm: tuple[int, int] | None = None, sparsity: float = 0.5) -> None:
         o = options if options is not None else StatPruneOptions()
-        energy = nm is not None  # measured at 2:4 and 4:8 (scripts/ablate.py); no change at 50% unstructured
+        energy = nm is not None or sparsity >= ENERGY_FROM  # measured (scripts/ablate.py): see the module's docstring
         self.options = replace(o, compensation=("energy" if energy else "none") if o.compensation == "auto" else o.compensation,
-                               skip_first_tokens=(0 if energy else 1) if o.skip_first_tokens is None else o.skip_first_tokens)
+                               skip_first_tokens=(0 if nm else 1) if o.skip_first_tokens is None else o.skip_first_tokens)
 
     @property
     def wants_bias(self) -> bool:
