@@ -154,16 +154,19 @@ class Activations:
             yield from (x.to(device) for x in hidden)
             return
 
-        def upload(x: torch.Tensor) -> torch.Tensor:
+        def upload(x: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
             with torch.cuda.stream(self.copies):
-                return x.to(device, non_blocking=True)
+                x = x.to(device, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(self.copies)
+            return x, done
 
         compute = torch.cuda.current_stream(device)
         ahead = upload(hidden[0]) if hidden else None
         for j in range(len(hidden)):
-            x, ahead = ahead, (upload(hidden[j + 1]) if j + 1 < len(hidden) else None)
-            compute.wait_stream(self.copies)
-            x.record_stream(compute)
+            (x, done), ahead = ahead, (upload(hidden[j + 1]) if j + 1 < len(hidden) else None)
+            compute.wait_event(done)  # this batch's upload only, not the copies queued after it
+            x.record_stream(compute)  # allocated on the copy stream, used and freed on the compute one
             yield x
 
     def settle(self) -> None:
