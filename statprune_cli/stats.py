@@ -37,23 +37,27 @@ class ChannelStats:
     @classmethod
     def of(cls, x: torch.Tensor, gram: bool = False) -> ChannelStats:
         """Statistics of one batch of inputs, shape (..., channels); ``gram`` adds sum x x^T (float32)."""
-        x = x.reshape(-1, x.shape[-1])
+        channels = x.shape[-1]
+        # A window's positions after the skipped ones (x[:, k:]) are contiguous per window but not as a whole:
+        # taking the windows one by one avoids reshape's copy of the batch.
+        pieces = [x] if x.dim() < 3 or x.is_contiguous() else list(x.reshape(-1, *x.shape[-2:]))
+        pieces = [piece.reshape(-1, channels) for piece in pieces]
         g = None
         if gram:
-            x32 = x.float()
-            g = x32.T @ x32
-        z = torch.zeros(x.shape[-1], dtype=torch.float64, device=x.device)
+            g = sum(piece.float().T @ piece.float() for piece in pieces)
+        z = torch.zeros(channels, dtype=torch.float64, device=x.device)
         total, squares, absolute = z, z.clone(), z.clone()
         # Column sums as products with a vector of ones: BLAS's gemv is 1.3-3x faster than torch's sum over the
         # first dimension on these shapes (one thread: 512 x 1536, 7.6 -> 2.5 ms; 4096 x 4096, 484 -> 225 ms),
         # and |x| and x^2 are made in place in the one float64 copy of each chunk, not as new tensors.
-        for part in x.split(max(1, CHUNK_ELEMENTS // x.shape[-1])):  # float64 copies of a chunk, not of the batch
-            p = part.to(torch.float64, copy=True)  # a copy even when x is float64: it is changed in place below
-            ones = p.new_ones(1, p.shape[0])
-            total += (ones @ p)[0]
-            absolute += (ones @ p.abs_())[0]
-            squares += (ones @ p.mul_(p))[0]
-        return cls(x.shape[0], total, squares, absolute, g)
+        for piece in pieces:
+            for part in piece.split(max(1, CHUNK_ELEMENTS // channels)):  # float64 copies of a chunk, not of the batch
+                p = part.to(torch.float64, copy=True)  # a copy even when x is float64: it is changed in place below
+                ones = p.new_ones(1, p.shape[0])
+                total += (ones @ p)[0]
+                absolute += (ones @ p.abs_())[0]
+                squares += (ones @ p.mul_(p))[0]
+        return cls(sum(piece.shape[0] for piece in pieces), total, squares, absolute, g)
 
     @classmethod
     def total(cls, parts: list[ChannelStats]) -> ChannelStats:

@@ -109,6 +109,11 @@ def test_channel_stats_of_a_batch_equal_the_float64_formulas(dtype: torch.dtype,
     assert torch.allclose(got.sumsq, (ref * ref).sum(0), rtol=1e-12)
     assert torch.allclose(got.sumabs, ref.abs().sum(0), rtol=1e-12)
     assert torch.equal(x, before)  # the in-place steps work on a copy, float64 inputs too
+    sliced = ChannelStats.of(x[:, 3:])  # the sink-free view: contiguous per window only
+    ref = x[:, 3:].reshape(-1, 40).double()
+    assert sliced.count == 44
+    assert torch.allclose(sliced.sumsq, (ref * ref).sum(0), rtol=1e-12)
+    assert torch.allclose(sliced.sum, ref.sum(0), rtol=1e-12, atol=1e-12)
 
 
 def test_skip_first_tokens_leaves_the_first_positions_out() -> None:

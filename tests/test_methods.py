@@ -150,6 +150,18 @@ def test_statprune_default_for_nm_restores_half_the_energy(n: int, m: int) -> No
     assert (lin.weight.reshape(lin.weight.shape[0], -1, m) == 0).sum(-1).eq(n).all()
 
 
+def test_energy_on_variance_scales_and_the_bias_takes_back_only_the_scalings_mean_shift() -> None:
+    lin, x = layer_and_inputs()
+    w, b0 = lin.weight.detach().double().clone(), lin.bias.detach().double().clone()
+    stats = ChannelStats.of(x)
+    build_method("statprune", {"compensation": "energy", "energy_stat": "s2", "beta": 1.0}).prune(lin, stats, Target(0.5))
+    kept = w.masked_fill(lin.weight == 0, 0)
+    gamma = (((w * w) @ stats.var) / ((kept * kept) @ stats.var)) ** 0.5
+    new = kept * gamma[:, None]
+    assert torch.allclose(lin.weight.double(), new, rtol=1e-6)
+    assert torch.allclose(lin.bias.double() - b0, kept @ stats.mean - new @ stats.mean, rtol=1e-5, atol=1e-5)
+
+
 def test_both_compensations_restore_the_dense_mean_after_scaling() -> None:
     lin, x = layer_and_inputs()
     dense_mean = outputs(lin, x).mean(0)

@@ -148,26 +148,33 @@ class StatPrune(Method):
         o = self.options
         if o.compensation in ("none", "measured", "measured_scale"):  # only the mask here (measured: after the next pass)
             return super().update(linear, weight, mask, stats)
-        w = weight.double()
-        kept = w.masked_fill(mask, 0.0)
-        new = kept
+        # One float64 matrix at a time (the squared weights), the rest in place in ``weight``: a 11008 x 4096 linear's
+        # float64 copies are 360 MB each, and the former five of them cost as much as a tenth of the layer's passes.
+        mu = stats.mean.to(weight.device) if self.wants_bias and linear.bias is not None else None
+        dense_mean = weight.double() @ mu if mu is not None and o.compensation in ("mean", "both") else None
         info: dict[str, Any] = {}
+        gamma = None
         if o.compensation in ("energy", "both") and o.beta > 0:
-            v = (stats.m2 if o.energy_stat == "m2" else stats.var).to(w.device)
-            dense_energy = (w * w) @ v
-            kept_energy = (kept * kept) @ v
+            v = (stats.m2 if o.energy_stat == "m2" else stats.var).to(weight.device)
+            squares = weight.double().square_()
+            dense_energy = squares @ v
+            kept_energy = squares.masked_fill_(mask, 0.0) @ v
+            del squares
             ratio = torch.where(kept_energy > 0, dense_energy / kept_energy.clamp_min(1e-300), torch.ones_like(kept_energy))
             gamma = ratio.pow(o.beta / 2)
-            new = kept * gamma[:, None]
             info["gamma_mean"] = float(gamma.mean())
-        linear.weight.data.copy_(new.to(linear.weight.dtype))
+        weight.masked_fill_(mask, 0.0)
+        if gamma is not None:
+            weight.mul_(gamma.to(weight.dtype)[:, None])
+        linear.weight.data.copy_(weight)  # a no-op for float32 weights: ``weight`` is their storage
         if self.wants_bias and not self.needs_output_pass:
-            if linear.bias is None:
+            if mu is None:
                 info["mean_compensation"] = "skipped: this architecture cannot take a bias here"
             else:
-                mu = stats.mean.to(w.device)
-                reference = w @ mu if o.compensation in ("mean", "both") else kept @ mu
-                shift = reference - new @ mu
+                new_mean = weight.double() @ mu
+                # mean/both: back to the dense mean; energy on s2: only the shift the scaling caused (kept = new / gamma)
+                reference = dense_mean if dense_mean is not None else (new_mean / gamma if gamma is not None else new_mean)
+                shift = reference - new_mean
                 linear.bias.data.add_(shift.to(linear.bias.dtype))
                 info["bias_shift_abs_mean"] = float(shift.abs().mean())
         return info
