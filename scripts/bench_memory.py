@@ -128,14 +128,15 @@ def write_doc(args: argparse.Namespace) -> None:
     base, base_code = rows[("baseline", False)]["peak_rss_mib"], rows[("baseline+modeling", False)]["peak_rss_mib"]
     out = ["## Memory: streaming against in-memory", "",
            f"Made by `python scripts/bench_memory.py --nsamples {args.nsamples} --smollm-nsamples {args.smollm_nsamples} "
-           f"--smollm-tokens {args.smollm_tokens}` on 2 CPU cores, float32, "
+           f"--smollm-tokens {args.smollm_tokens} --smollm-repeats {args.smollm_repeats}` on 2 CPU cores, float32, "
            f"Wanda, {args.nsamples} windows x {SEQLEN} tokens, no evaluation. Synthetic Llama checkpoints: hidden {HIDDEN}, "
            f"intermediate {INTERMEDIATE}, random weights, differing only in layer count. RSS after imports: {base:.0f} MiB (torch, transformers, statprune), "
            f"{base_code:.0f} MiB once the modeling code that a prune loads lazily is imported too "
            "(`transformers.models.llama.modeling_llama` with modeling_utils, torch.distributed and sympy: code, the same "
            "for every size of the architecture). Growth is the peak above each; the target (below 1.5x the largest layer "
-           "+ activations + embeddings) is read on the second. Peak RSS does not depend on what else runs on the machine; "
-           "the synthetic rows' prune times do (they ran beside other jobs), so they are no timing.", "",
+           "+ activations + embeddings) is read on the second. Peak RSS does not depend on what else runs on the machine. "
+           "The synthetic rows' prune times compare nothing: an in-memory run reads its weights before the prune phase, "
+           "a streaming run inside it (and other jobs may have shared the cores).", "",
            "| checkpoint | size | path | peak RSS | peak / size | growth over imports | over imports + modeling code "
            "| layer + activations + embeddings | growth / that (imports + modeling) | prune time |",
            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
