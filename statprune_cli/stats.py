@@ -44,7 +44,7 @@ class ChannelStats:
         pieces = [piece.reshape(-1, channels) for piece in pieces]
         g = None
         if gram:
-            g = sum(piece.float().T @ piece.float() for piece in pieces)
+            g = sum(p32.T @ p32 for p32 in (piece.float() for piece in pieces))  # one float32 view or copy per piece
         z = torch.zeros(channels, dtype=torch.float64, device=x.device)
         total, squares, absolute = z, z.clone(), z.clone()
         # Column sums as products with a vector of ones: BLAS's gemv is 1.3-3x faster than torch's sum over the
