@@ -20,6 +20,7 @@ from _runs import ROOT, common_overrides, ensure_model, load_jsonl, pattern_over
 SP = "pruning.method=statprune"
 SKIP1 = "calibration.skip_first_tokens=1"
 TRUESEQ = "pruning.true_sequential=true"
+ONEPASS = "pruning.sequential=false"
 ENERGY = "pruning.options={score: tempered, alpha: 1.0, compensation: energy, beta: 1.0}"
 VARIANTS: dict[str, list[str]] = {
     "magnitude": ["pruning.method=magnitude"],
@@ -70,6 +71,11 @@ VARIANTS: dict[str, list[str]] = {
     "wanda+trueseq": ["pruning.method=wanda", TRUESEQ],
     "wanda+skip1+trueseq": ["pruning.method=wanda", SKIP1, TRUESEQ],
     "wanda+energy(m2/b=1)+trueseq": [SP, ENERGY, TRUESEQ],
+    # one pass per layer: statistics of the dense model's activations, no second pass for the pruned outputs
+    "wanda+onepass": ["pruning.method=wanda", ONEPASS],
+    "wanda+skip1+onepass": ["pruning.method=wanda", SKIP1, ONEPASS],
+    "wanda+energy(m2/b=0.5)+onepass": [SP, ENERGY.replace("beta: 1.0", "beta: 0.5"), ONEPASS],
+    "wanda+energy(m2/b=0.5)+skip1+onepass": [SP, ENERGY.replace("beta: 1.0", "beta: 0.5"), SKIP1, ONEPASS],
 }
 
 
@@ -121,6 +127,8 @@ def write_doc(args: argparse.Namespace, key: str) -> None:
         "`measured_scale` = the same without intercept), then `skipK` = the first K positions of every window left out of "
         "the statistics (attention sinks), then `balance(c=cycles;p=power;attn|mlp)` = DSnoT-style mean balancing of the "
         "mask (`balance_cycles`, `balance_var_power`, `balance_targets`; on every linear unless attn or mlp is named). "
+        "`trueseq`: `pruning.true_sequential`; `onepass`: `pruning.sequential: false` (statistics from the dense model, "
+        "one pass per layer). "
         "`wanda` alone is the reference Wanda. Lower is better.",
         "",
         "| variant | " + " | ".join(settings) + " |",
