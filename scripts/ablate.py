@@ -71,6 +71,11 @@ VARIANTS: dict[str, list[str]] = {
     "wanda+trueseq": ["pruning.method=wanda", TRUESEQ],
     "wanda+skip1+trueseq": ["pruning.method=wanda", SKIP1, TRUESEQ],
     "wanda+energy(m2/b=1)+trueseq": [SP, ENERGY, TRUESEQ],
+    # energy restored only on some linears (energy_targets): the scale matters most where a softmax or SiLU follows
+    **{f"wanda+energy(m2/b=0.5;{tag})" + skip: [SP, ENERGY.replace("beta: 1.0", f"beta: 0.5, energy_targets: ['{rx}']"),
+                                                 *([SKIP1] if skip else [])]
+       for tag, rx in (("qk", r"re:.*\.(q|k)_proj"), ("qk+gate", r"re:.*\.(q|k|gate)_proj"), ("attn", "re:.*self_attn"),
+                       ("mlp", "re:.*mlp")) for skip in ("", "+skip1")},
     # one pass per layer: statistics of the dense model's activations, no second pass for the pruned outputs
     "wanda+onepass": ["pruning.method=wanda", ONEPASS],
     "wanda+skip1+onepass": ["pruning.method=wanda", SKIP1, ONEPASS],

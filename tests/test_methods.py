@@ -109,6 +109,16 @@ def test_energy_compensation_scales_kept_weights_by_gamma() -> None:
     assert (gamma > 1).all()
 
 
+def test_energy_targets_restore_energy_only_on_the_named_linears() -> None:
+    options = {"compensation": "energy", "energy_targets": ["re:.*self_attn"]}
+    for name, scaled in (("model.layers.0.self_attn.q_proj", True), ("model.layers.0.mlp.up_proj", False)):
+        lin, x = layer_and_inputs()
+        w = lin.weight.detach().clone()
+        build_method("statprune", options).prune(lin, ChannelStats.of(x), Target(0.5, name=name))
+        kept = w.masked_fill(lin.weight == 0, 0)
+        assert torch.equal(lin.weight, kept) != scaled, name  # outside the targets: the mask alone
+
+
 @pytest.mark.parametrize("pattern,sparsity,options,compensation,skip", [
     ("unstructured", 0.5, {}, "none", 1),
     ("unstructured", 0.59, {}, "none", 1),

@@ -76,7 +76,8 @@ class Method:
         """Importance of each weight (higher = keep); weight is float32, shape (out, in)."""
         raise NotImplementedError
 
-    def update(self, linear: nn.Linear, weight: torch.Tensor, mask: torch.Tensor, stats: ChannelStats | None) -> dict[str, Any]:
+    def update(self, linear: nn.Linear, weight: torch.Tensor, mask: torch.Tensor, stats: ChannelStats | None,
+               target: Target) -> dict[str, Any]:
         """Write the pruned weight into ``linear``; subclasses may also compensate. Returns report info."""
         linear.weight.data.masked_fill_(mask, 0.0)  # in place: no second copy of a large matrix
         return {}
@@ -95,4 +96,4 @@ class Method:
         weight = linear.weight.data.float()  # no copy of a float32 weight: nothing writes to it before ``update`` reads it
         mask, info = self.mask(weight, self.score(weight, stats), stats, target)
         dense = weight.clone() if self.needs_output_pass else weight  # a refiner compares with the unpruned weight
-        return {**self.update(linear, weight, mask, stats), **info}, self.refiner(linear, dense, stats)
+        return {**self.update(linear, weight, mask, stats, target), **info}, self.refiner(linear, dense, stats)

@@ -72,6 +72,7 @@ class StatPruneOptions(Options):
     balance_cycles: int = 0
     balance_var_power: float = 1.0
     balance_targets: list[str] = field(default_factory=lambda: ["re:.*"])
+    energy_targets: list[str] = field(default_factory=lambda: ["re:.*"])  # the linears whose energy is restored
 
     def __post_init__(self) -> None:
         if self.score not in SCORES:
@@ -143,18 +144,19 @@ class StatPrune(Method):
             mask = balance_mean(weight, mask, score, stats, self.options.balance_cycles, target.nm, self.options.balance_var_power)
         return mask, info
 
-    def update(self, linear: nn.Linear, weight: torch.Tensor, mask: torch.Tensor, stats: ChannelStats | None) -> dict[str, Any]:
+    def update(self, linear: nn.Linear, weight: torch.Tensor, mask: torch.Tensor, stats: ChannelStats | None,
+               target: Target) -> dict[str, Any]:
         assert stats is not None
         o = self.options
         if o.compensation in ("none", "measured", "measured_scale"):  # only the mask here (measured: after the next pass)
-            return super().update(linear, weight, mask, stats)
+            return super().update(linear, weight, mask, stats, target)
         # One float64 matrix at a time (the squared weights), the rest in place in ``weight``: a 11008 x 4096 linear's
         # float64 copies are 360 MB each, and the former five of them cost as much as a tenth of the layer's passes.
         mu = stats.mean.to(weight.device) if self.wants_bias and linear.bias is not None else None
         dense_mean = weight.double() @ mu if mu is not None and o.compensation in ("mean", "both") else None
         info: dict[str, Any] = {}
         gamma = None
-        if o.compensation in ("energy", "both") and o.beta > 0:
+        if o.compensation in ("energy", "both") and o.beta > 0 and any(name_matches(p, target.name) for p in o.energy_targets):
             v = (stats.m2 if o.energy_stat == "m2" else stats.var).to(weight.device)
             squares = weight.double().square_()
             dense_energy = squares @ v
