@@ -79,7 +79,7 @@ class PruningConfig:
     owl: OwlConfig = field(default_factory=OwlConfig)
     targets: list[str] = field(default_factory=lambda: ["Linear"])
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])
-    sequential: bool = True
+    sequential: bool | None = None  # None: the method's choice (Method.sequential)
     true_sequential: bool = False  # inside a layer: q/k/v, then o, then gate/up, then down, each after the ones it reads
     options: dict[str, Any] = field(default_factory=dict)
 

@@ -73,6 +73,12 @@ def statistics_skip(cfg: Config, method: Method) -> int:
     return method.skip_first_tokens if skip is None else skip
 
 
+def calibrated_sequentially(cfg: Config, method: Method) -> bool:
+    """Whether each layer's statistics come from the pruned layers' outputs: the config's value if set, else the method's."""
+    s = cfg.pruning.sequential
+    return method.sequential if s is None else s
+
+
 def calibration_batches(cfg: Config, tokenizer: Any, ui: UI) -> tuple[list[torch.Tensor], str]:
     c = cfg.calibration
     docs = load_documents(c, "calibration", default_split="train")
@@ -124,7 +130,7 @@ def describe_mode(cfg: Config, method: Method, stats_path: Path | None) -> str:
         return "data-free: no calibration pass"
     inside = ("; inside each layer, each group of linears on the outputs of the groups already pruned (true sequential)"
               if cfg.pruning.true_sequential else "")
-    if cfg.pruning.sequential:
+    if calibrated_sequentially(cfg, method):
         return "sequential: each layer is calibrated on the outputs of the already-pruned layers" + inside
     return "dense-activation: each layer is calibrated on the dense model's activations" + inside
 
@@ -197,7 +203,8 @@ def prune_model(
     def target_for(index: int, name: str) -> Target:
         return replace(target, name=name, sparsity=target.sparsity if layer_sparsity is None else layer_sparsity[index])
 
-    result = engine.run(method, target_for, p.targets, p.ignore, batches, stats=stats, sequential=p.sequential,
+    result = engine.run(method, target_for, p.targets, p.ignore, batches, stats=stats,
+                        sequential=calibrated_sequentially(cfg, method),
                         true_sequential=p.true_sequential, skip_first=skip,
                         resume=placement.resume, on_layer_done=placement.on_layer_done)
     skipped = sorted({n for layer in result.layers for n, r in layer.linears.items() if "mean_compensation" in r.info})

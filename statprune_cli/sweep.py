@@ -2,9 +2,9 @@
 
 Everything the cells share is done once: the windows are drawn and tokenized, the evaluation text
 is tokenized, the model is loaded and the dense perplexity measured. Each cell prunes a fresh copy
-of the dense model. With ``pruning.sequential: false`` the dense statistics are collected once and
-every cell prunes from them (that is what a dense-activation run computes anyway); sequential
-runs need their own pass, since each method's pruned layers feed the next layer differently. A
+of the dense model. Cells calibrated on the dense model's activations (``pruning.sequential: false``,
+or the method's own choice when the key is unset) share dense statistics collected once (that is
+what a dense-activation run computes anyway); sequential cells need their own pass, since each method's pruned layers feed the next layer differently. A
 cell that fails records its error and the sweep goes on.
 
 Outputs, written together into one folder: ``sweep.json``, ``sweep.md`` (rows methods, columns
@@ -30,8 +30,8 @@ from statprune_cli.errors import ConfigError, InputError
 from statprune_cli.export import atomic_dir, check_output_dir
 from statprune_cli.load import check_against_model, load_model, load_model_config, load_tokenizer
 from statprune_cli.methods import METHODS, build_method
-from statprune_cli.pipeline import (DenseStats, calibration_batches, eval_sets, needs_batches, perplexities, prune_model,
-                                    setup_runtime)
+from statprune_cli.pipeline import (DenseStats, calibrated_sequentially, calibration_batches, eval_sets, needs_batches,
+                                    perplexities, prune_model, setup_runtime)
 from statprune_cli.report import package_versions
 from statprune_cli.ui import UI
 from statprune_cli.zeroshot import evaluate_zeroshot, prepare_zeroshot
@@ -135,7 +135,7 @@ def run_sweep(cfg: Config, methods: list[str], settings: list[str], output: Path
                 method = build_method(c.method, c.cfg.pruning.options, c.cfg.pruning.pattern, c.cfg.pruning.sparsity)
                 t0 = time.perf_counter()
                 pruned = prune_model(c.cfg, model, method, list(shapes), batches, None, device, ui, dense=dense,
-                                     reuse_dense=not (cfg.pruning.sequential or cfg.pruning.true_sequential
+                                     reuse_dense=not (calibrated_sequentially(c.cfg, method) or cfg.pruning.true_sequential
                                                       or method.needs_output_pass))
                 c.prune_seconds = round(time.perf_counter() - t0, 3)
                 c.perplexity = [r["perplexity"] for r in perplexities(c.cfg, pruned.engine, evals, ui)]

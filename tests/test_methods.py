@@ -119,22 +119,23 @@ def test_energy_targets_restore_energy_only_on_the_named_linears() -> None:
         assert torch.equal(lin.weight, kept) != scaled, name  # outside the targets: the mask alone
 
 
-@pytest.mark.parametrize("pattern,sparsity,options,compensation,skip", [
-    ("unstructured", 0.5, {}, "none", 1),
-    ("unstructured", 0.59, {}, "none", 1),
-    ("unstructured", 0.6, {}, "energy", 1),
-    ("unstructured", 0.7, {}, "energy", 1),
-    ("2:4", 0.5, {}, "energy", 0),
-    ("1:4", 0.5, {}, "energy", 0),
-    ("4:8", 0.5, {}, "energy", 0),
-    ("2:4", 0.5, {"compensation": "none"}, "none", 0),
-    ("unstructured", 0.7, {"compensation": "none"}, "none", 1),
-    ("unstructured", 0.5, {"compensation": "energy", "skip_first_tokens": 3}, "energy", 3),
+@pytest.mark.parametrize("pattern,sparsity,options,compensation,skip,sequential", [
+    ("unstructured", 0.5, {}, "none", 1, True),
+    ("unstructured", 0.59, {}, "none", 1, True),
+    ("unstructured", 0.6, {}, "energy", 1, False),
+    ("unstructured", 0.7, {}, "energy", 1, False),
+    ("2:4", 0.5, {}, "energy", 0, True),
+    ("1:4", 0.5, {}, "energy", 0, True),
+    ("4:8", 0.5, {}, "energy", 0, True),
+    ("2:4", 0.5, {"compensation": "none"}, "none", 0, True),
+    ("unstructured", 0.7, {"compensation": "none"}, "none", 1, False),
+    ("unstructured", 0.5, {"compensation": "energy", "skip_first_tokens": 3}, "energy", 3, True),
 ])
 def test_statprune_auto_defaults_follow_the_pattern_and_sparsity(pattern: str, sparsity: float, options: dict,
-                                                                 compensation: str, skip: int) -> None:
+                                                                 compensation: str, skip: int, sequential: bool) -> None:
     method = build_method("statprune", options, pattern, sparsity)
     assert (method.options.compensation, method.options.skip_first_tokens, method.options.beta) == (compensation, skip, 0.5)
+    assert method.sequential == sequential
 
 
 def test_statprune_default_from_60_percent_restores_half_the_energy() -> None:

@@ -63,6 +63,12 @@ class Method:
         return False
 
     @property
+    def sequential(self) -> bool:
+        """Unless ``pruning.sequential`` says: True, each layer is calibrated on the outputs of the layers already
+        pruned (a second pass per layer makes them); False, on the dense model's activations, in one pass per layer."""
+        return True
+
+    @property
     def skip_first_tokens(self) -> int:
         """Positions at the start of each window left out of the statistics, unless the config says otherwise."""
         return 0
