@@ -92,7 +92,7 @@ def dense_ppl(model: Path, seqlen: int, eval_tokens: int, split: str) -> float:
 
 
 SECTIONS = ROOT / "docs" / "results"
-SECTION_ORDER = ("bench", "owl", "peer", "cost", "cost-2of4", "memory", "zeroshot", "distributed")
+SECTION_ORDER = ("bench", "owl", "peer", "cost", "cost-60pct", "cost-2of4", "memory", "zeroshot", "distributed")
 
 
 def write_section(name: str, markdown: str) -> None:
@@ -137,7 +137,8 @@ def run_grid(results: Path, key: str, label: str, cells: dict[tuple[str, str], l
         rec = {"key": key, label: name, "setting": setting, "ppl": r["perplexity"][0]["perplexity"],
                "prune_s": r["timings"]["prune"], "peak_rss_mib": r["memory"]["peak_rss_mib"],
                "sparsity_linears": r["sparsity"]["pruned_linears"]["sparsity"],
-               "sparsity_all": r["sparsity"]["all_parameters"]["sparsity"], "options": r["options"], "commit": commit()}
+               "sparsity_all": r["sparsity"]["all_parameters"]["sparsity"], "options": r["options"], "mode": r["mode"].split(":")[0],
+               "commit": commit()}
         append_jsonl(results, rec)
         print(f"{setting:>5} {name:<28} ppl {rec['ppl']:9.3f}  prune {rec['prune_s']:6.1f}s  RSS {rec['peak_rss_mib']:.0f} MiB",
               flush=True)

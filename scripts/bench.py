@@ -72,8 +72,10 @@ def write_doc(args: argparse.Namespace, key: str) -> None:
         f"## SmolLM2-135M: {TITLES.get(args.section, args.section)}",
         "",
         f"Made by `{cmd}` (cells accumulate in bench-out/bench.jsonl across runs) on 2 CPU cores, float32. Calibration: "
-        f"{args.nsamples} windows x {args.seqlen} tokens of the C4 sample, seed 0, sequential, the same windows for every "
-        f"method. Perplexity: first {args.max_tokens} tokens of the WikiText-2 **test** split, seqlen {args.seqlen}. "
+        f"{args.nsamples} windows x {args.seqlen} tokens of the C4 sample, seed 0, the same windows for every method, "
+        "each method calibrating as it does by default (sequential: each layer on the outputs of the pruned layers before "
+        "it; statprune from 60%: on the dense model's activations, one pass per layer; each statprune cell's mode is listed "
+        "below the tables). Perplexity: first {args.max_tokens} tokens of the WikiText-2 **test** split, seqlen {args.seqlen}. "
         "Sparsity is over the pruned linears (every decoder linear; embeddings, norms and the tied head stay dense). "
         "`+owl`: the OWL layer profile (M 5, lambda 0.08).",
         "",
@@ -105,10 +107,10 @@ def write_doc(args: argparse.Namespace, key: str) -> None:
     out += ["", "Code of each row: " + "; ".join(f"{', '.join(ms)}: {c}" for c, ms in commits.items()) + "."]
     if args.timing_note:
         out += ["", args.timing_note]
-    options = {s: by[("statprune", s)]["options"] for s in settings if ("statprune", s) in by}
-    if options:  # its defaults depend on the pattern (compensation and skip_first_tokens: auto)
-        out += ["", "statprune options (as resolved for each setting):", ""]
-        out += [f"- {s}: `{o}`" for s, o in options.items()]
+    resolved = {s: by[("statprune", s)] for s in settings if ("statprune", s) in by}
+    if resolved:  # its defaults depend on the pattern (compensation, skip_first_tokens and calibration mode: auto)
+        out += ["", "statprune options and calibration mode (as resolved for each setting):", ""]
+        out += [f"- {s}: `{r['options']}`, {r.get('mode', 'sequential')}" for s, r in resolved.items()]
     write_section(args.section, "\n".join(out) + "\n")
     plot = {"model": "SmolLM2-135M", "datasets": ["wikitext2[test]"], "dense": [dense["ppl"]] if dense else [float("nan")],
             "methods": methods, "settings": settings,
