@@ -100,9 +100,10 @@ def main() -> None:
     name = "ablation" + (f"-n{args.nsamples}" if args.nsamples != 32 else "") + (f"-seed{args.seed}" if args.seed else "")
     args.doc = args.doc or ROOT / "docs" / f"{name}.md"
     model = ensure_model()
-    # no skipped positions unless a variant says so (statprune's own default would otherwise leak into its variants)
+    # no skipped positions and sequential unless a variant says so (statprune's own defaults would otherwise leak into
+    # its variants)
     common = common_overrides(model, args.nsamples, args.seqlen, args.eval_tokens, "validation") + [
-        f"calibration.seed={args.seed}", "calibration.skip_first_tokens=0"]
+        f"calibration.seed={args.seed}", "calibration.skip_first_tokens=0", "pruning.sequential=true"]
     key = f"n{args.nsamples}-s{args.seqlen}-e{args.eval_tokens}" + (f"-seed{args.seed}" if args.seed else "")
     cells = {(name, setting): common + VARIANTS[name] + pattern_overrides(setting)
              for setting in args.settings.split(",") for name in args.variants.split(",")}

@@ -171,12 +171,13 @@ class DenseStats:
 def prune_model(
     cfg: Config, model: torch.nn.Module, method: Method, linear_names: list[str], batches: list[torch.Tensor] | None,
     stats: dict[str, ChannelStats] | None, device: torch.device, ui: UI, stats_path: Path | None = None,
-    dense: DenseStats | None = None, reuse_dense: bool = False, placement: Placement | None = None,
+    dense: DenseStats | None = None, shared: bool = False, placement: Placement | None = None,
 ) -> Pruned:
     """Prune a loaded model in place, layer by layer.
 
-    ``dense`` holds dense-model statistics for OWL; ``reuse_dense`` also prunes from them, with no
-    calibration pass of its own (what ``sequential: false`` computes anyway, so a sweep shares it).
+    ``dense`` holds dense-model statistics, collected once: OWL's ratios come from them, and a run calibrated on
+    the dense model's activations prunes from them with no pass of its own (what it would compute anyway) when
+    OWL already made them or ``shared`` says other runs use them too (a sweep's cells).
     ``placement`` says where layers and activations live, and what happens after each layer.
     """
     placement = placement or Placement()
@@ -190,9 +191,10 @@ def prune_model(
     engine = placement.engine(model, device, cfg, ui)
     dense = dense or DenseStats(cfg, batches, ui)
     mode = describe_mode(cfg, method, stats_path)
-    if reuse_dense and stats is None and method.needs_calibration:
+    dense_only = not (calibrated_sequentially(cfg, method) or p.true_sequential or method.needs_output_pass)
+    if stats is None and method.needs_calibration and dense_only and (shared or p.profile == "owl"):
         stats = dense.get(engine, skip, method.needs_gram)
-        mode += " (statistics shared by the sweep's cells)"
+        mode += " (dense statistics collected once, " + ("shared by the sweep's cells)" if shared else "for OWL and the masks)")
     layer_sparsity = None
     if p.profile == "owl":
         base = stats if stats is not None else dense.get(engine, skip, False)

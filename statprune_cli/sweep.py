@@ -30,8 +30,8 @@ from statprune_cli.errors import ConfigError, InputError
 from statprune_cli.export import atomic_dir, check_output_dir
 from statprune_cli.load import check_against_model, load_model, load_model_config, load_tokenizer
 from statprune_cli.methods import METHODS, build_method
-from statprune_cli.pipeline import (DenseStats, calibrated_sequentially, calibration_batches, eval_sets, needs_batches,
-                                    perplexities, prune_model, setup_runtime)
+from statprune_cli.pipeline import (DenseStats, calibration_batches, eval_sets, needs_batches, perplexities, prune_model,
+                                    setup_runtime)
 from statprune_cli.report import package_versions
 from statprune_cli.ui import UI
 from statprune_cli.zeroshot import evaluate_zeroshot, prepare_zeroshot
@@ -135,8 +135,7 @@ def run_sweep(cfg: Config, methods: list[str], settings: list[str], output: Path
                 method = build_method(c.method, c.cfg.pruning.options, c.cfg.pruning.pattern, c.cfg.pruning.sparsity)
                 t0 = time.perf_counter()
                 pruned = prune_model(c.cfg, model, method, list(shapes), batches, None, device, ui, dense=dense,
-                                     reuse_dense=not (calibrated_sequentially(c.cfg, method) or cfg.pruning.true_sequential
-                                                      or method.needs_output_pass))
+                                     shared=True)
                 c.prune_seconds = round(time.perf_counter() - t0, 3)
                 c.perplexity = [r["perplexity"] for r in perplexities(c.cfg, pruned.engine, evals, ui)]
                 zeros = sum(r.zeros for layer in pruned.result.layers for r in layer.linears.values())

@@ -266,6 +266,26 @@ def test_statprune_calibrates_on_dense_activations_from_60_percent_unless_told(c
     assert prune("pruning.sparsity=0.5")["mode"].startswith("sequential")
 
 
+def test_one_pass_with_owl_prunes_from_the_owl_pass_statistics(cfg: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """OWL's dense pass already computed what a dense-activation run would collect: no second pass over the windows."""
+    from statprune_cli.engine import LayerwiseEngine
+
+    passes = []
+    capture = LayerwiseEngine.capture
+    monkeypatch.setattr(LayerwiseEngine, "capture", lambda self, batches: passes.append(1) or capture(self, batches))
+    reports = {}
+    for seq in ("false", "true"):
+        passes.clear()
+        res = run("prune", str(cfg), "-q", "--json", "--overwrite", "--set", "pruning.method=statprune", "--set",
+                  "pruning.sparsity=0.7", "--set", "pruning.profile=owl", "--set", f"pruning.sequential={seq}",
+                  "--set", "eval.datasets=[]")
+        assert res.exit_code == 0, res.output
+        reports[seq] = (len(passes), json.loads(res.stdout))
+    (one, dense), (two, seq) = reports["false"], reports["true"]
+    assert (one, two) == (1, 2)
+    assert "collected once, for OWL and the masks" in dense["mode"] and dense["layer_target_sparsity"] == seq["layer_target_sparsity"]
+
+
 def test_the_report_table_and_plain_log_lines(cfg: Path) -> None:
     res = run("prune", str(cfg))
     assert res.exit_code == 0, res.output
