@@ -75,7 +75,8 @@ VARIANTS: dict[str, list[str]] = {
     **{f"wanda+energy(m2/b=0.5;{tag})" + skip: [SP, ENERGY.replace("beta: 1.0", f"beta: 0.5, energy_targets: ['{rx}']"),
                                                  *([SKIP1] if skip else [])]
        for tag, rx in (("qk", r"re:.*\.(q|k)_proj"), ("qk+gate", r"re:.*\.(q|k|gate)_proj"), ("attn", "re:.*self_attn"),
-                       ("mlp", "re:.*mlp")) for skip in ("", "+skip1")},
+                       ("mlp", "re:.*mlp"), ("gate", r"re:.*\.gate_proj"), ("gate+up", r"re:.*\.(gate|up)_proj"),
+                       ("no-qk", r"re:.*\.(v|o|gate|up|down)_proj")) for skip in ("", "+skip1")},
     # one pass per layer: statistics of the dense model's activations, no second pass for the pruned outputs
     "wanda+onepass": ["pruning.method=wanda", ONEPASS],
     "wanda+skip1+onepass": ["pruning.method=wanda", SKIP1, ONEPASS],
