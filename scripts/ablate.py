@@ -82,6 +82,8 @@ VARIANTS: dict[str, list[str]] = {
     "wanda+skip1+onepass": ["pruning.method=wanda", SKIP1, ONEPASS],
     "wanda+energy(m2/b=0.5)+onepass": [SP, ENERGY.replace("beta: 1.0", "beta: 0.5"), ONEPASS],
     "wanda+energy(m2/b=0.5)+skip1+onepass": [SP, ENERGY.replace("beta: 1.0", "beta: 0.5"), SKIP1, ONEPASS],
+    "wanda+energy(m2/b=0.5;mlp)+skip1+onepass": [SP, ENERGY.replace("beta: 1.0", "beta: 0.5, energy_targets: ['re:.*mlp']"),
+                                                  SKIP1, ONEPASS],
 }
 
 
