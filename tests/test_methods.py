@@ -109,6 +109,16 @@ def test_energy_compensation_scales_kept_weights_by_gamma() -> None:
     assert (gamma > 1).all()
 
 
+def test_statprune_restores_energy_outside_attention_by_default() -> None:
+    method = build_method("statprune", {}, "2:4")
+    for name, scaled in (("model.layers.0.self_attn.k_proj", False), ("model.decoder.layers.0.attention.dense", False),
+                         ("model.layers.0.mlp.down_proj", True), ("model.decoder.layers.0.fc1", True)):
+        lin, x = layer_and_inputs()
+        w = lin.weight.detach().clone()
+        method.prune(lin, ChannelStats.of(x), Target(0.5, (2, 4), name=name))
+        assert torch.equal(lin.weight, w.masked_fill(lin.weight == 0, 0)) != scaled, name
+
+
 def test_energy_targets_restore_energy_only_on_the_named_linears() -> None:
     options = {"compensation": "energy", "energy_targets": ["re:.*self_attn"]}
     for name, scaled in (("model.layers.0.self_attn.q_proj", True), ("model.layers.0.mlp.up_proj", False)):
