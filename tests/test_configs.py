@@ -94,3 +94,9 @@ def test_raw_yaml_quotes_patterns_and_omits_options(path: Path) -> None:
     raw = yaml.safe_load(path.read_text())
     assert isinstance(raw["pruning"]["pattern"], str)
     assert "options" not in raw["pruning"]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=_id)
+def test_shipped_configs_leave_the_calibration_mode_to_the_method(path: Path) -> None:
+    """A pinned ``sequential`` would silently override statprune's measured one-pass choice from 60%."""
+    assert load_config(path).pruning.sequential is None
