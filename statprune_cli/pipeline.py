@@ -191,7 +191,8 @@ def prune_model(
     engine = placement.engine(model, device, cfg, ui)
     dense = dense or DenseStats(cfg, batches, ui)
     mode = describe_mode(cfg, method, stats_path)
-    dense_only = not (calibrated_sequentially(cfg, method) or p.true_sequential or method.needs_output_pass)
+    sequential = calibrated_sequentially(cfg, method)
+    dense_only = not (sequential or p.true_sequential or method.needs_output_pass)
     if stats is None and method.needs_calibration and dense_only and (shared or p.profile == "owl"):
         stats = dense.get(engine, skip, method.needs_gram)
         mode += " (dense statistics collected once, " + ("shared by the sweep's cells)" if shared else "for OWL and the masks)")
@@ -205,8 +206,7 @@ def prune_model(
     def target_for(index: int, name: str) -> Target:
         return replace(target, name=name, sparsity=target.sparsity if layer_sparsity is None else layer_sparsity[index])
 
-    result = engine.run(method, target_for, p.targets, p.ignore, batches, stats=stats,
-                        sequential=calibrated_sequentially(cfg, method),
+    result = engine.run(method, target_for, p.targets, p.ignore, batches, stats=stats, sequential=sequential,
                         true_sequential=p.true_sequential, skip_first=skip,
                         resume=placement.resume, on_layer_done=placement.on_layer_done)
     skipped = sorted({n for layer in result.layers for n, r in layer.linears.items() if "mean_compensation" in r.info})

@@ -4,8 +4,9 @@ Everything the cells share is done once: the windows are drawn and tokenized, th
 is tokenized, the model is loaded and the dense perplexity measured. Each cell prunes a fresh copy
 of the dense model. Cells calibrated on the dense model's activations (``pruning.sequential: false``,
 or the method's own choice when the key is unset) share dense statistics collected once (that is
-what a dense-activation run computes anyway); sequential cells need their own pass, since each method's pruned layers feed the next layer differently. A
-cell that fails records its error and the sweep goes on.
+what a dense-activation run computes anyway); sequential cells need their own pass, since each
+method's pruned layers feed the next layer differently. A cell that fails records its error and
+the sweep goes on.
 
 Outputs, written together into one folder: ``sweep.json``, ``sweep.md`` (rows methods, columns
 settings: perplexity and prune wall time) and ``sweep.png`` (perplexity per setting, one line per
