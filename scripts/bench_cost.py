@@ -53,7 +53,8 @@ def main() -> None:
                 overrides += [f"pruning.method={method}", "eval.datasets=[]", *pattern_overrides(args.setting)]
                 r = prune(overrides, ROOT / "bench-out" / "cost-tmp")
                 rec = {"key": key, "model": name, "method": method, "repeat": rep, "prune_s": r["timings"]["prune"],
-                       "load_s": r["timings"]["load"], "peak_rss_mib": r["memory"]["peak_rss_mib"], "mode": r["mode"].split(":")[0], "cmd": cmd}
+                       "load_s": r["timings"]["load"], "peak_rss_mib": r["memory"]["peak_rss_mib"],
+                       "mode": r["mode"].split(":")[0], "cmd": cmd}
                 append_jsonl(args.results, rec)
                 print(f"{name:8} {method:10} prune {rec['prune_s']:8.1f}s  RSS {rec['peak_rss_mib']:.0f} MiB", flush=True)
     write_doc(args, key)

@@ -109,24 +109,21 @@ def test_energy_compensation_scales_kept_weights_by_gamma() -> None:
     assert (gamma > 1).all()
 
 
-def test_statprune_restores_energy_outside_attention_by_default() -> None:
-    method = build_method("statprune", {}, "2:4")
-    for name, scaled in (("model.layers.0.self_attn.k_proj", False), ("model.decoder.layers.0.attention.dense", False),
-                         ("model.layers.0.mlp.down_proj", True), ("model.decoder.layers.0.fc1", True)):
-        lin, x = layer_and_inputs()
-        w = lin.weight.detach().clone()
-        method.prune(lin, ChannelStats.of(x), Target(0.5, (2, 4), name=name))
-        assert torch.equal(lin.weight, w.masked_fill(lin.weight == 0, 0)) != scaled, name
-
-
-def test_energy_targets_restore_energy_only_on_the_named_linears() -> None:
-    options = {"compensation": "energy", "energy_targets": ["re:.*self_attn"]}
-    for name, scaled in (("model.layers.0.self_attn.q_proj", True), ("model.layers.0.mlp.up_proj", False)):
-        lin, x = layer_and_inputs()
-        w = lin.weight.detach().clone()
-        build_method("statprune", options).prune(lin, ChannelStats.of(x), Target(0.5, name=name))
-        kept = w.masked_fill(lin.weight == 0, 0)
-        assert torch.equal(lin.weight, kept) != scaled, name  # outside the targets: the mask alone
+@pytest.mark.parametrize("options,nm,name,scaled", [
+    ({}, (2, 4), "model.layers.0.self_attn.k_proj", False),  # the default: every linear outside attention
+    ({}, (2, 4), "model.decoder.layers.0.attention.dense", False),
+    ({}, (2, 4), "model.layers.0.mlp.down_proj", True),
+    ({}, (2, 4), "model.decoder.layers.0.fc1", True),
+    ({"compensation": "energy", "energy_targets": ["re:.*self_attn"]}, None, "model.layers.0.self_attn.q_proj", True),
+    ({"compensation": "energy", "energy_targets": ["re:.*self_attn"]}, None, "model.layers.0.mlp.up_proj", False),
+])
+def test_energy_targets_choose_the_linears_whose_energy_is_restored(options: dict, nm: tuple[int, int] | None, name: str,
+                                                                    scaled: bool) -> None:
+    lin, x = layer_and_inputs()
+    w = lin.weight.detach().clone()
+    build_method("statprune", options, "unstructured" if nm is None else f"{nm[0]}:{nm[1]}").prune(
+        lin, ChannelStats.of(x), Target(0.5, nm, name=name))
+    assert torch.equal(lin.weight, w.masked_fill(lin.weight == 0, 0)) != scaled  # outside the targets: the mask alone
 
 
 @pytest.mark.parametrize("pattern,sparsity,options,compensation,skip,sequential", [
