@@ -5,7 +5,8 @@
    differ between layers (Gemma 3 alternates sliding-window and global attention).
 2. For each layer: move it to the device, run the batches through it with hooks that collect
    input statistics of the target linears, let the method prune them, run the batches again to
-   produce the pruned layer's outputs for the next layer, move it back. With ``true_sequential``
+   produce the pruned layer's outputs for the next layer, move it back. The statistics pass needs
+   no outputs, so each batch stops at the last target linear's input (``EarlyStop``). With ``true_sequential``
    the linears of a layer are pruned group by group in the order the layer calls them (q/k/v,
    then o, then gate/up, then down), each group calibrated on the outputs of the groups already
    pruned: one pass per group instead of one per layer.
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,7 +37,7 @@ from statprune_cli.distributed import Communicator
 from statprune_cli.errors import PruneError
 from statprune_cli.layers import find_decoder_layers, target_linears
 from statprune_cli.methods import Method, Refiner, Target
-from statprune_cli.stats import ChannelStats
+from statprune_cli.stats import ChannelStats, all_finite
 from statprune_cli.ui import UI
 
 LayerArgs = dict[int, tuple[tuple, dict[str, Any]]]  # batch size -> (extra args, kwargs)
@@ -210,14 +211,66 @@ def forward_layer(
     layer: nn.Module, inputs: Iterable[torch.Tensor], args: LayerArgs,
     keep: Callable[[int, torch.Tensor], torch.Tensor], advance: Callable[[], None] = lambda: None,
 ) -> list[torch.Tensor]:
-    """``inputs``: the batches, already on the layer's device."""
+    """``inputs``: the batches, already on the layer's device. A hook that raises ``_StopForward`` ends its
+    batch's forward there (a pass run for its hooks alone); that batch has no output."""
     outputs = []
     for j, x in enumerate(inputs):
         extra, kwargs = args[x.shape[0]]
-        y = layer(x, *extra, **kwargs)
-        outputs.append(keep(j, y[0] if isinstance(y, tuple) else y))
+        try:
+            y = layer(x, *extra, **kwargs)
+            outputs.append(keep(j, y[0] if isinstance(y, tuple) else y))
+        except _StopForward:
+            pass
         advance()
     return outputs
+
+
+class EarlyStop:
+    """Ends each batch's forward once every observed linear has seen its input, in passes whose outputs nobody reads.
+
+    A sequential run's statistics pass needs the inputs of the target linears, not the layer's output: in a Llama
+    layer the down projection (a fifth of the layer's FLOPs) runs for nothing, and in a ``true_sequential`` pass
+    for q/k/v everything after them does. Stopping is safe only where the layer calls each of its linears exactly
+    once per forward; that is learned per layer class from the first batch, which runs whole while the calls are
+    counted, so a mixture of experts that leaves an expert out, or a layer that calls a linear twice, never stops.
+    """
+
+    def __init__(self) -> None:
+        self.calls_once: dict[type, bool] = {}
+
+    @contextmanager
+    def watch(self, layer: nn.Module, observed: Iterable[nn.Module]) -> Iterator[Callable[[nn.Module], None]]:
+        """For one pass through ``layer``: yields ``seen(linear)``, to call from each observer after it has run."""
+        kind, observed = type(layer), set(observed)
+        linears = observed | {m for m in layer.modules() if isinstance(m, nn.Linear)}
+        counts: dict[nn.Module, int] = {}
+        seen: set[nn.Module] = set()
+
+        def learn() -> None:
+            if kind not in self.calls_once and counts:
+                self.calls_once[kind] = all(counts.get(m) == 1 for m in linears)
+
+        def batch_start(module: nn.Module, inp: Any) -> None:
+            learn()
+            seen.clear()
+
+        def count(module: nn.Module, inp: Any) -> None:
+            counts[module] = counts.get(module, 0) + 1
+
+        def mark(linear: nn.Module) -> None:
+            seen.add(linear)
+            if self.calls_once.get(kind) and len(seen) == len(observed):
+                raise _StopForward
+
+        handles = [layer.register_forward_pre_hook(batch_start)]
+        if kind not in self.calls_once:
+            handles += [m.register_forward_pre_hook(count) for m in linears]
+        try:
+            yield mark
+        finally:
+            for h in handles:
+                h.remove()
+            learn()
 
 
 @torch.no_grad()
@@ -335,6 +388,7 @@ class LayerwiseEngine:
         self.acts = Activations(device, offload_activations, activation_dir, self.comm.suffix)
         self.io = io or InMemoryLayers()
         self.ui = ui
+        self.early_stop = EarlyStop()
         place_model(model, self.layers_name, device)
 
     @contextmanager
@@ -446,8 +500,9 @@ class LayerwiseEngine:
         for group in groups:
             layer_stats: dict[str, ChannelStats] = {}
             if collect:  # the first pass prunes nothing yet: its outputs are the dense layer's
+                dense_outputs_read = outputs is None and (method is None or not sequential)
                 layer_stats, group_outputs = self._collect(layer, {n: linears[n] for n in group}, hidden, args[i],
-                                                           skip_first, gram, keep_outputs=outputs is None)
+                                                           skip_first, gram, keep_outputs=dense_outputs_read)
                 outputs = group_outputs if outputs is None else outputs
                 all_stats.update(layer_stats)
             if method is None:
@@ -475,21 +530,25 @@ class LayerwiseEngine:
         """One pass through ``layer`` with each observer called on its linear's input.
 
         Observers never see the first ``skip_first`` positions of a window (attention sinks), and
-        linears that read the same tensor (q/k/v, gate/up) get the same sliced view.
+        linears that read the same tensor (q/k/v, gate/up) get the same sliced view. A pass that keeps
+        no outputs ends each batch after its last observer (``EarlyStop``).
         """
         memo: dict[str, Any] = {"x": None, "view": None}
+        watch = self.early_stop.watch(layer, observers) if not keep_outputs else nullcontext(lambda linear: None)
 
-        def call(fn: Callable[[torch.Tensor], None], x: torch.Tensor) -> None:
+        def call(linear: nn.Linear, x: torch.Tensor, seen: Callable[[nn.Module], None]) -> None:
             if memo["x"] is not x:
                 memo["x"], memo["view"] = x, (x[:, skip_first:] if skip_first and x.dim() >= 3 else x)
-            fn(memo["view"])
+            observers[linear](memo["view"])
+            seen(linear)
 
-        handles = [lin.register_forward_pre_hook(lambda m, inp, fn=fn: call(fn, inp[0])) for lin, fn in observers.items()]
-        try:
-            return self._forward(layer, hidden, args, "calibration batches", keep_outputs)
-        finally:
-            for h in handles:
-                h.remove()
+        with watch as seen:
+            handles = [lin.register_forward_pre_hook(lambda m, inp: call(m, inp[0], seen)) for lin in observers]
+            try:
+                return self._forward(layer, hidden, args, "calibration batches", keep_outputs)
+            finally:
+                for h in handles:
+                    h.remove()
 
     def _collect(
         self, layer: nn.Module, linears: dict[str, nn.Linear], hidden: list[torch.Tensor], args: LayerArgs, skip_first: int,
@@ -534,7 +593,7 @@ class LayerwiseEngine:
             if stats is None:
                 raise PruneError(f"no calibration statistics for {name}")
             stats.check_finite(name)
-        if not torch.isfinite(linear.weight).all():
+        if not all_finite(linear.weight.detach()):
             raise PruneError(f"non-finite weights in {name}")
         info, refiner = method.prune(linear, stats, target)
         tensor_keys = [k for k, v in info.items() if isinstance(v, torch.Tensor)]  # for the output folder, not the report

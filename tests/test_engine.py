@@ -273,5 +273,70 @@ def test_true_sequential_with_disk_offload_equals_cpu(tmp_path: Path, monkeypatc
             build_method("wanda", {}), lambda i, n: Target(0.5), ["Linear"], [], ids, true_sequential=True)
         weights.append(model.state_dict())
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
-    layers = model.config.num_hidden_layers  # per run: the capture, then per layer the dense and the pruned pass
-    assert len(stored) == 2 * (1 + 2 * layers)
+    layers = model.config.num_hidden_layers  # per run: the capture, then per layer the pruned pass (the statistics
+    assert len(stored) == 2 * (1 + layers)   # passes of a sequential run store nothing)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_statistics_pass_stops_after_the_last_observed_linear(arch: str) -> None:
+    """A sequential run's statistics pass ends each batch at its last target linear's input (the layer's last
+    linear never runs there, but for the first batch that learns the layer's calls), and prunes exactly as a
+    run whose passes all run whole."""
+    ids = list(windows().split(2))
+    weights = []
+    for stop in (True, False):
+        model = tiny_model(arch)
+        _, layers = find_decoder_layers(model)
+        last = [list(target_linears(layer, "", ["Linear"], []).values())[-1] for layer in layers]
+        calls = [0] * len(layers)
+        for i, lin in enumerate(last):
+            lin.register_forward_hook(lambda m, a, out, i=i: calls.__setitem__(i, calls[i] + 1))
+        eng = engine(model)
+        if not stop:
+            eng.early_stop.calls_once[type(layers[0])] = False
+        eng.run(build_method("wanda", {}), lambda i, n: Target(0.5), ["Linear"], [], ids)
+        whole = [len(ids)] * len(layers)  # the pass of the pruned layer
+        assert calls == ([len(ids) + 1] + whole[1:] if stop else [2 * len(ids)] * len(layers))
+        weights.append(model.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+class _CallsTwice(torch.nn.Module):
+    """A layer that calls ``a`` twice: its statistics pass must run whole."""
+
+    def __init__(self, twice: bool) -> None:
+        super().__init__()
+        self.a, self.b, self.c = (torch.nn.Linear(4, 4) for _ in range(3))
+        self.twice = twice
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.c(self.b(self.a(x)))
+        return self.a(y) if self.twice else y
+
+
+@pytest.mark.parametrize("twice", [False, True])
+def test_early_stop_only_where_each_linear_runs_once(twice: bool) -> None:
+    from statprune_cli.engine import EarlyStop, forward_layer
+
+    layer, stop = _CallsTwice(twice), EarlyStop()
+    ran = []
+    layer.c.register_forward_hook(lambda m, a, out: ran.append(1))
+    for _ in range(2):  # a second pass knows the layer from the first
+        with stop.watch(layer, [layer.a, layer.b]) as seen:
+            hooks = [lin.register_forward_pre_hook(lambda m, inp: seen(m)) for lin in (layer.a, layer.b)]
+            outputs = forward_layer(layer, [torch.ones(1, 4)] * 3, {1: ((), {})}, lambda j, t: t)
+            for h in hooks:
+                h.remove()
+    assert stop.calls_once == {_CallsTwice: not twice}
+    assert len(ran) == (6 if twice else 1) and len(outputs) == (3 if twice else 0)
+
+
+def test_all_finite_sees_nan_and_inf_but_not_an_overflowing_sum() -> None:
+    from statprune_cli.stats import all_finite
+
+    big = torch.full((4,), 3e38)
+    assert all_finite(big) and not torch.isfinite(big.sum())
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = big.clone()
+        t[2] = bad
+        assert not all_finite(t)
