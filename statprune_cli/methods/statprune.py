@@ -215,7 +215,7 @@ class MeasuredCompensation:
         x = x.reshape(-1, x.shape[-1])
         x = x[:: max(1, x.shape[0] // self.tokens)][: self.tokens].float()
         y = (x @ self.dense.T).double()
-        p = (x @ self.linear.weight.float().T).double()
+        p = (x @ self.linear.weight.detach().float().T).double()
         self.s_yp += (y * p).sum(0)
         self.s_pp += (p * p).sum(0)
         self.s_y += y.sum(0)
