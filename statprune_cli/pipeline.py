@@ -110,6 +110,7 @@ class Pruned:
     notes: list[str]
     skip: int
     layer_sparsity: list[float] | None
+    from_shared_stats: bool = False  # used ``DenseStats`` collected for other runs too (a sweep's cells)
 
 
 def base_target(cfg: Config, method: Method) -> Target:
@@ -156,6 +157,7 @@ class DenseStats:
     def __init__(self, cfg: Config, batches: list[torch.Tensor] | None, ui: UI) -> None:
         self.cfg, self.batches, self.ui = cfg, batches, ui
         self.cache: dict[tuple[int, bool], dict[str, ChannelStats]] = {}
+        self.seconds = 0.0  # spent collecting, so a sweep can keep it out of the cell that happens to ask first
 
     def get(self, engine: LayerwiseEngine, skip: int, gram: bool) -> dict[str, ChannelStats]:
         for (s, g), stats in self.cache.items():
@@ -163,7 +165,9 @@ class DenseStats:
                 return stats
         self.ui.log("one dense calibration pass" + (" with input Hessians" if gram else ""))
         p = self.cfg.pruning
+        t0 = time.perf_counter()
         stats = engine.run(None, lambda i, name: Target(0.0), p.targets, p.ignore, self.batches, skip_first=skip, gram=gram).stats
+        self.seconds += time.perf_counter() - t0
         self.cache[(skip, gram)] = stats
         return stats
 
@@ -193,12 +197,14 @@ def prune_model(
     mode = describe_mode(cfg, method, stats_path)
     sequential = calibrated_sequentially(cfg, method)
     dense_only = not (sequential or p.true_sequential or method.needs_output_pass)
+    used_dense = False  # statistics from ``dense``: for the masks, or for OWL's ratios
     if stats is None and method.needs_calibration and dense_only and (shared or p.profile == "owl"):
-        stats = dense.get(engine, skip, method.needs_gram)
+        stats, used_dense = dense.get(engine, skip, method.needs_gram), True
         mode += " (dense statistics collected once, " + ("shared by the sweep's cells)" if shared else "for OWL and the masks)")
     layer_sparsity = None
     if p.profile == "owl":
         base = stats if stats is not None else dense.get(engine, skip, False)
+        used_dense = used_dense or stats is None
         ratios = [outlier_ratio(engine.linears(i, p.targets, p.ignore), base, p.owl.m) for i in range(len(engine.layers))]
         layer_sparsity = owl_sparsities(ratios, target.sparsity, p.owl.lam)
         notes.append("OWL layer sparsities: " + ", ".join(f"{s:.3f}" for s in layer_sparsity))
@@ -213,7 +219,7 @@ def prune_model(
     if skipped:
         notes.append(f"mean compensation skipped for {len(skipped)} linears whose architecture cannot take a bias "
                      f"(e.g. {skipped[0]})")
-    return Pruned(engine, result, mode, notes, skip, layer_sparsity)
+    return Pruned(engine, result, mode, notes, skip, layer_sparsity, shared and used_dense)
 
 
 def perplexities(cfg: Config, engine: LayerwiseEngine, evals: list[EvalSet], ui: UI) -> list[dict[str, Any]]:

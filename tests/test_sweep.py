@@ -33,8 +33,12 @@ def test_sweep_runs_every_cell_and_writes_table_and_plot(cfg: Path, tmp_path: Pa
         expected = 0.7 if c["setting"] == "70%" else 0.5
         assert c["sparsity"] == pytest.approx(expected, abs=0.02) and c["perplexity"][0] > 1
     assert json.loads((out / "sweep.json").read_text())["cells"] == result["cells"]
+    shared = {(c["method"], c["setting"]) for c in result["cells"] if c["shared_dense_statistics"]}
+    assert shared == {("statprune", "70%")}  # the one cell calibrated on the dense activations (statprune from 60%)
+    assert result["shared_dense_seconds"] > 0
     table = (out / "sweep.md").read_text().splitlines()
-    assert table[2] == "| method | 70% | 2:4 |" and len(table) == 4 + 5
+    assert table[2] == "| method | 70% | 2:4 |" and len(table) == 4 + 5 + 2
+    assert " s*)" in table[4 + 4] and table[-1].startswith("\\* used dense-model statistics")
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
