@@ -150,7 +150,7 @@ def write_doc(args: argparse.Namespace, key: str) -> None:
         "the statistics (attention sinks), then `balance(c=cycles;p=power;attn|mlp)` = DSnoT-style mean balancing of the "
         "mask (`balance_cycles`, `balance_var_power`, `balance_targets`; on every linear unless attn or mlp is named). "
         "`trueseq`: `pruning.true_sequential`; `onepass`: `pruning.sequential: false` (statistics from the dense model, "
-        "one pass per layer). "
+        "one pass per layer); `owl`: `pruning.profile: owl` (M 5, lambda 0.08 unless `m=` or `l=` says). "
         "`wanda` alone is the reference Wanda. Lower is better.",
         "",
         "| variant | " + " | ".join(settings) + " |",
