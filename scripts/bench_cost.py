@@ -106,16 +106,15 @@ def write_doc(args: argparse.Namespace, key: str) -> None:
 
 
 # rows written before the command was recorded with each row
-OLD_CMD = {"n8-s512": "python scripts/bench_cost.py --methods wanda,sparsegpt,ria,statprune --models smollm2,wide --nsamples 8 --seqlen 512 --repeats 2",
-           "n8-s512-2:4": "python scripts/bench_cost.py --methods wanda,statprune --models smollm2 --nsamples 8 --seqlen 512 --repeats 3 --setting 2:4"}
+OLD_CMD = {"n8-s512-2:4": "python scripts/bench_cost.py --methods wanda,statprune --models smollm2 --nsamples 8 --seqlen 512 --repeats 3 --setting 2:4"}
 
-READING = """Reading it. statprune runs exactly Wanda's passes (one statistics pass and one pass of the pruned layer
-per decoder layer) and differs only in which positions feed the statistics, so its cost is Wanda's up to noise;
+READING = """Reading it. statprune runs exactly Wanda's passes (per decoder layer one statistics pass, which stops at
+the last target linear's input, and one pass of the pruned layer) and differs only in which positions feed the statistics, so its cost is Wanda's up to noise;
 on this machine two runs of the same command can differ by up to 25%, which is larger than any difference between
 the two. SparseGPT adds, per linear, the Gram matrix X X^T (as many
 FLOPs as a forward pass of a square layer per token), a Cholesky factorisation (d^3/3) and the column-by-column
 update (rows x d^2). With 8 windows x 512 tokens on the wide model that is about 2.6 TFLOP per decoder layer on
-top of Wanda's 3.3 TFLOP of forward passes, which CPU BLAS runs at nearly full speed: SparseGPT costs about 3x Wanda
+top of Wanda's 3.0 TFLOP of forward passes (the statistics pass skips the down projection), which CPU BLAS runs at nearly full speed: SparseGPT costs about 3x Wanda
 here (above), not the 5x or more that the baselines issue expects, so "statprune <= 1/5 of SparseGPT" cannot hold for
 any method that runs Wanda's two passes on this hardware at this calibration size; what holds is "statprune
 costs what Wanda costs". The gap grows with width (d^3 and rows x d^2 against the forward's rows x d per token)

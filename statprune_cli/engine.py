@@ -36,6 +36,7 @@ from torch import nn
 from statprune_cli.distributed import Communicator
 from statprune_cli.errors import PruneError
 from statprune_cli.layers import find_decoder_layers, target_linears
+from statprune_cli.masks import count_zeros
 from statprune_cli.methods import Method, Refiner, Target
 from statprune_cli.stats import ChannelStats, all_finite
 from statprune_cli.ui import UI
@@ -598,6 +599,6 @@ class LayerwiseEngine:
         info, refiner = method.prune(linear, stats, target)
         tensor_keys = [k for k, v in info.items() if isinstance(v, torch.Tensor)]  # for the output folder, not the report
         extras = {k: info.pop(k).detach().to("cpu").contiguous() for k in tensor_keys}
-        zeros = linear.weight.numel() - int(torch.count_nonzero(linear.weight))
+        zeros = count_zeros(linear.weight)
         return LinearResult(tuple(linear.weight.shape), target.sparsity, zeros, zeros / linear.weight.numel(), info,
                             extras), refiner

@@ -32,6 +32,13 @@ def lowest_k(score: torch.Tensor, k: int) -> torch.Tensor:
     return mask
 
 
+def count_zeros(t: torch.Tensor) -> int:
+    """Zeros in ``t``. ``count_nonzero`` branches on every float of a half-zero matrix (~5x slower on CPU than
+    on a boolean copy); the copies are made a few MB at a time so they stay small next to any weight."""
+    flat = t.detach().reshape(-1)
+    return t.numel() - sum(int(torch.count_nonzero(part.bool())) for part in flat.split(4 * CHUNK_ELEMENTS))
+
+
 def unstructured_mask(score: torch.Tensor, sparsity: float, granularity: str = "row") -> torch.Tensor:
     """Prune the ``int(cols * sparsity)`` lowest scores of each row (or of the whole matrix)."""
     if granularity == "row":

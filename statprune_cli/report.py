@@ -14,6 +14,7 @@ from torch import nn
 
 from statprune_cli import __version__
 from statprune_cli.engine import EngineResult
+from statprune_cli.masks import count_zeros
 
 PACKAGES = ("torch", "transformers", "accelerate", "safetensors", "datasets")
 
@@ -54,7 +55,7 @@ def model_sparsity(model: nn.Module) -> dict[str, float | int]:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        zeros += p.numel() - int(torch.count_nonzero(p))
+        zeros += count_zeros(p)
         total += p.numel()
     return {"zeros": zeros, "parameters": total, "sparsity": zeros / total if total else 0.0}
 

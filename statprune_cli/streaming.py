@@ -41,6 +41,7 @@ from statprune_cli.errors import InputError, PruneError
 from statprune_cli.export import replace_dir, write_extras
 from statprune_cli.layers import find_decoder_layers
 from statprune_cli.load import torch_dtype
+from statprune_cli.masks import count_zeros
 
 INDEX = "model.safetensors.index.json"
 
@@ -222,7 +223,7 @@ class ShardWriter:
     def write(self, k: int, tensors: dict[str, torch.Tensor]) -> None:
         """One shard; its header also counts its zeros, so the report's sparsity needs no second read."""
         data = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
-        zeros = sum(t.numel() - int(torch.count_nonzero(t)) for t in data.values())  # (t == 0).sum() makes an int64 copy
+        zeros = sum(count_zeros(t) for t in data.values())
         numel = sum(t.numel() for t in data.values())
         metadata = {"format": "pt", "statprune_zeros": str(zeros), "statprune_numel": str(numel)}
         _write_atomic(self.shard(k), lambda p: write_safetensors(p, data, metadata))

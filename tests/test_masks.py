@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from statprune_cli import masks
 from statprune_cli.masks import nm_mask, unstructured_mask
 
 
@@ -48,3 +49,13 @@ def test_selection_equals_a_stable_sort_with_many_ties(granularity: str, sparsit
     k = int(flat.shape[1] * sparsity)
     expected = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, torch.sort(flat, dim=1, stable=True).indices[:, :k], True)
     assert torch.equal(unstructured_mask(score, sparsity, granularity), expected.reshape(score.shape))
+
+
+def test_count_zeros_equals_count_nonzero_across_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Signed zeros count, nan and inf do not, and the chunks neither lose nor double any."""
+    monkeypatch.setattr(masks, "CHUNK_ELEMENTS", 2)  # chunks of 4 x 2 elements, which do not divide 5 x 9
+    t = torch.randn(5, 9)
+    t[t < 0.3] = 0.0
+    t[0, 0], t[1, 1], t[2, 2], t[3, 3] = -0.0, float("nan"), float("inf"), 0.0
+    assert masks.count_zeros(t) == t.numel() - int(torch.count_nonzero(t)) == int((t == 0).sum())
+    assert masks.count_zeros(t.to(torch.bfloat16)) == int((t == 0).sum())
