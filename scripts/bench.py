@@ -1,6 +1,7 @@
 """Benchmark on SmolLM2-135M: dense and every method at 50%, 60%, 2:4 and 4:8.
 
-A method name ending in ``+owl`` runs that method with the OWL layer profile (pruning.profile=owl).
+A method name ending in ``+owl`` runs that method with the OWL layer profile (pruning.profile=owl); ``+owl(m=7)``
+sets ``pruning.owl.m`` too.
 
 Calibration: 64 windows x 512 tokens of the C4 sample (seed 0, sequential). Evaluation: the
 first 65,536 tokens of the WikiText-2 test split at seqlen 512. Each prune is one
@@ -55,9 +56,12 @@ TITLES = {"bench": "perplexity by method and sparsity", "owl": "the OWL layer pr
 
 
 def method_overrides(name: str) -> list[str]:
-    """'wanda' -> that method, uniform; 'wanda+owl' -> that method with the OWL layer profile."""
+    """'wanda' -> that method, uniform; 'wanda+owl' -> that method with the OWL layer profile; 'wanda+owl(m=7)' ->
+    with ``pruning.owl.m: 7`` (several keys: 'owl(m=7;lam=0.04)')."""
     method, _, profile = name.partition("+")
-    return [f"pruning.method={method}", f"pruning.profile={profile or 'uniform'}"]
+    profile, _, keys = profile.partition("(")
+    return [f"pruning.method={method}", f"pruning.profile={profile or 'uniform'}",
+            *(f"pruning.owl.{kv}" for kv in keys.rstrip(")").split(";") if kv)]
 
 
 def write_doc(args: argparse.Namespace, key: str) -> None:
@@ -77,7 +81,7 @@ def write_doc(args: argparse.Namespace, key: str) -> None:
         "it; statprune from 60%: on the dense model's activations, one pass per layer; each statprune cell's mode is listed "
         "below the tables). Perplexity: first {args.max_tokens} tokens of the WikiText-2 **test** split, seqlen {args.seqlen}. "
         "Sparsity is over the pruned linears (every decoder linear; embeddings, norms and the tied head stay dense). "
-        "`+owl`: the OWL layer profile (M 5, lambda 0.08).",
+        "`+owl`: the OWL layer profile (M 5, lambda 0.08 unless the parenthesis says).",
         "",
         "### Perplexity (lower is better)",
         "",
