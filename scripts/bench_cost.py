@@ -114,8 +114,8 @@ on this machine two runs of the same command can differ by up to 25%, which is l
 the two. SparseGPT adds, per linear, the Gram matrix X X^T (as many
 FLOPs as a forward pass of a square layer per token), a Cholesky factorisation (d^3/3) and the column-by-column
 update (rows x d^2). With 8 windows x 512 tokens on the wide model that is about 2.6 TFLOP per decoder layer on
-top of Wanda's 3.0 TFLOP of forward passes (the statistics pass skips the down projection), which CPU BLAS runs at nearly full speed: SparseGPT costs about 3x Wanda
-here (above), not the 5x or more that the baselines issue expects, so "statprune <= 1/5 of SparseGPT" cannot hold for
+top of Wanda's 3.0 TFLOP of forward passes (the statistics pass skips the down projection), which CPU BLAS runs at nearly full speed: SparseGPT costs 3-4.5x Wanda
+here (above, and in the runs of earlier commits), not the 5x or more that the baselines issue expects, so "statprune <= 1/5 of SparseGPT" cannot hold for
 any method that runs Wanda's two passes on this hardware at this calibration size; what holds is "statprune
 costs what Wanda costs". The gap grows with width (d^3 and rows x d^2 against the forward's rows x d per token)
 and with the column loop's launch overhead on a GPU, which this CPU measurement does not show."""
