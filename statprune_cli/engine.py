@@ -6,10 +6,10 @@
 2. For each layer: move it to the device, run the batches through it with hooks that collect
    input statistics of the target linears, let the method prune them, run the batches again to
    produce the pruned layer's outputs for the next layer, move it back. The statistics pass needs
-   no outputs, so each batch stops at the last target linear's input (``EarlyStop``). With ``true_sequential``
-   the linears of a layer are pruned group by group in the order the layer calls them (q/k/v,
-   then o, then gate/up, then down), each group calibrated on the outputs of the groups already
-   pruned: one pass per group instead of one per layer.
+   no outputs, so each batch stops at the last target linear's input (``EarlyStop``). With
+   ``true_sequential`` the linears of a layer are pruned group by group in the order the layer
+   calls them (q/k/v, then o, then gate/up, then down), each group calibrated on the outputs of the
+   groups already pruned: one pass per group instead of one per layer.
 
 The engine knows nothing of any method: it asks ``method.prune`` for each linear. Nor does it
 know where the layers' weights live: ``InMemoryLayers`` moves them between CPU and the device,
