@@ -79,9 +79,9 @@ def write_doc(args: argparse.Namespace, key: str) -> None:
         f"{args.nsamples} windows x {args.seqlen} tokens of the C4 sample, seed 0, the same windows for every method, "
         "each method calibrating as it does by default (sequential: each layer on the outputs of the pruned layers before "
         "it; statprune from 60%: on the dense model's activations, one pass per layer; each statprune cell's mode is listed "
-        "below the tables). Perplexity: first {args.max_tokens} tokens of the WikiText-2 **test** split, seqlen {args.seqlen}. "
+        f"below the tables). Perplexity: first {args.max_tokens} tokens of the WikiText-2 **test** split, seqlen {args.seqlen}. "
         "Sparsity is over the pruned linears (every decoder linear; embeddings, norms and the tied head stay dense). "
-        "`+owl`: the OWL layer profile (M 5, lambda 0.08 unless the parenthesis says).",
+        "`+owl`: the OWL layer profile (M the method's: 5, statprune 7; lambda 0.08; a parenthesis sets them).",
         "",
         "### Perplexity (lower is better)",
         "",

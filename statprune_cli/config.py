@@ -63,7 +63,7 @@ class CalibrationConfig(DataConfig):
 class OwlConfig:
     """OWL's layer-wise sparsity: outliers are scores above ``m`` times their layer's mean; +-``lam`` spread."""
 
-    m: float = 5.0
+    m: float | None = None  # None: the method's choice (Method.owl_m: 5, the OWL paper's; statprune 7)
     lam: float = 0.08
 
 
@@ -396,7 +396,7 @@ def validate_profile(p: PruningConfig, nm: tuple[int, int] | None) -> None:
     if nm is not None:
         raise ConfigError("pruning.profile", f"owl spreads an unstructured sparsity over layers; pattern {p.pattern} "
                                              "fixes every layer's sparsity (use pattern: unstructured)")
-    if p.owl.m <= 0:
+    if p.owl.m is not None and p.owl.m <= 0:
         raise ConfigError("pruning.owl.m", f"expected a number > 0, got {p.owl.m}")
     if not 0 <= p.owl.lam or p.sparsity - p.owl.lam < 0 or p.sparsity + p.owl.lam >= 1:
         raise ConfigError("pruning.owl.lam", f"expected 0 <= lam with sparsity +- lam inside [0, 1), got lam {p.owl.lam} "

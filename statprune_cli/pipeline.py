@@ -205,9 +205,10 @@ def prune_model(
     if p.profile == "owl":
         base = stats if stats is not None else dense.get(engine, skip, False)
         used_dense = used_dense or stats is None
-        ratios = [outlier_ratio(engine.linears(i, p.targets, p.ignore), base, p.owl.m) for i in range(len(engine.layers))]
+        m = p.owl.m if p.owl.m is not None else method.owl_m
+        ratios = [outlier_ratio(engine.linears(i, p.targets, p.ignore), base, m) for i in range(len(engine.layers))]
         layer_sparsity = owl_sparsities(ratios, target.sparsity, p.owl.lam)
-        notes.append("OWL layer sparsities: " + ", ".join(f"{s:.3f}" for s in layer_sparsity))
+        notes.append(f"OWL layer sparsities (M {m:g}, lambda {p.owl.lam:g}): " + ", ".join(f"{s:.3f}" for s in layer_sparsity))
 
     def target_for(index: int, name: str) -> Target:
         return replace(target, name=name, sparsity=target.sparsity if layer_sparsity is None else layer_sparsity[index])

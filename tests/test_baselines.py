@@ -199,3 +199,14 @@ def test_sparsegpt_one_shot_needs_a_hessian_in_the_stats(tmp_path: Path, tiny_mo
     res = runner.invoke(app, ["prune", str(cfg), "-q", "--json", "--stats", str(stats2), "--set", "pruning.method=sparsegpt"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["sparsity"]["pruned_linears"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.parametrize("method,m,expected", [("wanda", None, "M 5,"), ("statprune", None, "M 7,"), ("statprune", 3.0, "M 3,")])
+def test_owl_threshold_is_the_methods_unless_set(method: str, m: float | None, expected: str, tmp_path: Path,
+                                                 tiny_model_dir: Path, text_files: dict[str, Path]) -> None:
+    owl = {"lam": 0.1} if m is None else {"m": m, "lam": 0.1}
+    cfg = write_config(tmp_path / "run.yaml", tiny_model_dir, text_files, tmp_path / "out",
+                       pruning={"method": method, "sparsity": 0.7, "profile": "owl", "owl": owl})
+    res = runner.invoke(app, ["prune", str(cfg), "-q", "--json"])
+    assert res.exit_code == 0, res.output
+    assert [n for n in json.loads(res.stdout)["notes"] if n.startswith(f"OWL layer sparsities ({expected} lambda 0.1)")]

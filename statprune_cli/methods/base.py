@@ -69,6 +69,11 @@ class Method:
         return True
 
     @property
+    def owl_m(self) -> float:
+        """OWL's outlier threshold M unless ``pruning.owl.m`` says: the OWL paper's 5."""
+        return 5.0
+
+    @property
     def skip_first_tokens(self) -> int:
         """Positions at the start of each window left out of the statistics, unless the config says otherwise."""
         return 0
