@@ -22,6 +22,7 @@ SKIP1 = "calibration.skip_first_tokens=1"
 TRUESEQ = "pruning.true_sequential=true"
 ONEPASS = "pruning.sequential=false"
 ENERGY = "pruning.options={score: tempered, alpha: 1.0, compensation: energy, beta: 1.0}"
+OWL = ["pruning.profile=owl", "pruning.owl.m=5"]  # the paper's M unless a variant says (statprune's own is 7 since)
 OWL_GRID = [("", []), ("(l=0.04)", ["pruning.owl.lam=0.04"]), ("(l=0.12)", ["pruning.owl.lam=0.12"]),
             ("(m=3)", ["pruning.owl.m=3"]), ("(m=7)", ["pruning.owl.m=7"])]
 VARIANTS: dict[str, list[str]] = {
@@ -88,9 +89,9 @@ VARIANTS: dict[str, list[str]] = {
                                                   SKIP1, ONEPASS],
     # the OWL layer profile on top of statprune's default from 60% (the row above) and on magnitude
     **{f"wanda+energy(m2/b=0.5;mlp)+skip1+onepass+owl{tag}": [
-        SP, ENERGY.replace("beta: 1.0", "beta: 0.5, energy_targets: ['re:.*mlp']"), SKIP1, ONEPASS, "pruning.profile=owl", *owl]
+        SP, ENERGY.replace("beta: 1.0", "beta: 0.5, energy_targets: ['re:.*mlp']"), SKIP1, ONEPASS, *OWL, *owl]
        for tag, owl in OWL_GRID},
-    **{f"magnitude+owl{tag}": ["pruning.method=magnitude", "pruning.profile=owl", *owl] for tag, owl in OWL_GRID},
+    **{f"magnitude+owl{tag}": ["pruning.method=magnitude", *OWL, *owl] for tag, owl in OWL_GRID},
 }
 
 
