@@ -92,6 +92,7 @@ VARIANTS: dict[str, list[str]] = {
         SP, ENERGY.replace("beta: 1.0", "beta: 0.5, energy_targets: ['re:.*mlp']"), SKIP1, ONEPASS, *OWL, *owl]
        for tag, owl in OWL_GRID},
     **{f"magnitude+owl{tag}": ["pruning.method=magnitude", *OWL, *owl] for tag, owl in OWL_GRID},
+    **{f"wanda+owl{tag}": ["pruning.method=wanda", *OWL, *owl] for tag, owl in OWL_GRID if tag in ("", "(m=7)")},
 }
 
 
