@@ -21,6 +21,7 @@ SP = "pruning.method=statprune"
 SKIP1 = "calibration.skip_first_tokens=1"
 TRUESEQ = "pruning.true_sequential=true"
 ONEPASS = "pruning.sequential=false"
+REALLOC = "pruning.reallocation=true"
 ENERGY = "pruning.options={score: tempered, alpha: 1.0, compensation: energy, beta: 1.0}"
 OWL = ["pruning.profile=owl", "pruning.owl.m=5"]  # the paper's M unless a variant says (statprune's own is 7 since)
 OWL_GRID = [("", []), ("(l=0.04)", ["pruning.owl.lam=0.04"]), ("(l=0.12)", ["pruning.owl.lam=0.12"]),
@@ -28,6 +29,8 @@ OWL_GRID = [("", []), ("(l=0.04)", ["pruning.owl.lam=0.04"]), ("(l=0.12)", ["pru
 VARIANTS: dict[str, list[str]] = {
     "magnitude": ["pruning.method=magnitude"],
     "wanda": ["pruning.method=wanda"],
+    "ria": ["pruning.method=ria"],
+    "sparsegpt": ["pruning.method=sparsegpt"],
     # score only
     "score=variance": [SP, "pruning.options={score: variance, compensation: none}"],
     "score=tempered(a=0.5)": [SP, "pruning.options={score: tempered, alpha: 0.5, compensation: none}"],
@@ -93,6 +96,10 @@ VARIANTS: dict[str, list[str]] = {
        for tag, owl in OWL_GRID},
     **{f"magnitude+owl{tag}": ["pruning.method=magnitude", *OWL, *owl] for tag, owl in OWL_GRID},
     **{f"wanda+owl{tag}": ["pruning.method=wanda", *OWL, *owl] for tag, owl in OWL_GRID if tag in ("", "(m=7)")},
+    # N:M channel reallocation (RIA's): the groups of M taken over the channels sorted and dealt out by score
+    **{f"{name}+realloc": [*variant, REALLOC] for name, variant in (
+        ("wanda", ["pruning.method=wanda"]), ("ria", ["pruning.method=ria"]), ("sparsegpt", ["pruning.method=sparsegpt"]),
+        ("wanda+energy(m2/b=0.5;mlp)", [SP, ENERGY.replace("beta: 1.0", "beta: 0.5, energy_targets: ['re:.*mlp']")]))},
 }
 
 
@@ -153,7 +160,8 @@ def write_doc(args: argparse.Namespace, key: str) -> None:
         "mask (`balance_cycles`, `balance_var_power`, `balance_targets`; on every linear unless attn or mlp is named). "
         "`trueseq`: `pruning.true_sequential`; `onepass`: `pruning.sequential: false` (statistics from the dense model, "
         "one pass per layer); `owl`: `pruning.profile: owl` (M 5, lambda 0.08 unless `m=` or `l=` says). "
-        "`wanda` alone is the reference Wanda. Lower is better.",
+        "`realloc`: `pruning.reallocation` (N:M channel reallocation). `wanda`, `ria` and `sparsegpt` alone are those "
+        "methods with their defaults. Lower is better.",
         "",
         "| variant | " + " | ".join(settings) + " |",
         "|---|" + "---:|" * len(settings),

@@ -1,7 +1,7 @@
 """Benchmark on SmolLM2-135M: dense and every method at 50%, 60%, 2:4 and 4:8.
 
-A method name ending in ``+owl`` runs that method with the OWL layer profile (pruning.profile=owl); ``+owl(m=7)``
-sets ``pruning.owl.m`` too.
+A method name with ``+owl`` runs that method with the OWL layer profile (pruning.profile=owl); ``+owl(m=7)``
+sets ``pruning.owl.m`` too; ``+realloc`` adds N:M channel reallocation (pruning.reallocation).
 
 Calibration: 64 windows x 512 tokens of the C4 sample (seed 0, sequential). Evaluation: the
 first 65,536 tokens of the WikiText-2 test split at seqlen 512. Each prune is one
@@ -56,12 +56,20 @@ TITLES = {"bench": "perplexity by method and sparsity", "owl": "the OWL layer pr
 
 
 def method_overrides(name: str) -> list[str]:
-    """'wanda' -> that method, uniform; 'wanda+owl' -> that method with the OWL layer profile; 'wanda+owl(m=7)' ->
-    with ``pruning.owl.m: 7`` (several keys: 'owl(m=7;lam=0.04)')."""
-    method, _, profile = name.partition("+")
-    profile, _, keys = profile.partition("(")
-    return [f"pruning.method={method}", f"pruning.profile={profile or 'uniform'}",
-            *(f"pruning.owl.{kv}" for kv in keys.rstrip(")").split(";") if kv)]
+    """'wanda' -> that method, uniform; '+owl' adds the OWL layer profile, '+owl(m=7)' with ``pruning.owl.m: 7``
+    (several keys: 'owl(m=7;lam=0.04)'); '+realloc' adds N:M channel reallocation (``pruning.reallocation``)."""
+    method, *extras = name.split("+")
+    profile, out = "uniform", []
+    for extra in extras:
+        flag, _, keys = extra.partition("(")
+        if flag == "owl":
+            profile = "owl"
+            out += [f"pruning.owl.{kv}" for kv in keys.rstrip(")").split(";") if kv]
+        elif flag == "realloc" and not keys:
+            out.append("pruning.reallocation=true")
+        else:
+            raise SystemExit(f"--methods: unknown suffix +{extra} in {name!r}; expected +owl, +owl(key=value;...) or +realloc")
+    return [f"pruning.method={method}", f"pruning.profile={profile}", *out]
 
 
 def write_doc(args: argparse.Namespace, key: str) -> None:
@@ -81,7 +89,8 @@ def write_doc(args: argparse.Namespace, key: str) -> None:
         "it; statprune from 60%: on the dense model's activations, one pass per layer; each statprune cell's mode is listed "
         f"below the tables). Perplexity: first {args.max_tokens} tokens of the WikiText-2 **test** split, seqlen {args.seqlen}. "
         "Sparsity is over the pruned linears (every decoder linear; embeddings, norms and the tied head stay dense). "
-        "`+owl`: the OWL layer profile (M the method's: 5, statprune 7; lambda 0.08; a parenthesis sets them).",
+        "`+owl`: the OWL layer profile (M the method's: 5, statprune 7; lambda 0.08; a parenthesis sets them). "
+        "`+realloc`: N:M channel reallocation (`pruning.reallocation`; N:M in the permuted channel order).",
         "",
         "### Perplexity (lower is better)",
         "",

@@ -75,6 +75,7 @@ class PruningConfig:
     sparsity: float = 0.5
     pattern: str = "unstructured"
     granularity: str | None = None  # row or matrix; None: the method's own (row for Wanda, matrix for SparseGPT, RIA)
+    reallocation: bool = False  # N:M only: groups of M taken over the input channels sorted and dealt out by score (RIA)
     profile: str = "uniform"  # uniform or owl: how the sparsity is spread over the decoder layers
     owl: OwlConfig = field(default_factory=OwlConfig)
     targets: list[str] = field(default_factory=lambda: ["Linear"])
@@ -348,6 +349,9 @@ def validate(cfg: Config) -> None:
     nm = parse_pattern(p.pattern)
     if p.granularity not in (None, "row", "matrix"):
         raise ConfigError("pruning.granularity", f"expected 'row' or 'matrix', got {p.granularity!r}")
+    if p.reallocation and nm is None:
+        raise ConfigError("pruning.reallocation", f"channel reallocation spreads N:M groups; pattern {p.pattern} has none "
+                                                  "(use a pattern such as \"2:4\", or leave reallocation false)")
     validate_profile(p, nm)
     for key, pats in (("targets", p.targets), ("ignore", p.ignore)):
         for i, pat in enumerate(pats):

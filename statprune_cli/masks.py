@@ -58,6 +58,20 @@ def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return mask.reshape(rows, cols)
 
 
+def reallocation_order(score: torch.Tensor, m: int) -> torch.Tensor:
+    """A permutation of the input channels for N:M (RIA's channel reallocation): position p holds channel ``order[p]``.
+
+    N:M makes every group of M consecutive channels lose N weights per row, which hurts when several
+    important channels sit in one group. Channels sorted by their summed score are cut into M tiers and
+    group g takes the g-th channel of every tier (every other tier read backwards, so group totals even out).
+    """
+    cols = score.shape[1]
+    ranked = torch.argsort(score.sum(0), stable=True)
+    tiers = ranked.reshape(m, cols // m).clone()
+    tiers[1::2] = tiers[1::2].flip(-1)
+    return tiers.T.reshape(-1)
+
+
 def make_mask(score: torch.Tensor, sparsity: float, nm: tuple[int, int] | None, granularity: str) -> torch.Tensor:
     if nm is not None:
         return nm_mask(score, *nm)

@@ -116,7 +116,8 @@ class Pruned:
 def base_target(cfg: Config, method: Method) -> Target:
     p = cfg.pruning
     nm = parse_pattern(p.pattern)
-    return Target(p.sparsity if nm is None else nm[0] / nm[1], nm, p.granularity or method.granularity)
+    return Target(p.sparsity if nm is None else nm[0] / nm[1], nm, p.granularity or method.granularity,
+                  reallocation=p.reallocation)
 
 
 def needs_batches(cfg: Config, method: Method) -> bool:
@@ -468,7 +469,7 @@ class Run:
 def pattern_label(cfg: Config, target: Target) -> str:
     p = cfg.pruning
     if target.nm:
-        return p.pattern
+        return p.pattern + (", channel reallocation" if p.reallocation else "")
     owl = ", OWL layer profile" if p.profile == "owl" else ""
     return f"{p.sparsity:.0%} unstructured (per {target.granularity}{owl})"
 

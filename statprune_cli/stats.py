@@ -78,6 +78,12 @@ class ChannelStats:
         if other.gram is not None:  # stays on the device it was computed on: it can be large
             self.gram = other.gram.clone() if self.gram is None else self.gram.add_(other.gram.to(self.gram.device))
 
+    def permuted(self, order: torch.Tensor) -> ChannelStats:
+        """The statistics of the same input with its channels reordered: channel p of the result is ``order[p]``."""
+        vectors = (getattr(self, f)[order.to(getattr(self, f).device)] for f in FIELDS)
+        gram = None if self.gram is None else self.gram[order.to(self.gram.device)][:, order.to(self.gram.device)]
+        return ChannelStats(self.count, *vectors, gram)
+
     # the moments every method uses
     @property
     def mean(self) -> torch.Tensor:

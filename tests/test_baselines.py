@@ -10,8 +10,8 @@ from torch import nn
 from typer.testing import CliRunner
 
 from statprune_cli.cli import app
+from statprune_cli.masks import reallocation_order
 from statprune_cli.methods import Target, build_method
-from statprune_cli.methods.ria import reallocation_order
 from statprune_cli.methods.sparsegpt import inverse_hessian_factor, sparsegpt_prune
 from statprune_cli.profile import outlier_ratio, owl_sparsities
 from statprune_cli.stats import ChannelStats
@@ -137,19 +137,50 @@ def test_ria_unstructured_compares_over_the_whole_matrix() -> None:
     assert len(set(zeros.sum(1).tolist())) > 1  # rows lose different counts: not a per-row rule
 
 
-def test_ria_reallocation_permutation_keeps_the_function_and_gives_nm_in_that_order() -> None:
+def test_reallocation_order_keeps_the_function_and_spreads_each_tier_over_the_groups() -> None:
     lin, x = correlated_layer()
     w = lin.weight.detach().clone()
     score = build_method("ria", {}).score(w, ChannelStats.of(x))
     order = reallocation_order(score, 4)
     assert sorted(order.tolist()) == list(range(32))
     assert torch.allclose(x[:, order] @ w[:, order].T, x @ w.T, atol=1e-5)  # the permuted layer, before pruning
-    info, _ = build_method("ria", {"reallocation": True}).prune(lin, ChannelStats.of(x), Target(0.5, (2, 4)))
-    permuted = lin.weight.detach()[:, order]
-    assert ((permuted.reshape(16, -1, 4) == 0).sum(-1) == 2).all()
-    assert int((lin.weight == 0).sum()) == w.numel() // 2
-    assert "reallocation_kept_score_gain" in info
+    tier = torch.empty(32, dtype=torch.long)
+    tier[torch.argsort(score.sum(0), stable=True)] = torch.arange(32) // 8  # importance quartile of each channel
+    assert (tier[order].reshape(8, 4).sort(-1).values == torch.arange(4)).all()  # one channel of each quartile per group
+
+
+@pytest.mark.parametrize("method,options", [("ria", {}), ("wanda", {}), ("statprune", {"balance_cycles": 8})])
+def test_reallocation_gives_the_method_mask_of_the_permuted_layer_mapped_back(method: str, options: dict) -> None:
+    lin, x = correlated_layer()
+    w = lin.weight.detach().clone()
+    m = build_method(method, options, "2:4")
+    order = reallocation_order(m.score(w, ChannelStats.of(x)), 4)
+    permuted = nn.Linear(32, 16, bias=False)
+    with torch.no_grad():
+        permuted.weight.copy_(w[:, order])
+    m.prune(permuted, ChannelStats.of(x[:, order]), Target(0.5, (2, 4)))  # the same rule on the permuted layer
+    info, _ = m.prune(lin, ChannelStats.of(x), Target(0.5, (2, 4), reallocation=True))
     assert torch.equal(info["channel_permutation"].long(), order)  # saved by the engine in pruning_extras.safetensors
+    assert torch.equal(lin.weight.detach()[:, order] == 0, permuted.weight.detach() == 0)
+    assert torch.allclose(lin.weight.detach()[:, order], permuted.weight.detach())  # statprune's energy: sums reordered
+    assert ((lin.weight.detach()[:, order].reshape(16, -1, 4) == 0).sum(-1) == 2).all()  # N:M in that order
+    assert "reallocation_kept_score_gain" in info
+
+
+def test_sparsegpt_reallocation_reconstructs_the_permuted_layer_in_wanda_order() -> None:
+    lin, x = correlated_layer()
+    w = lin.weight.detach().clone()
+    order = reallocation_order(w.abs() * x.norm(dim=0), 4)
+    permuted = nn.Linear(32, 16, bias=False)
+    with torch.no_grad():
+        permuted.weight.copy_(w[:, order])
+    sparsegpt = build_method("sparsegpt", {}, "2:4")
+    sparsegpt.prune(permuted, ChannelStats.of(x[:, order], gram=True), Target(0.5, (2, 4)))
+    info, _ = sparsegpt.prune(lin, ChannelStats.of(x, gram=True), Target(0.5, (2, 4), reallocation=True))
+    assert torch.equal(info["channel_permutation"].long(), order)
+    assert torch.allclose(lin.weight.detach()[:, order], permuted.weight.detach(), atol=1e-5)
+    assert ((lin.weight.detach()[:, order].reshape(16, -1, 4) == 0).sum(-1) == 2).all()
+    assert ((lin.weight.detach().reshape(16, -1, 4) == 0).sum(-1) != 2).any()  # not N:M in the model's own order
 
 
 def test_owl_layer_sparsities_average_to_the_target() -> None:

@@ -173,6 +173,7 @@ ERRORS = [
     (["--set", "pruning.method=statprune", "--set", "pruning.options={alpha: 2.5}"], "pruning.options.alpha: expected a number in [0, 2]"),
     (["--set", "pruning.targets=[re:.*nothing]"], "pruning.targets: matches no linear layer"),
     (["--set", "pruning.targets=['re:(']"], "pruning.targets[0]: invalid regular expression"),
+    (["--set", "pruning.reallocation=true"], "pruning.reallocation: channel reallocation spreads N:M groups; pattern unstructured"),
     (["--set", "pruning.granularity=column"], "pruning.granularity: expected 'row' or 'matrix'"),
     (["--set", "calibration.seqlen=1"], "calibration.seqlen: expected an integer >= 2, got 1"),
     (["--set", "calibration.seqlen=512"], "calibration.seqlen: expected at most the model's context (256 tokens), got 512"),

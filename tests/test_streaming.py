@@ -134,7 +134,7 @@ def test_calibrate_and_eval_stream_the_same_numbers(tmp_path: Path, tiny_model_d
 def test_ria_channel_permutations_are_saved_and_survive_a_resume(tmp_path: Path, tiny_model_dir: Path,
                                                                   text_files: dict[str, Path]) -> None:
     cfg = write_config(tmp_path / "run.yaml", tiny_model_dir, text_files, tmp_path / "out",
-                       pruning={"method": "ria", "pattern": "2:4", "options": {"reallocation": True}},
+                       pruning={"method": "ria", "pattern": "2:4", "reallocation": True},
                        runtime={"device": "cpu", "streaming": True})
     mem = run_cli(cfg, "--set", "runtime.streaming=false", "-o", str(tmp_path / "mem"))
     assert mem.returncode == 0, mem.stderr

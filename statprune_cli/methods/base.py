@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from statprune_cli.config import options_from_dict
-from statprune_cli.masks import make_mask
+from statprune_cli.masks import make_mask, reallocation_order
 from statprune_cli.stats import ChannelStats
 
 
@@ -26,6 +26,7 @@ class Target:
     nm: tuple[int, int] | None = None
     granularity: str = "row"
     name: str = ""  # the linear's full module name, for options that apply to some linears only
+    reallocation: bool = False  # N:M groups taken over the input channels in reallocation order (masks.reallocation_order)
 
 
 @dataclass
@@ -99,8 +100,24 @@ class Method:
 
     def mask(self, weight: torch.Tensor, score: torch.Tensor, stats: ChannelStats | None,
              target: Target) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Which weights go (True = pruned), and report info on the choice; the default keeps the highest
-        scores under the target's pattern."""
+        """Which weights go (True = pruned), and report info on the choice. With ``target.reallocation`` the
+        method's rule (``select``) sees the input channels in reallocation order and its mask is mapped back, so
+        the weights keep the layer's function and are N:M once their columns are put in that order, which the
+        engine saves (``channel_permutation``)."""
+        if not target.reallocation:
+            return self.select(weight, score, stats, target)
+        assert target.nm is not None  # the config allows reallocation with N:M patterns only
+        order = reallocation_order(score, target.nm[1])
+        chosen, info = self.select(weight[:, order], score[:, order], None if stats is None else stats.permuted(order), target)
+        mask = torch.empty_like(chosen)
+        mask[:, order] = chosen
+        direct = make_mask(score, target.sparsity, target.nm, target.granularity)
+        return mask, {**info, "reallocation_kept_score_gain": float(score[~mask].sum() / score[~direct].sum() - 1.0),
+                      "channel_permutation": order.to(torch.int32)}
+
+    def select(self, weight: torch.Tensor, score: torch.Tensor, stats: ChannelStats | None,
+               target: Target) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The mask rule: keep the highest scores under the target's pattern. Subclasses may correct the choice."""
         return make_mask(score, target.sparsity, target.nm, target.granularity), {}
 
     def prune(self, linear: nn.Linear, stats: ChannelStats | None, target: Target) -> tuple[dict[str, Any], Refiner | None]:

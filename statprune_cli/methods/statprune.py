@@ -160,9 +160,9 @@ class StatPrune(Method):
             return weight.abs()
         return weight.abs() * act.to(weight.device, torch.float32)
 
-    def mask(self, weight: torch.Tensor, score: torch.Tensor, stats: ChannelStats | None,
-             target: Target) -> tuple[torch.Tensor, dict[str, Any]]:
-        mask, info = super().mask(weight, score, stats, target)
+    def select(self, weight: torch.Tensor, score: torch.Tensor, stats: ChannelStats | None,
+               target: Target) -> tuple[torch.Tensor, dict[str, Any]]:
+        mask, info = super().select(weight, score, stats, target)
         if self.options.balance_cycles and any(name_matches(p, target.name) for p in self.options.balance_targets):
             assert stats is not None
             mask = balance_mean(weight, mask, score, stats, self.options.balance_cycles, target.nm, self.options.balance_var_power)
