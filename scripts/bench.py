@@ -1,7 +1,8 @@
 """Benchmark on SmolLM2-135M: dense and every method at 50%, 60%, 2:4 and 4:8.
 
-A method name with ``+owl`` runs that method with the OWL layer profile (pruning.profile=owl); ``+owl(m=7)``
-sets ``pruning.owl.m`` too; ``+realloc`` adds N:M channel reallocation (pruning.reallocation).
+Method names take the suffixes of ``statprune sweep --methods``: ``+owl`` runs that method with the OWL layer
+profile (pruning.profile=owl), ``+owl(m=7)`` sets ``pruning.owl.m`` too; ``+realloc`` adds N:M channel reallocation
+(pruning.reallocation).
 
 Calibration: 64 windows x 512 tokens of the C4 sample (seed 0, sequential). Evaluation: the
 first 65,536 tokens of the WikiText-2 test split at seqlen 512. Each prune is one
@@ -22,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _runs import SECTIONS, ROOT, common_overrides, ensure_model, load_jsonl, pattern_overrides, run_grid, write_section  # noqa: E402
 
-from statprune_cli.sweep import write_plot  # noqa: E402
+from statprune_cli.sweep import parse_method, write_plot  # noqa: E402
 
 
 def main() -> None:
@@ -56,20 +57,12 @@ TITLES = {"bench": "perplexity by method and sparsity", "owl": "the OWL layer pr
 
 
 def method_overrides(name: str) -> list[str]:
-    """'wanda' -> that method, uniform; '+owl' adds the OWL layer profile, '+owl(m=7)' with ``pruning.owl.m: 7``
-    (several keys: 'owl(m=7;lam=0.04)'); '+realloc' adds N:M channel reallocation (``pruning.reallocation``)."""
-    method, *extras = name.split("+")
-    profile, out = "uniform", []
-    for extra in extras:
-        flag, _, keys = extra.partition("(")
-        if flag == "owl":
-            profile = "owl"
-            out += [f"pruning.owl.{kv}" for kv in keys.rstrip(")").split(";") if kv]
-        elif flag == "realloc" and not keys:
-            out.append("pruning.reallocation=true")
-        else:
-            raise SystemExit(f"--methods: unknown suffix +{extra} in {name!r}; expected +owl, +owl(key=value;...) or +realloc")
-    return [f"pruning.method={method}", f"pruning.profile={profile}", *out]
+    """A --methods entry as ``--set`` flags, with the suffixes of ``statprune sweep --methods`` ('wanda+owl(m=7)',
+    'ria+realloc'; ``statprune_cli.sweep.parse_method``); without ``+owl`` the profile is uniform."""
+    _, overrides = parse_method(name)
+    owl = overrides.pop("owl", {})
+    flags = {"profile": "uniform", **overrides, **{f"owl.{k}": v for k, v in owl.items()}}
+    return [f"pruning.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in flags.items()]
 
 
 def write_doc(args: argparse.Namespace, key: str) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from statprune_cli.config import Config, _build, validate
 from statprune_cli.distributed import launched_world_size
@@ -30,7 +31,7 @@ from statprune_cli.engine import LayerwiseEngine
 from statprune_cli.errors import ConfigError, InputError
 from statprune_cli.export import atomic_dir, check_output_dir
 from statprune_cli.load import check_against_model, load_model, load_model_config, load_tokenizer
-from statprune_cli.methods import METHODS, build_method
+from statprune_cli.methods import METHODS, Method, build_method
 from statprune_cli.pipeline import (DenseStats, calibration_batches, eval_sets, needs_batches, perplexities, prune_model,
                                     setup_runtime)
 from statprune_cli.report import package_versions
@@ -40,7 +41,7 @@ from statprune_cli.zeroshot import evaluate_zeroshot, prepare_zeroshot
 
 @dataclass
 class Cell:
-    method: str
+    method: str  # as given in --methods, with its suffixes ("wanda+owl")
     setting: str
     cfg: Config
     perplexity: list[float] = field(default_factory=list)
@@ -48,12 +49,42 @@ class Cell:
     sparsity: float | None = None
     zeroshot_mean: float | None = None
     error: str | None = None
+    not_applicable: str | None = None  # the method's suffix does not apply to this setting (owl at 2:4): not run
     shared_stats: bool = False  # used the dense statistics the cells share (their pass is not in prune_seconds)
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "setting": self.setting, "perplexity": self.perplexity,
                 "prune_seconds": self.prune_seconds, "shared_dense_statistics": self.shared_stats,
-                "sparsity": self.sparsity, "zeroshot_mean_acc": self.zeroshot_mean, "error": self.error}
+                "sparsity": self.sparsity, "zeroshot_mean_acc": self.zeroshot_mean, "error": self.error,
+                "not_applicable": self.not_applicable}
+
+
+SUFFIXES = "+owl, +owl(key=value;...) or +realloc"
+PATTERN_BOUND = ("pruning.profile", "pruning.reallocation")  # keys valid for some patterns only: n/a cells elsewhere
+
+
+def parse_method(text: str) -> tuple[str, dict[str, Any]]:
+    """A --methods entry -> (method, pruning overrides). 'wanda': that method as configured; '+owl' adds the OWL
+    layer profile, '+owl(m=7;lam=0.04)' with those ``pruning.owl`` keys; '+realloc' adds N:M channel reallocation."""
+    method, *extras = text.strip().split("+")
+    if method not in METHODS:
+        raise ConfigError("--methods", f"unknown method {method!r} in {text!r}; expected some of {', '.join(sorted(METHODS))}")
+    overrides: dict[str, Any] = {"method": method}
+    for extra in extras:
+        flag, paren, keys = extra.partition("(")
+        if flag == "owl" and (not paren or keys.endswith(")")):
+            overrides["profile"] = "owl"
+            overrides["owl"] = {}
+            for kv in filter(None, keys[:-1].split(";")):
+                key, eq, value = kv.partition("=")
+                if not eq:
+                    raise ConfigError("--methods", f"expected key=value inside +owl(...) of {text!r}, got {kv!r}")
+                overrides["owl"][key.strip()] = yaml.safe_load(value)
+        elif extra == "realloc":
+            overrides["reallocation"] = True
+        else:
+            raise ConfigError("--methods", f"unknown suffix +{extra} in {text!r}; expected {SUFFIXES}")
+    return method, overrides
 
 
 def parse_setting(text: str) -> tuple[str, dict[str, Any]]:
@@ -69,25 +100,37 @@ def parse_setting(text: str) -> tuple[str, dict[str, Any]]:
 
 
 def plan_cells(cfg: Config, methods: list[str], settings: list[str]) -> list[Cell]:
-    """One validated config per (method, setting): every bad name fails here, before anything loads."""
+    """One validated config per (method, setting): every bad name fails here, before anything loads. A combination
+    that one setting cannot take (OWL with an N:M pattern, reallocation with unstructured sparsity) is marked not
+    applicable there; a method that no setting can take is an error."""
     if not methods or not settings:
         raise InputError("--methods and --sparsities: expected at least one of each")
-    for m in methods:
-        if m not in METHODS:
-            raise ConfigError("--methods", f"unknown method {m!r}; expected some of {', '.join(sorted(METHODS))}")
     if not cfg.eval.datasets:
         raise ConfigError("eval.datasets", "the sweep compares perplexities: give at least one evaluation data set")
-    cells = []
+    parsed = {m: parse_method(m) for m in methods}
+    cells, refused = [], {m: [] for m in methods}
     for setting in settings:
-        label, overrides = parse_setting(setting)
+        label, pattern = parse_setting(setting)
         for m in methods:
+            method, overrides = parsed[m]
             data = cfg.to_dict()
-            data["pruning"].update(overrides, method=m)
-            if m != cfg.pruning.method:
+            data["pruning"].update(pattern, **{k: v for k, v in overrides.items() if k != "owl"})
+            data["pruning"]["owl"].update(overrides.get("owl", {}))
+            if method != cfg.pruning.method:
                 data["pruning"]["options"] = {}  # options belong to the config's own method
             cell_cfg = _build(Config, data, "")
-            validate(cell_cfg)
-            cells.append(Cell(m, label, cell_cfg))
+            cell = Cell(m, label, cell_cfg)
+            try:
+                validate(cell_cfg)
+            except ConfigError as e:
+                if e.key not in PATTERN_BOUND:
+                    raise
+                refused[m].append(e)
+                cell.not_applicable = str(e)
+            cells.append(cell)
+    for m, errors in refused.items():
+        if len(errors) == len(settings):
+            raise errors[0]
     return cells
 
 
@@ -118,8 +161,8 @@ def run_sweep(cfg: Config, methods: list[str], settings: list[str], output: Path
         shapes = check_against_model(c.cfg, model_config)
     tokenizer = load_tokenizer(cfg.model)
     batches, calibration = None, "none (no method needs data)"
-    if any(needs_batches(c.cfg, build_method(c.method, c.cfg.pruning.options, c.cfg.pruning.pattern, c.cfg.pruning.sparsity))
-           for c in cells):
+    cells_to_run = [c for c in cells if not c.not_applicable]
+    if any(needs_batches(c.cfg, cell_method(c)) for c in cells_to_run):
         batches, calibration = calibration_batches(cfg, tokenizer, ui)
     evals = eval_sets(cfg, tokenizer)
 
@@ -129,12 +172,12 @@ def run_sweep(cfg: Config, methods: list[str], settings: list[str], output: Path
     dense_ppl = perplexities(cfg, LayerwiseEngine(dense_model, device, cfg.runtime.offload_activations, ui), evals, ui)
     dense_model.to("cpu")
     dense_zeroshot = accuracy(dense_model)
-    with ui.progress("sweep cells", len(cells)) as advance:
-        for c in cells:
+    with ui.progress("sweep cells", len(cells_to_run)) as advance:
+        for c in cells_to_run:
             ui.log(f"{c.method} at {c.setting}")
             model = copy.deepcopy(dense_model)
             try:
-                method = build_method(c.method, c.cfg.pruning.options, c.cfg.pruning.pattern, c.cfg.pruning.sparsity)
+                method = cell_method(c)
                 t0, shared_before = time.perf_counter(), dense.seconds
                 pruned = prune_model(c.cfg, model, method, list(shapes), batches, None, device, ui, dense=dense,
                                      shared=True)
@@ -173,11 +216,18 @@ def run_sweep(cfg: Config, methods: list[str], settings: list[str], output: Path
     return result
 
 
+def cell_method(c: Cell) -> Method:
+    p = c.cfg.pruning
+    return build_method(p.method, p.options, p.pattern, p.sparsity)
+
+
 def sweep_table(result: dict[str, Any]) -> str:
     """Markdown: rows methods, columns settings; each cell 'perplexity (prune seconds)' on the first data set."""
     settings, by = result["settings"], {(c["method"], c["setting"]): c for c in result["cells"]}
 
     def cell(c: dict[str, Any]) -> str:
+        if c["not_applicable"]:
+            return "n/a"
         if c["error"]:
             return f"failed: {c['error'].splitlines()[0][:80]}"
         acc = f", acc {100 * c['zeroshot_mean_acc']:.1f}%" if c.get("zeroshot_mean_acc") is not None else ""
@@ -191,6 +241,9 @@ def sweep_table(result: dict[str, Any]) -> str:
              "| method | " + " | ".join(settings) + " |", "|---|" + "---:|" * len(settings)]
     for m in result["methods"]:
         lines.append(f"| {m} | " + " | ".join(cell(by[(m, s)]) for s in settings) + " |")
+    if any(c["not_applicable"] for c in result["cells"]):
+        lines += ["", "n/a: the method's suffix does not apply to that setting (OWL spreads an unstructured sparsity; "
+                      "channel reallocation is for N:M patterns)."]
     if any(c["shared_dense_statistics"] for c in result["cells"]):
         lines += ["", f"\\* used dense-model statistics (for the masks, or OWL's layer ratios) collected once for "
                       f"every such cell: {result['shared_dense_seconds']:.1f} s, not in the cells' times; run alone, "
@@ -203,7 +256,7 @@ def plot_segments(result: dict[str, Any]) -> list[tuple[str, list[int], list[flo
     as a line between 70% and 2:4 would suggest a trend that does not exist."""
     settings, out = result["settings"], []
     for m in result["methods"]:
-        cells = {c["setting"]: c for c in result["cells"] if c["method"] == m and not c["error"]}
+        cells = {c["setting"]: c for c in result["cells"] if c["method"] == m and not (c["error"] or c.get("not_applicable"))}
         for nm in (False, True):
             xs = [i for i, s in enumerate(settings) if s in cells and (":" in s) == nm]
             if xs:

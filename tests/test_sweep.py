@@ -67,8 +67,32 @@ def test_a_failing_cell_is_recorded_and_the_sweep_goes_on(cfg: Path, tmp_path: P
     assert "failed: RuntimeError: boom" in (tmp_path / "sw" / "sweep.md").read_text()
 
 
+def test_method_suffixes_run_as_their_prune_runs_and_are_not_applicable_elsewhere(cfg: Path, tmp_path: Path) -> None:
+    res = runner.invoke(app, ["sweep", str(cfg), "--methods", "wanda+owl(m=3;lam=0.05),ria+realloc", "--sparsities",
+                              "70%,2:4", "-o", str(tmp_path / "sw"), "-q", "--json"])
+    assert res.exit_code == 0, res.output
+    cells = {(c["method"], c["setting"]): c for c in json.loads(res.stdout)["cells"]}
+    assert cells[("wanda+owl(m=3;lam=0.05)", "2:4")]["not_applicable"].startswith("pruning.profile: owl spreads")
+    assert cells[("ria+realloc", "70%")]["not_applicable"].startswith("pruning.reallocation: channel reallocation")
+    for (name, setting), flags in {("wanda+owl(m=3;lam=0.05)", "70%"): ["pruning.method=wanda", "pruning.sparsity=0.7",
+                                                                         "pruning.profile=owl", "pruning.owl.m=3",
+                                                                         "pruning.owl.lam=0.05"],
+                                   ("ria+realloc", "2:4"): ["pruning.method=ria", "pruning.pattern=2:4",
+                                                            "pruning.reallocation=true"]}.items():
+        run = runner.invoke(app, ["prune", str(cfg), "-q", "--json", "--overwrite", *(a for f in flags for a in ("--set", f))])
+        assert run.exit_code == 0, run.output
+        assert cells[(name, setting)]["perplexity"][0] == pytest.approx(json.loads(run.stdout)["perplexity"][0]["perplexity"],
+                                                                      rel=1e-5)
+    table = (tmp_path / "sw" / "sweep.md").read_text()
+    assert "| ria+realloc | n/a |" in table and "n/a: the method's suffix does not apply" in table
+
+
 @pytest.mark.parametrize("args,message", [
     (["--methods", "wanda,obs"], "--methods: unknown method 'obs'"),
+    (["--methods", "wanda+prune"], "--methods: unknown suffix +prune in 'wanda+prune'; expected +owl"),
+    (["--methods", "wanda+owl(m)"], "--methods: expected key=value inside +owl(...) of 'wanda+owl(m)', got 'm'"),
+    (["--methods", "wanda+owl(mm=3)"], "pruning.owl.mm: unknown key"),
+    (["--methods", "wanda+owl", "--sparsities", "2:4"], "pruning.profile: owl spreads an unstructured sparsity"),
     (["--sparsities", "0.5,lots"], "--sparsities: expected a sparsity such as 0.5"),
     (["--sparsities", "1.5"], "pruning.sparsity: expected a number in [0, 1)"),
     (["--sparsities", "5:4"], "pruning.pattern: expected N:M with 0 < N < M"),
