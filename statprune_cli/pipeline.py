@@ -438,6 +438,7 @@ class Run:
             "options": asdict(self.method.options),
             "pattern": p.pattern,
             "pattern_label": pattern_label(self.cfg, target),
+            "reallocation": p.reallocation,
             "target_sparsity": target.sparsity,
             "profile": p.profile,
             "layer_target_sparsity": pruned.layer_sparsity,

@@ -153,7 +153,9 @@ def test_ria_channel_permutations_are_saved_and_survive_a_resume(tmp_path: Path,
         assert ((w[:, perm].reshape(w.shape[0], -1, 4) == 0).sum(-1) == 2).all(), name  # N:M in the saved order
         assert ((w.reshape(w.shape[0], -1, 4) == 0).sum(-1) != 2).any(), name  # and not in the stored one
     assert not list((tmp_path / "out").glob("extras-*"))
-    assert json.loads((tmp_path / "out" / "report.json").read_text())["extras_file"] == "pruning_extras.safetensors"
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["extras_file"] == "pruning_extras.safetensors"
+    assert report["reallocation"] is True and report["pattern_label"] == "2:4, channel reallocation"
 
 
 @pytest.mark.parametrize("arch", ARCHS)
