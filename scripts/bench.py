@@ -53,7 +53,8 @@ def main() -> None:
         write_doc(args, key)
 
 
-TITLES = {"bench": "perplexity by method and sparsity", "owl": "the OWL layer profile against uniform sparsity"}
+TITLES = {"bench": "perplexity by method and sparsity", "owl": "the OWL layer profile against uniform sparsity",
+          "realloc": "N:M with channel reallocation against N:M in the stored order"}
 
 
 def method_overrides(name: str) -> list[str]:
