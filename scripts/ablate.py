@@ -95,7 +95,8 @@ VARIANTS: dict[str, list[str]] = {
         SP, ENERGY.replace("beta: 1.0", "beta: 0.5, energy_targets: ['re:.*mlp']"), SKIP1, ONEPASS, *OWL, *owl]
        for tag, owl in OWL_GRID},
     **{f"magnitude+owl{tag}": ["pruning.method=magnitude", *OWL, *owl] for tag, owl in OWL_GRID},
-    **{f"wanda+owl{tag}": ["pruning.method=wanda", *OWL, *owl] for tag, owl in OWL_GRID if tag in ("", "(m=7)")},
+    **{f"{method}+owl{tag}": [f"pruning.method={method}", *OWL, *owl] for method in ("wanda", "ria", "sparsegpt")
+       for tag, owl in OWL_GRID if tag in ("", "(m=7)")},
     # N:M channel reallocation (RIA's): the groups of M taken over the channels sorted and dealt out by score
     **{f"{name}+realloc": [*variant, REALLOC] for name, variant in (
         ("wanda", ["pruning.method=wanda"]), ("ria", ["pruning.method=ria"]), ("sparsegpt", ["pruning.method=sparsegpt"]),
