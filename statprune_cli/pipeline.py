@@ -113,6 +113,12 @@ class Pruned:
     from_shared_stats: bool = False  # used ``DenseStats`` collected for other runs too (a sweep's cells)
 
 
+def config_method(cfg: Config) -> Method:
+    """The method ``pruning`` asks for, its ``auto`` options settled by the pattern and sparsity."""
+    p = cfg.pruning
+    return build_method(p.method, p.options, p.pattern, p.sparsity)
+
+
 def base_target(cfg: Config, method: Method) -> Target:
     p = cfg.pruning
     nm = parse_pattern(p.pattern)
@@ -267,7 +273,7 @@ def run_prune(cfg: Config, overwrite: bool = False, stats_path: Path | None = No
     check_output_dir(out, overwrite)
     device = setup_runtime(cfg)
     timer = Timer()
-    method = build_method(cfg.pruning.method, cfg.pruning.options, cfg.pruning.pattern, cfg.pruning.sparsity)
+    method = config_method(cfg)
     if method.needs_output_pass and launched_world_size() > 1:
         raise ConfigError("pruning.options.compensation", "expected a closed-form compensation under a launcher: the "
                                                           "measured ones run in one process only")
@@ -490,7 +496,7 @@ def run_calibrate(cfg: Config, output: Path, overwrite: bool = False, ui: UI | N
     output.parent.mkdir(parents=True, exist_ok=True)
     with reading_engine(cfg, device, streaming, output, ui) as engine:
         p = cfg.pruning
-        method = build_method(p.method, p.options, p.pattern, p.sparsity)
+        method = config_method(cfg)
         skip = statistics_skip(cfg, method)
         result = engine.run(None, lambda i, name: Target(0.0), p.targets, p.ignore, batches, skip_first=skip,
                             gram=method.needs_gram)

@@ -31,9 +31,9 @@ from statprune_cli.engine import LayerwiseEngine
 from statprune_cli.errors import ConfigError, InputError
 from statprune_cli.export import atomic_dir, check_output_dir
 from statprune_cli.load import check_against_model, load_model, load_model_config, load_tokenizer
-from statprune_cli.methods import METHODS, Method, build_method
-from statprune_cli.pipeline import (DenseStats, calibration_batches, eval_sets, needs_batches, perplexities, prune_model,
-                                    setup_runtime)
+from statprune_cli.methods import METHODS
+from statprune_cli.pipeline import (DenseStats, calibration_batches, config_method, eval_sets, needs_batches, perplexities,
+                                    prune_model, setup_runtime)
 from statprune_cli.report import package_versions
 from statprune_cli.ui import UI
 from statprune_cli.zeroshot import evaluate_zeroshot, prepare_zeroshot
@@ -162,7 +162,7 @@ def run_sweep(cfg: Config, methods: list[str], settings: list[str], output: Path
     tokenizer = load_tokenizer(cfg.model)
     batches, calibration = None, "none (no method needs data)"
     cells_to_run = [c for c in cells if not c.not_applicable]
-    if any(needs_batches(c.cfg, cell_method(c)) for c in cells_to_run):
+    if any(needs_batches(c.cfg, config_method(c.cfg)) for c in cells_to_run):
         batches, calibration = calibration_batches(cfg, tokenizer, ui)
     evals = eval_sets(cfg, tokenizer)
 
@@ -177,7 +177,7 @@ def run_sweep(cfg: Config, methods: list[str], settings: list[str], output: Path
             ui.log(f"{c.method} at {c.setting}")
             model = copy.deepcopy(dense_model)
             try:
-                method = cell_method(c)
+                method = config_method(c.cfg)
                 t0, shared_before = time.perf_counter(), dense.seconds
                 pruned = prune_model(c.cfg, model, method, list(shapes), batches, None, device, ui, dense=dense,
                                      shared=True)
@@ -214,11 +214,6 @@ def run_sweep(cfg: Config, methods: list[str], settings: list[str], output: Path
         result["plot"] = write_plot(result, tmp / "sweep.png")
     result["output_dir"] = str(output)
     return result
-
-
-def cell_method(c: Cell) -> Method:
-    p = c.cfg.pruning
-    return build_method(p.method, p.options, p.pattern, p.sparsity)
 
 
 def sweep_table(result: dict[str, Any]) -> str:
