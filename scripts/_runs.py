@@ -15,6 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 HF_MODEL = ROOT / "models" / "smollm2-135m-hf"
 BASE_CONFIG = ROOT / "configs" / "smollm2-135m-statprune-50.yaml"
+# Each measured cell, committed with the docs it makes: a fresh clone can rewrite every table (--doc-only), and a
+# rerun skips what is there. Pruned checkpoints and other large outputs stay in the ignored bench-out/.
+RESULTS = ROOT / "docs" / "results" / "data"
 
 
 def ensure_model() -> Path:

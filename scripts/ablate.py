@@ -2,7 +2,7 @@
 
 Calibrates on the C4 sample, scores on the WikiText-2 *validation* split (defaults are chosen on
 validation, results are reported on test), at 50% unstructured, 2:4 and 4:8. Each run is one
-`statprune prune` subprocess; results accumulate in bench-out/ablation.jsonl (a rerun skips what
+`statprune prune` subprocess; results accumulate in docs/results/data/ablation.jsonl (a rerun skips what
 is there) and the table is written to docs/ablation.md.
 
 Usage: python scripts/ablate.py [--settings 50%,2:4,4:8] [--variants a,b] [--nsamples 32] [--eval-tokens 16384]
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import ROOT, common_overrides, ensure_model, load_jsonl, pattern_overrides, run_grid  # noqa: E402
+from _runs import RESULTS, ROOT, common_overrides, ensure_model, load_jsonl, pattern_overrides, run_grid  # noqa: E402
 
 SP = "pruning.method=statprune"
 SKIP1 = "calibration.skip_first_tokens=1"
@@ -112,7 +112,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="calibration seed; another seed shows how much a row moves by chance")
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-tokens", type=int, default=16384)
-    ap.add_argument("--results", type=Path, default=ROOT / "bench-out" / "ablation.jsonl")
+    ap.add_argument("--results", type=Path, default=RESULTS / "ablation.jsonl")
     ap.add_argument("--doc", type=Path, default=None,
                     help="default: docs/ablation.md (32 windows, seed 0), else docs/ablation[-nN][-seedS].md")
     ap.add_argument("--doc-only", action="store_true", help="rewrite the docs from the results so far, run nothing")

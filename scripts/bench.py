@@ -7,7 +7,7 @@ profile (pruning.profile=owl), ``+owl(m=7)`` sets ``pruning.owl.m`` too; ``+real
 Calibration: 64 windows x 512 tokens of the C4 sample (seed 0, sequential). Evaluation: the
 first 65,536 tokens of the WikiText-2 test split at seqlen 512. Each prune is one
 `statprune prune` subprocess (its report gives the prune wall time and the process's peak RSS),
-all in this one run, one after another. Results accumulate in bench-out/bench.jsonl (a rerun
+all in this one run, one after another. Results accumulate in docs/results/data/bench.jsonl (a rerun
 with the same protocol skips what is there); docs/results.md is rewritten at the end.
 
 Usage: python scripts/bench.py [--settings 50%,60%,2:4,4:8] [--methods magnitude,wanda,sparsegpt,ria,statprune]
@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import SECTIONS, ROOT, common_overrides, ensure_model, load_jsonl, pattern_overrides, run_grid, write_section  # noqa: E402
+from _runs import SECTIONS, RESULTS, common_overrides, ensure_model, load_jsonl, pattern_overrides, run_grid, write_section  # noqa: E402
 
 from statprune_cli.sweep import parse_method, write_plot  # noqa: E402
 
@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=65536)
-    ap.add_argument("--results", type=Path, default=ROOT / "bench-out" / "bench.jsonl")
+    ap.add_argument("--results", type=Path, default=RESULTS / "bench.jsonl")
     ap.add_argument("--doc-only", action="store_true", help="rewrite the doc from the results so far, run nothing")
     ap.add_argument("--section", default="bench", help="name of the docs/results section (and plot) to write")
     ap.add_argument("--timing-note", default="", help="a sentence on how the timings were taken (what ran alone)")
@@ -77,7 +77,7 @@ def write_doc(args: argparse.Namespace, key: str) -> None:
     out = [
         f"## SmolLM2-135M: {TITLES.get(args.section, args.section)}",
         "",
-        f"Made by `{cmd}` (cells accumulate in bench-out/bench.jsonl across runs) on 2 CPU cores, float32. Calibration: "
+        f"Made by `{cmd}` (cells accumulate in docs/results/data/bench.jsonl across runs) on 2 CPU cores, float32. Calibration: "
         f"{args.nsamples} windows x {args.seqlen} tokens of the C4 sample, seed 0, the same windows for every method, "
         "each method calibrating as it does by default (sequential: each layer on the outputs of the pruned layers before "
         "it; statprune from 60%: on the dense model's activations, one pass per layer; each statprune cell's mode is listed "

@@ -5,7 +5,7 @@ does not depend on the values), with the same calibration windows for every meth
 SparseGPT's extra work (Gram matrices, a Cholesky inverse per linear, the column-by-column update) grows
 with width while Wanda-cost methods only add elementwise work, so the ratio statprune / sparsegpt is the
 figure to watch. Each prune is one `statprune prune` subprocess with no evaluation, one after another in
-this run; the report's `timings.prune` is the time. Results go to bench-out/cost.jsonl and
+this run; the report's `timings.prune` is the time. Results go to docs/results/data/cost.jsonl and
 docs/results/cost.md.
 
 Usage: python scripts/bench_cost.py [--methods wanda,sparsegpt,ria,statprune] [--nsamples 8] [--seqlen 512]
@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import (ROOT, append_jsonl, common_overrides, ensure_model, load_jsonl, pattern_overrides, prune,  # noqa: E402
+from _runs import (RESULTS, ROOT, append_jsonl, common_overrides, ensure_model, load_jsonl, pattern_overrides, prune,  # noqa: E402
                    synthetic_llama, write_section)
 
 WIDE = ROOT / "models" / "synthetic-llama-h4096-l4"
@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--setting", default="50%", help="sparsity or N:M pattern (N:M adds statprune's energy compensation)")
-    ap.add_argument("--results", type=Path, default=ROOT / "bench-out" / "cost.jsonl")
+    ap.add_argument("--results", type=Path, default=RESULTS / "cost.jsonl")
     ap.add_argument("--doc-only", action="store_true", help="rewrite the doc from the results so far, run nothing")
     args = ap.parse_args()
     key = f"n{args.nsamples}-s{args.seqlen}" + ("" if args.setting == "50%" else f"-{args.setting}")

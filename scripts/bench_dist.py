@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import BASE_CONFIG, ROOT, common_overrides, ensure_model, statprune, write_section  # noqa: E402
+from _runs import BASE_CONFIG, RESULTS, ROOT, common_overrides, ensure_model, statprune, write_section  # noqa: E402
 
 RUNS = (("1 process x 1 thread", 1, 1), ("2 processes x 1 thread", 2, 1), ("1 process x 2 threads", 1, 2))
 
@@ -61,7 +61,7 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=0)
-    ap.add_argument("--results", type=Path, default=ROOT / "bench-out" / "bench_dist.json")
+    ap.add_argument("--results", type=Path, default=RESULTS / "bench_dist.json")
     args = ap.parse_args()
     model = ensure_model()
     overrides = common_overrides(model, args.nsamples, args.seqlen, max(args.max_tokens, args.seqlen), "test")

@@ -12,7 +12,7 @@
    the two paths alternating --smollm-repeats times (the fastest of each is compared: this machine's run-to-run
    spread is larger than the difference being measured).
 
-Results go to bench-out/memory.jsonl and docs/results/memory.md.
+Results go to docs/results/data/memory.jsonl and docs/results/memory.md.
 Usage: python scripts/bench_memory.py [--nsamples 8] [--smollm-nsamples 32] [--smollm-tokens 32768] [--smollm-repeats 1]
 """
 
@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import (BASE_CONFIG, ROOT, append_jsonl, common_overrides, ensure_model, load_jsonl, prune,  # noqa: E402
+from _runs import (BASE_CONFIG, RESULTS, ROOT, append_jsonl, common_overrides, ensure_model, load_jsonl, prune,  # noqa: E402
                    synthetic_llama, write_section)
 
 HIDDEN, INTERMEDIATE = 2048, 5504
@@ -68,7 +68,7 @@ def expected_mib(path: Path, nsamples: int) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--results", type=Path, default=ROOT / "bench-out" / "memory.jsonl")
+    ap.add_argument("--results", type=Path, default=RESULTS / "memory.jsonl")
     ap.add_argument("--nsamples", type=int, default=8, help="calibration windows for the synthetic checkpoints")
     ap.add_argument("--smollm-nsamples", type=int, default=32)
     ap.add_argument("--smollm-tokens", type=int, default=32768, help="evaluation tokens for SmolLM2")

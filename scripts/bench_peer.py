@@ -18,7 +18,7 @@
    statprune's is its report's `timings.prune`. Both run in this one process tree, one after
    another, on the same machine.
 
-Results accumulate in bench-out/peer.jsonl (a rerun with the same protocol skips what is there);
+Results accumulate in docs/results/data/peer.jsonl (a rerun with the same protocol skips what is there);
 docs/results/peer.md is rewritten at the end. A statprune method that is not registered yet is skipped
 with a message, and a later rerun fills its cells.
 
@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import (BASE_CONFIG, DATA, ROOT, append_jsonl, common_overrides, ensure_model, load_jsonl,  # noqa: E402
+from _runs import (BASE_CONFIG, DATA, RESULTS, ROOT, append_jsonl, common_overrides, ensure_model, load_jsonl,  # noqa: E402
                    pattern_overrides, statprune, write_section)
 
 PEER_VENV = ROOT / ".venv-peer"
@@ -214,7 +214,7 @@ def main() -> None:
     ap.add_argument("--blocksize", type=int, default=128, help="SparseGPTModifier block_size (statprune's default)")
     ap.add_argument("--peer-spec", default=PEER_SPEC, help="the llm-compressor requirement installed into .venv-peer")
     ap.add_argument("--skip-install", action="store_true", help="use .venv-peer as it is")
-    ap.add_argument("--results", type=Path, default=ROOT / "bench-out" / "peer.jsonl")
+    ap.add_argument("--results", type=Path, default=RESULTS / "peer.jsonl")
     args = ap.parse_args()
     methods, settings, tools = args.methods.split(","), args.settings.split(","), args.tools.split(",")
 

@@ -3,7 +3,7 @@
 The task data are the local files in ../shared/data/zeroshot (no hub access). Calibration as in scripts/bench.py:
 64 windows x 512 tokens of the C4 sample, seed 0, sequential. Each pruned model is scored inside its own
 `statprune prune` process, on the in-memory pruned model (`eval.zeroshot`); the dense model by
-`statprune eval-zeroshot`. Results accumulate in bench-out/zeroshot.jsonl (a rerun with the same protocol skips
+`statprune eval-zeroshot`. Results accumulate in docs/results/data/zeroshot.jsonl (a rerun with the same protocol skips
 what is there); the "Zero-shot accuracy" section at the end of docs/results.md is rewritten.
 
 Usage: python scripts/bench_zeroshot.py [--methods wanda,statprune] [--sparsity 0.5] [--limit 40]
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import (DATA, ROOT, append_jsonl, common_overrides, ensure_model, load_jsonl,  # noqa: E402
+from _runs import (DATA, RESULTS, ROOT, append_jsonl, common_overrides, ensure_model, load_jsonl,  # noqa: E402
                    prune, statprune, write_section)
 
 ZEROSHOT_DATA = DATA / "zeroshot"
@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--results", type=Path, default=ROOT / "bench-out" / "zeroshot.jsonl")
+    ap.add_argument("--results", type=Path, default=RESULTS / "zeroshot.jsonl")
     args = ap.parse_args()
     model = ensure_model()
     key = f"n{args.nsamples}-s{args.seqlen}-l{args.limit}-{args.tasks}"
