@@ -101,6 +101,10 @@ VARIANTS: dict[str, list[str]] = {
     **{f"{name}+realloc": [*variant, REALLOC] for name, variant in (
         ("wanda", ["pruning.method=wanda"]), ("ria", ["pruning.method=ria"]), ("sparsegpt", ["pruning.method=sparsegpt"]),
         ("wanda+energy(m2/b=0.5;mlp)", [SP, ENERGY.replace("beta: 1.0", "beta: 0.5, energy_targets: ['re:.*mlp']")]))},
+    # ... only on the MLP down projections, whose permutation the model absorbs (the checkpoint is N:M as stored)
+    **{f"{name}+realloc(absorbed)": [*variant, "pruning.reallocation=absorbed"] for name, variant in (
+        ("wanda", ["pruning.method=wanda"]),
+        ("wanda+energy(m2/b=0.5;mlp)", [SP, ENERGY.replace("beta: 1.0", "beta: 0.5, energy_targets: ['re:.*mlp']")]))},
 }
 
 

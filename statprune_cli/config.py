@@ -75,7 +75,9 @@ class PruningConfig:
     sparsity: float = 0.5
     pattern: str = "unstructured"
     granularity: str | None = None  # row or matrix; None: the method's own (row for Wanda, matrix for SparseGPT, RIA)
-    reallocation: bool = False  # N:M only: groups of M taken over the input channels sorted and dealt out by score (RIA)
+    # N:M only: groups of M taken over the input channels sorted and dealt out by score (RIA); "absorbed": only on
+    # linears whose permutation the model absorbs (permute.py), so that the stored checkpoint is N:M as it stands
+    reallocation: bool | str = False
     profile: str = "uniform"  # uniform or owl: how the sparsity is spread over the decoder layers
     owl: OwlConfig = field(default_factory=OwlConfig)
     targets: list[str] = field(default_factory=lambda: ["Linear"])
@@ -349,6 +351,8 @@ def validate(cfg: Config) -> None:
     nm = parse_pattern(p.pattern)
     if p.granularity not in (None, "row", "matrix"):
         raise ConfigError("pruning.granularity", f"expected 'row' or 'matrix', got {p.granularity!r}")
+    if isinstance(p.reallocation, str) and p.reallocation != "absorbed":
+        raise ConfigError("pruning.reallocation", f"expected true, false or absorbed, got {p.reallocation!r}")
     if p.reallocation and nm is None:
         raise ConfigError("pruning.reallocation", f"channel reallocation spreads N:M groups; pattern {p.pattern} has none "
                                                   "(use a pattern such as \"2:4\", or leave reallocation false)")

@@ -38,6 +38,7 @@ from statprune_cli.errors import PruneError
 from statprune_cli.layers import find_decoder_layers, target_linears
 from statprune_cli.masks import count_zeros
 from statprune_cli.methods import Method, Refiner, Target
+from statprune_cli.permute import absorb
 from statprune_cli.stats import ChannelStats, all_finite
 from statprune_cli.ui import UI
 
@@ -522,7 +523,19 @@ class LayerwiseEngine:
             outputs = pruned_outputs if sequential else outputs
             for name, refiner in refiners.items():
                 result.linears[name].info.update(refiner.apply())
+        self._absorb_permutations(result)
         return outputs or []
+
+    def _absorb_permutations(self, result: LayerResult) -> None:
+        """A reallocated linear whose input order the model can take (``permute.absorb``) is stored in that order.
+
+        Last in the layer: the refiners, which correct rows and columns in the original order, are done."""
+        for name, r in result.linears.items():
+            order = r.extras.get("channel_permutation")
+            rows = None if order is None else absorb(self.model, name, order)
+            if rows is not None:
+                del r.extras["channel_permutation"]
+                r.info["channel_permutation"] = f"absorbed: columns stored in reallocation order, {', '.join(rows)} rows to match"
 
     def _forward_observed(
         self, layer: nn.Module, observers: dict[nn.Linear, Callable[[torch.Tensor], None]], hidden: list[torch.Tensor],

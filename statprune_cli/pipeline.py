@@ -26,6 +26,7 @@ from statprune_cli.export import EXTRAS_NAME, atomic_dir, check_output_dir, save
 from statprune_cli.layers import find_decoder_layers
 from statprune_cli.load import check_against_model, enable_biases, load_model, load_model_config, load_tokenizer, torch_dtype
 from statprune_cli.methods import Method, Target, build_method
+from statprune_cli.permute import producers
 from statprune_cli.perplexity import EvalSet, evaluate_perplexity, load_eval_set
 from statprune_cli.profile import outlier_ratio, owl_sparsities
 from statprune_cli.report import layer_summary, model_sparsity, package_versions, peak_memory
@@ -123,7 +124,7 @@ def base_target(cfg: Config, method: Method) -> Target:
     p = cfg.pruning
     nm = parse_pattern(p.pattern)
     return Target(p.sparsity if nm is None else nm[0] / nm[1], nm, p.granularity or method.granularity,
-                  reallocation=p.reallocation)
+                  reallocation=bool(p.reallocation))
 
 
 def needs_batches(cfg: Config, method: Method) -> bool:
@@ -218,7 +219,9 @@ def prune_model(
         notes.append(f"OWL layer sparsities (M {m:g}, lambda {p.owl.lam:g}): " + ", ".join(f"{s:.3f}" for s in layer_sparsity))
 
     def target_for(index: int, name: str) -> Target:
-        return replace(target, name=name, sparsity=target.sparsity if layer_sparsity is None else layer_sparsity[index])
+        realloc = target.reallocation and (p.reallocation is True or producers(engine.model, name) is not None)
+        return replace(target, name=name, sparsity=target.sparsity if layer_sparsity is None else layer_sparsity[index],
+                       reallocation=realloc)
 
     result = engine.run(method, target_for, p.targets, p.ignore, batches, stats=stats, sequential=sequential,
                         true_sequential=p.true_sequential, skip_first=skip,
@@ -476,7 +479,8 @@ class Run:
 def pattern_label(cfg: Config, target: Target) -> str:
     p = cfg.pruning
     if target.nm:
-        return p.pattern + (", channel reallocation" if p.reallocation else "")
+        where = {True: ", channel reallocation", "absorbed": ", channel reallocation where absorbed"}
+        return p.pattern + where.get(p.reallocation, "")
     owl = ", OWL layer profile" if p.profile == "owl" else ""
     return f"{p.sparsity:.0%} unstructured (per {target.granularity}{owl})"
 

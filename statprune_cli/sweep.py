@@ -59,13 +59,14 @@ class Cell:
                 "not_applicable": self.not_applicable}
 
 
-SUFFIXES = "+owl, +owl(key=value;...) or +realloc"
+SUFFIXES = "+owl, +owl(key=value;...), +realloc or +realloc(absorbed)"
 PATTERN_BOUND = ("pruning.profile", "pruning.reallocation")  # keys valid for some patterns only: n/a cells elsewhere
 
 
 def parse_method(text: str) -> tuple[str, dict[str, Any]]:
     """A --methods entry -> (method, pruning overrides). 'wanda': that method as configured; '+owl' adds the OWL
-    layer profile, '+owl(m=7;lam=0.04)' with those ``pruning.owl`` keys; '+realloc' adds N:M channel reallocation."""
+    layer profile, '+owl(m=7;lam=0.04)' with those ``pruning.owl`` keys; '+realloc' adds N:M channel
+    reallocation, '+realloc(absorbed)' only where the model absorbs it."""
     method, *extras = text.strip().split("+")
     if method not in METHODS:
         raise ConfigError("--methods", f"unknown method {method!r} in {text!r}; expected some of {', '.join(sorted(METHODS))}")
@@ -80,8 +81,8 @@ def parse_method(text: str) -> tuple[str, dict[str, Any]]:
                 if not eq:
                     raise ConfigError("--methods", f"expected key=value inside +owl(...) of {text!r}, got {kv!r}")
                 overrides["owl"][key.strip()] = yaml.safe_load(value)
-        elif extra == "realloc":
-            overrides["reallocation"] = True
+        elif extra in ("realloc", "realloc(absorbed)"):
+            overrides["reallocation"] = True if extra == "realloc" else "absorbed"
         else:
             raise ConfigError("--methods", f"unknown suffix +{extra} in {text!r}; expected {SUFFIXES}")
     return method, overrides

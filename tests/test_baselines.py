@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_config
+from conftest import ARCHS, tiny_model, write_config
+from safetensors.torch import load_file
 from torch import nn
 from typer.testing import CliRunner
 
@@ -13,6 +14,7 @@ from statprune_cli.cli import app
 from statprune_cli.masks import reallocation_order
 from statprune_cli.methods import Target, build_method
 from statprune_cli.methods.sparsegpt import inverse_hessian_factor, sparsegpt_prune
+from statprune_cli.permute import absorb, producers
 from statprune_cli.profile import outlier_ratio, owl_sparsities
 from statprune_cli.stats import ChannelStats
 
@@ -181,6 +183,68 @@ def test_sparsegpt_reallocation_reconstructs_the_permuted_layer_in_wanda_order()
     assert torch.allclose(lin.weight.detach()[:, order], permuted.weight.detach(), atol=1e-5)
     assert ((lin.weight.detach()[:, order].reshape(16, -1, 4) == 0).sum(-1) == 2).all()
     assert ((lin.weight.detach().reshape(16, -1, 4) == 0).sum(-1) != 2).any()  # not N:M in the model's own order
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_absorbed_permutation_keeps_the_models_function(arch: str) -> None:
+    model = tiny_model(arch)
+    ids = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and producers(model, n) is not None]
+    assert len(names) == 3 and all(n.endswith(("down_proj", "fc2")) for n in names)  # one MLP per decoder layer
+    for i, name in enumerate(names):
+        w = model.get_submodule(name).weight.detach().clone()
+        order = torch.randperm(w.shape[1], generator=torch.Generator().manual_seed(i))
+        assert absorb(model, name, order) in (["gate_proj", "up_proj"], ["fc1"])
+        assert torch.equal(model.get_submodule(name).weight.detach(), w[:, order])
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, before, atol=1e-5)
+
+
+def test_nothing_is_absorbed_where_the_inputs_are_not_an_elementwise_map_of_sibling_rows() -> None:
+    model = tiny_model("llama")
+    q = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    assert absorb(model, "model.layers.0.self_attn.q_proj", torch.arange(64).flip(0)) is None
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, q)
+    fused = nn.Module()  # Phi-3's MLP: one gate_up_proj, no gate_proj or up_proj of the down projection's width
+    fused.gate_up_proj, fused.down_proj = nn.Linear(8, 32), nn.Linear(16, 8)
+    assert producers(fused, "down_proj") is None
+
+
+@pytest.mark.parametrize("realloc", [True, "absorbed"])
+def test_reallocation_stores_absorbed_down_projections_n_m_with_the_same_perplexity(
+        realloc: bool | str, tmp_path: Path, tiny_model_dir: Path, text_files: dict[str, Path],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Absorbing changes how the weights are stored, not what the model computes: against a run that absorbs
+    nothing, the same perplexity; down projections N:M as stored; other linears per ``reallocation``."""
+    def prune(out: str) -> dict:
+        cfg = write_config(tmp_path / f"{out}.yaml", tiny_model_dir, text_files, tmp_path / out,
+                           pruning={"method": "wanda", "pattern": "2:4", "reallocation": realloc})
+        res = CliRunner().invoke(app, ["prune", str(cfg), "-q", "--json"])
+        assert res.exit_code == 0, res.output
+        return json.loads(res.stdout)
+
+    report = prune("absorbed")
+    with monkeypatch.context() as m:
+        m.setattr("statprune_cli.engine.absorb", lambda model, name, order: None)
+        plain = prune("plain")
+    assert report["perplexity"][0]["perplexity"] == pytest.approx(plain["perplexity"][0]["perplexity"], rel=1e-5)
+    weights = load_file(str(tmp_path / "absorbed" / "model.safetensors"))
+    extras = tmp_path / "absorbed" / "pruning_extras.safetensors"
+    perms = load_file(str(extras)) if extras.is_file() else {}
+    for key, w in weights.items():
+        if not key.endswith("proj.weight"):
+            continue
+        name = key[: -len(".weight")]
+        stored_nm = bool(((w.reshape(w.shape[0], -1, 4) == 0).sum(-1) == 2).all())
+        assert stored_nm == (name.endswith("down_proj") or realloc == "absorbed"), name
+        assert (f"{name}.channel_permutation" in perms) == (not stored_nm), name
+    down = report["layers"][0]["linears"]["model.layers.0.mlp.down_proj"]
+    assert down["channel_permutation"].startswith("absorbed") and "reallocation_kept_score_gain" in down
+    q = report["layers"][0]["linears"]["model.layers.0.self_attn.q_proj"]
+    assert ("reallocation_kept_score_gain" in q) == (realloc is True)
+    assert report["reallocation"] == realloc
 
 
 def test_owl_layer_sparsities_average_to_the_target() -> None:

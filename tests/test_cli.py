@@ -174,6 +174,8 @@ ERRORS = [
     (["--set", "pruning.targets=[re:.*nothing]"], "pruning.targets: matches no linear layer"),
     (["--set", "pruning.targets=['re:(']"], "pruning.targets[0]: invalid regular expression"),
     (["--set", "pruning.reallocation=true"], "pruning.reallocation: channel reallocation spreads N:M groups; pattern unstructured"),
+    (["--set", "pruning.pattern=2:4", "--set", "pruning.reallocation=always"],
+     "pruning.reallocation: expected true, false or absorbed, got 'always'"),
     (["--set", "pruning.granularity=column"], "pruning.granularity: expected 'row' or 'matrix'"),
     (["--set", "calibration.seqlen=1"], "calibration.seqlen: expected an integer >= 2, got 1"),
     (["--set", "calibration.seqlen=512"], "calibration.seqlen: expected at most the model's context (256 tokens), got 512"),

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from statprune_cli.cli import app
 from statprune_cli.config import load_config
 from statprune_cli.methods import METHODS
-from statprune_cli.sweep import run_sweep
+from statprune_cli.sweep import parse_method, run_sweep
 from statprune_cli.ui import UI
 
 runner = CliRunner()
@@ -85,6 +85,11 @@ def test_method_suffixes_run_as_their_prune_runs_and_are_not_applicable_elsewher
                                                                       rel=1e-5)
     table = (tmp_path / "sw" / "sweep.md").read_text()
     assert "| ria+realloc | n/a |" in table and "n/a: the method's suffix does not apply" in table
+
+
+def test_realloc_suffixes_set_the_reallocation_key() -> None:
+    assert parse_method("ria+realloc") == ("ria", {"method": "ria", "reallocation": True})
+    assert parse_method("wanda+realloc(absorbed)") == ("wanda", {"method": "wanda", "reallocation": "absorbed"})
 
 
 @pytest.mark.parametrize("args,message", [
