@@ -104,7 +104,8 @@ class SparseGPT(Method):
         info: dict[str, Any] = {}
         if target.reallocation:
             assert target.nm is not None  # the config allows reallocation with N:M patterns only
-            order = reallocation_order(weight.abs() * stats.l2.to(weight.device, torch.float32), target.nm[1])
+            order = reallocation_order(weight.abs() * stats.l2.to(weight.device, torch.float32), target.nm[1],
+                                       target.reallocation_blocks)
             weight, stats = weight[:, order], stats.permuted(order)
             info["channel_permutation"] = order.to(torch.int32)
         hinv, dead = inverse_hessian_factor(stats.gram.to(weight.device), stats.count, self.options.percdamp)
