@@ -58,27 +58,16 @@ def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return mask.reshape(rows, cols)
 
 
-def reallocation_order(score: torch.Tensor, m: int, blocks: tuple[int, int] | None = None) -> torch.Tensor:
+def reallocation_order(score: torch.Tensor, m: int) -> torch.Tensor:
     """A permutation of the input channels for N:M (RIA's channel reallocation): position p holds channel ``order[p]``.
 
     N:M makes every group of M consecutive channels lose N weights per row, which hurts when several
     important channels sit in one group. Channels sorted by their summed score are cut into M tiers and
     group g takes the g-th channel of every tier (every other tier read backwards, so group totals even out).
-    ``blocks`` = (size, shared): channels move only inside each block of ``size`` (an attention head), in one
-    order for each run of ``shared`` blocks (the heads of one key/value head), dealt from their summed scores.
     """
-    totals = score.sum(0)
-    if blocks is None:
-        return dealt(totals, m)
-    size, shared = blocks
-    per_group = totals.reshape(-1, shared, size).sum(1)
-    local = torch.stack([dealt(t, m) for t in per_group]).repeat_interleave(shared, 0)
-    return (local + torch.arange(0, totals.numel(), size).unsqueeze(1)).reshape(-1)
-
-
-def dealt(totals: torch.Tensor, m: int) -> torch.Tensor:
-    """Channels ranked by ``totals``, cut into ``m`` tiers, dealt out one of each tier per group of ``m``."""
-    tiers = torch.argsort(totals, stable=True).reshape(m, -1).clone()
+    cols = score.shape[1]
+    ranked = torch.argsort(score.sum(0), stable=True)
+    tiers = ranked.reshape(m, cols // m).clone()
     tiers[1::2] = tiers[1::2].flip(-1)
     return tiers.T.reshape(-1)
 

@@ -26,7 +26,7 @@ from statprune_cli.export import EXTRAS_NAME, atomic_dir, check_output_dir, save
 from statprune_cli.layers import find_decoder_layers
 from statprune_cli.load import check_against_model, enable_biases, load_model, load_model_config, load_tokenizer, torch_dtype
 from statprune_cli.methods import Method, Target, build_method
-from statprune_cli.permute import absorbable
+from statprune_cli.permute import producers
 from statprune_cli.perplexity import EvalSet, evaluate_perplexity, load_eval_set
 from statprune_cli.profile import outlier_ratio, owl_sparsities
 from statprune_cli.report import layer_summary, model_sparsity, package_versions, peak_memory
@@ -219,13 +219,9 @@ def prune_model(
         notes.append(f"OWL layer sparsities (M {m:g}, lambda {p.owl.lam:g}): " + ", ".join(f"{s:.3f}" for s in layer_sparsity))
 
     def target_for(index: int, name: str) -> Target:
-        sparsity = target.sparsity if layer_sparsity is None else layer_sparsity[index]
-        if p.reallocation != "absorbed":
-            return replace(target, name=name, sparsity=sparsity)
-        bound = absorbable(engine.model, name)  # reallocated only where the model takes the order
-        fits = bound is not None and target.nm is not None and (bound.blocks is None or bound.blocks[0] % target.nm[1] == 0)
-        return replace(target, name=name, sparsity=sparsity, reallocation=fits,
-                       reallocation_blocks=bound.blocks if fits else None)
+        realloc = target.reallocation and (p.reallocation is True or producers(engine.model, name) is not None)
+        return replace(target, name=name, sparsity=target.sparsity if layer_sparsity is None else layer_sparsity[index],
+                       reallocation=realloc)
 
     result = engine.run(method, target_for, p.targets, p.ignore, batches, stats=stats, sequential=sequential,
                         true_sequential=p.true_sequential, skip_first=skip,

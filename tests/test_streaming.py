@@ -146,8 +146,7 @@ def test_ria_channel_permutations_are_saved_and_survive_a_resume(tmp_path: Path,
     perms = load_file(str(tmp_path / "out" / "pruning_extras.safetensors"))
     weights = tensors(tmp_path / "out")
     linears = [k[: -len(".weight")] for k in weights if k.startswith("model.layers.") and k.endswith("proj.weight")]
-    absorbed = [n for n in linears if n.endswith("down_proj")]  # stored in their permuted order (permute.py); o_proj's
-    # free order does not keep to its heads, so it stays in the file
+    absorbed = [n for n in linears if n.endswith("down_proj")]  # stored in their permuted order (permute.py)
     assert len(absorbed) == 3 and sorted(perms) == sorted(f"{n}.channel_permutation" for n in linears if n not in absorbed)
     for name in absorbed:
         w = weights[f"{name}.weight"]

@@ -27,7 +27,6 @@ class Target:
     granularity: str = "row"
     name: str = ""  # the linear's full module name, for options that apply to some linears only
     reallocation: bool = False  # N:M groups taken over the input channels in reallocation order (masks.reallocation_order)
-    reallocation_blocks: tuple[int, int] | None = None  # that order bound to attention heads (permute.Absorbable.blocks)
 
 
 @dataclass
@@ -108,7 +107,7 @@ class Method:
         if not target.reallocation:
             return self.select(weight, score, stats, target)
         assert target.nm is not None  # the config allows reallocation with N:M patterns only
-        order = reallocation_order(score, target.nm[1], target.reallocation_blocks)
+        order = reallocation_order(score, target.nm[1])
         chosen, info = self.select(weight[:, order], score[:, order], None if stats is None else stats.permuted(order), target)
         mask = torch.empty_like(chosen)
         mask[:, order] = chosen

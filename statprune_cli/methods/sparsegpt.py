@@ -104,8 +104,7 @@ class SparseGPT(Method):
         info: dict[str, Any] = {}
         if target.reallocation:
             assert target.nm is not None  # the config allows reallocation with N:M patterns only
-            order = reallocation_order(weight.abs() * stats.l2.to(weight.device, torch.float32), target.nm[1],
-                                       target.reallocation_blocks)
+            order = reallocation_order(weight.abs() * stats.l2.to(weight.device, torch.float32), target.nm[1])
             weight, stats = weight[:, order], stats.permuted(order)
             info["channel_permutation"] = order.to(torch.int32)
         hinv, dead = inverse_hessian_factor(stats.gram.to(weight.device), stats.count, self.options.percdamp)
