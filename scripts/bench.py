@@ -86,7 +86,8 @@ def write_doc(args: argparse.Namespace, key: str) -> None:
         "Sparsity is over the pruned linears (every decoder linear; embeddings, norms and the tied head stay dense). "
         "`+owl`: the OWL layer profile (M the method's: 5, statprune 7; lambda 0.08; a parenthesis sets them). "
         "`+realloc`: N:M channel reallocation (`pruning.reallocation`; N:M in the permuted channel order, MLP down projections "
-        "as stored). `+realloc(absorbed)`: only on the MLP down projections (every weight N:M as stored).",
+        "as stored). `+realloc(absorbed)`: only on the MLP down projections (every weight N:M as stored; statprune's "
+        "default at 2:4). `+realloc(off)`: none.",
         "",
         "### Perplexity (lower is better)",
         "",

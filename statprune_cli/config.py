@@ -76,8 +76,9 @@ class PruningConfig:
     pattern: str = "unstructured"
     granularity: str | None = None  # row or matrix; None: the method's own (row for Wanda, matrix for SparseGPT, RIA)
     # N:M only: groups of M taken over the input channels sorted and dealt out by score (RIA); "absorbed": only on
-    # linears whose permutation the model absorbs (permute.py), so that the stored checkpoint is N:M as it stands
-    reallocation: bool | str = False
+    # linears whose permutation the model absorbs (permute.py), so that the stored checkpoint is N:M as it stands;
+    # None: the method's choice (Method.reallocation)
+    reallocation: bool | str | None = None
     profile: str = "uniform"  # uniform or owl: how the sparsity is spread over the decoder layers
     owl: OwlConfig = field(default_factory=OwlConfig)
     targets: list[str] = field(default_factory=lambda: ["Linear"])

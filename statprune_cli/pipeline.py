@@ -120,11 +120,17 @@ def config_method(cfg: Config) -> Method:
     return build_method(p.method, p.options, p.pattern, p.sparsity)
 
 
+def reallocation_mode(cfg: Config, method: Method) -> bool | str:
+    """N:M channel reallocation (false, true or "absorbed"): the config's value if set, else the method's."""
+    r = cfg.pruning.reallocation
+    return method.reallocation if r is None else r
+
+
 def base_target(cfg: Config, method: Method) -> Target:
     p = cfg.pruning
     nm = parse_pattern(p.pattern)
     return Target(p.sparsity if nm is None else nm[0] / nm[1], nm, p.granularity or method.granularity,
-                  reallocation=bool(p.reallocation))
+                  reallocation=bool(reallocation_mode(cfg, method)))
 
 
 def needs_batches(cfg: Config, method: Method) -> bool:
@@ -218,8 +224,10 @@ def prune_model(
         layer_sparsity = owl_sparsities(ratios, target.sparsity, p.owl.lam)
         notes.append(f"OWL layer sparsities (M {m:g}, lambda {p.owl.lam:g}): " + ", ".join(f"{s:.3f}" for s in layer_sparsity))
 
+    realloc_mode = reallocation_mode(cfg, method)
+
     def target_for(index: int, name: str) -> Target:
-        realloc = target.reallocation and (p.reallocation is True or producers(engine.model, name) is not None)
+        realloc = target.reallocation and (realloc_mode is True or producers(engine.model, name) is not None)
         return replace(target, name=name, sparsity=target.sparsity if layer_sparsity is None else layer_sparsity[index],
                        reallocation=realloc)
 
@@ -446,8 +454,8 @@ class Run:
             "method": p.method,
             "options": asdict(self.method.options),
             "pattern": p.pattern,
-            "pattern_label": pattern_label(self.cfg, target),
-            "reallocation": p.reallocation,
+            "pattern_label": pattern_label(self.cfg, target, reallocation_mode(self.cfg, self.method)),
+            "reallocation": reallocation_mode(self.cfg, self.method),
             "target_sparsity": target.sparsity,
             "profile": p.profile,
             "layer_target_sparsity": pruned.layer_sparsity,
@@ -476,11 +484,11 @@ class Run:
         (folder / "report.json").write_text(json.dumps(report, indent=2))
 
 
-def pattern_label(cfg: Config, target: Target) -> str:
+def pattern_label(cfg: Config, target: Target, reallocation: bool | str) -> str:
     p = cfg.pruning
     if target.nm:
         where = {True: ", channel reallocation", "absorbed": ", channel reallocation where absorbed"}
-        return p.pattern + where.get(p.reallocation, "")
+        return p.pattern + where.get(reallocation, "")
     owl = ", OWL layer profile" if p.profile == "owl" else ""
     return f"{p.sparsity:.0%} unstructured (per {target.granularity}{owl})"
 

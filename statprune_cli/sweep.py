@@ -59,14 +59,15 @@ class Cell:
                 "not_applicable": self.not_applicable}
 
 
-SUFFIXES = "+owl, +owl(key=value;...), +realloc or +realloc(absorbed)"
+SUFFIXES = "+owl, +owl(key=value;...), +realloc, +realloc(absorbed) or +realloc(off)"
+REALLOC_SUFFIXES: dict[str, bool | str] = {"realloc": True, "realloc(absorbed)": "absorbed", "realloc(off)": False}
 PATTERN_BOUND = ("pruning.profile", "pruning.reallocation")  # keys valid for some patterns only: n/a cells elsewhere
 
 
 def parse_method(text: str) -> tuple[str, dict[str, Any]]:
     """A --methods entry -> (method, pruning overrides). 'wanda': that method as configured; '+owl' adds the OWL
     layer profile, '+owl(m=7;lam=0.04)' with those ``pruning.owl`` keys; '+realloc' adds N:M channel
-    reallocation, '+realloc(absorbed)' only where the model absorbs it."""
+    reallocation, '+realloc(absorbed)' only where the model absorbs it, '+realloc(off)' none (statprune has it at 2:4)."""
     method, *extras = text.strip().split("+")
     if method not in METHODS:
         raise ConfigError("--methods", f"unknown method {method!r} in {text!r}; expected some of {', '.join(sorted(METHODS))}")
@@ -81,8 +82,8 @@ def parse_method(text: str) -> tuple[str, dict[str, Any]]:
                 if not eq:
                     raise ConfigError("--methods", f"expected key=value inside +owl(...) of {text!r}, got {kv!r}")
                 overrides["owl"][key.strip()] = yaml.safe_load(value)
-        elif extra in ("realloc", "realloc(absorbed)"):
-            overrides["reallocation"] = True if extra == "realloc" else "absorbed"
+        elif extra in REALLOC_SUFFIXES:
+            overrides["reallocation"] = REALLOC_SUFFIXES[extra]
         else:
             raise ConfigError("--methods", f"unknown suffix +{extra} in {text!r}; expected {SUFFIXES}")
     return method, overrides

@@ -305,3 +305,19 @@ def test_owl_threshold_is_the_methods_unless_set(method: str, m: float | None, e
     res = runner.invoke(app, ["prune", str(cfg), "-q", "--json"])
     assert res.exit_code == 0, res.output
     assert [n for n in json.loads(res.stdout)["notes"] if n.startswith(f"OWL layer sparsities ({expected} lambda 0.1)")]
+
+
+@pytest.mark.parametrize("method,pattern,setting,expected", [
+    ("statprune", "2:4", None, "absorbed"), ("statprune", "2:4", False, False), ("statprune", "4:8", None, False),
+    ("wanda", "2:4", None, False), ("wanda", "2:4", "absorbed", "absorbed")])
+def test_reallocation_is_the_methods_unless_set(method: str, pattern: str, setting: bool | str | None, expected: bool | str,
+                                                 tmp_path: Path, tiny_model_dir: Path, text_files: dict[str, Path]) -> None:
+    pruning = {"method": method, "pattern": pattern} | ({} if setting is None else {"reallocation": setting})
+    cfg = write_config(tmp_path / "run.yaml", tiny_model_dir, text_files, tmp_path / "out", pruning=pruning)
+    res = runner.invoke(app, ["prune", str(cfg), "-q", "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["reallocation"] == expected
+    down = report["layers"][0]["linears"]["model.layers.0.mlp.down_proj"]
+    assert ("reallocation_kept_score_gain" in down) == bool(expected)
+    assert report["pattern_label"] == pattern + (", channel reallocation where absorbed" if expected else "")

@@ -90,6 +90,7 @@ def test_method_suffixes_run_as_their_prune_runs_and_are_not_applicable_elsewher
 def test_realloc_suffixes_set_the_reallocation_key() -> None:
     assert parse_method("ria+realloc") == ("ria", {"method": "ria", "reallocation": True})
     assert parse_method("wanda+realloc(absorbed)") == ("wanda", {"method": "wanda", "reallocation": "absorbed"})
+    assert parse_method("statprune+realloc(off)") == ("statprune", {"method": "statprune", "reallocation": False})
 
 
 @pytest.mark.parametrize("args,message", [

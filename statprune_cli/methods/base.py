@@ -70,6 +70,12 @@ class Method:
         return True
 
     @property
+    def reallocation(self) -> bool | str:
+        """Unless ``pruning.reallocation`` says: N:M channel reallocation (false, true or "absorbed"); none, as in
+        the papers of the baselines."""
+        return False
+
+    @property
     def owl_m(self) -> float:
         """OWL's outlier threshold M unless ``pruning.owl.m`` says: the OWL paper's 5."""
         return 5.0
