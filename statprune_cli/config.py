@@ -356,7 +356,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("pruning.reallocation", f"expected true, false or absorbed, got {p.reallocation!r}")
     if p.reallocation and nm is None:
         raise ConfigError("pruning.reallocation", f"channel reallocation spreads N:M groups; pattern {p.pattern} has none "
-                                                  "(use a pattern such as \"2:4\", or leave reallocation false)")
+                                                  "(use a pattern such as \"2:4\", or leave reallocation unset or false)")
     validate_profile(p, nm)
     for key, pats in (("targets", p.targets), ("ignore", p.ignore)):
         for i, pat in enumerate(pats):

@@ -447,6 +447,7 @@ class Run:
         p = self.cfg.pruning
         rows, totals = layer_summary(pruned.result)
         target = base_target(self.cfg, self.method)
+        realloc = reallocation_mode(self.cfg, self.method)
         versions = package_versions()
         return {
             "statprune_version": versions["statprune"],
@@ -454,8 +455,8 @@ class Run:
             "method": p.method,
             "options": asdict(self.method.options),
             "pattern": p.pattern,
-            "pattern_label": pattern_label(self.cfg, target, reallocation_mode(self.cfg, self.method)),
-            "reallocation": reallocation_mode(self.cfg, self.method),
+            "pattern_label": pattern_label(self.cfg, target, realloc),
+            "reallocation": realloc,
             "target_sparsity": target.sparsity,
             "profile": p.profile,
             "layer_target_sparsity": pruned.layer_sparsity,
