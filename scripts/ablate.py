@@ -95,6 +95,11 @@ VARIANTS: dict[str, list[str]] = {
         SP, ENERGY.replace("beta: 1.0", "beta: 0.5, energy_targets: ['re:.*mlp']"), SKIP1, ONEPASS, *OWL, *owl]
        for tag, owl in OWL_GRID},
     **{f"magnitude+owl{tag}": ["pruning.method=magnitude", *OWL, *owl] for tag, owl in OWL_GRID},
+    # magnitude as the Wanda and OWL reference code prune it: one threshold per matrix, not per row
+    **{f"magnitude(matrix){tag}": ["pruning.method=magnitude", "pruning.granularity=matrix", *owl]
+       for tag, owl in (("", []), ("+owl", OWL), ("+owl(m=7)", [*OWL, "pruning.owl.m=7"]))},
+    # statprune's default below 60% with the OWL profile (statprune's M)
+    "wanda+skip1+owl(m=7)": ["pruning.method=wanda", SKIP1, *OWL, "pruning.owl.m=7"],
     **{f"{method}+owl{tag}": [f"pruning.method={method}", *OWL, *owl] for method in ("wanda", "ria", "sparsegpt")
        for tag, owl in OWL_GRID if tag in ("", "(m=7)")},
     # N:M channel reallocation (RIA's): the groups of M taken over the channels sorted and dealt out by score

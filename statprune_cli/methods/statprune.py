@@ -167,7 +167,7 @@ class StatPrune(Method):
         }[o.score]()
         if act is None:
             return weight.abs()
-        return weight.abs() * act.to(weight.device, torch.float32)
+        return weight.abs().mul_(act.to(weight.device, torch.float32))  # in place: no second matrix-sized temporary
 
     def select(self, weight: torch.Tensor, score: torch.Tensor, stats: ChannelStats | None,
                target: Target) -> tuple[torch.Tensor, dict[str, Any]]:
