@@ -66,6 +66,8 @@ def reallocation_order(score: torch.Tensor, m: int) -> torch.Tensor:
     group g takes the g-th channel of every tier (every other tier read backwards, so group totals even out).
     """
     cols = score.shape[1]
+    if cols % m:
+        raise ValueError(f"N:M pattern needs in_features divisible by M={m}, got {cols}")
     ranked = torch.argsort(score.sum(0), stable=True)
     tiers = ranked.reshape(m, cols // m).clone()
     tiers[1::2] = tiers[1::2].flip(-1)

@@ -31,8 +31,14 @@ def producers(model: nn.Module, name: str) -> list[nn.Linear] | None:
     parent = model.get_submodule(parent_name)
     consumer = getattr(parent, leaf)
     found = [getattr(parent, p, None) for p in PRODUCERS[leaf]]
-    if not all(isinstance(p, nn.Linear) and p.out_features == consumer.in_features for p in found):
+    width = consumer.in_features
+    if not all(isinstance(p, nn.Linear) and p.out_features == width for p in found):
         return None  # e.g. Phi-3's fused gate_up_proj
+    # Anything else beside them with a dimension of that width may index the same channels (BitNet's ffn_sub_norm
+    # between act(gate) * up and down_proj, Dory's per-channel gate/up scales) and would need the same order.
+    own = {id(t) for m in (consumer, *found) for t in (*m.parameters(), *m.buffers())}
+    if any(width in t.shape for t in (*parent.parameters(), *parent.buffers()) if id(t) not in own):
+        return None
     return found  # type: ignore[return-value]
 
 

@@ -234,6 +234,10 @@ def prune_model(
     result = engine.run(method, target_for, p.targets, p.ignore, batches, stats=stats, sequential=sequential,
                         true_sequential=p.true_sequential, skip_first=skip,
                         resume=placement.resume, on_layer_done=placement.on_layer_done)
+    if realloc_mode == "absorbed" and target.reallocation and not any(
+            "channel_permutation" in r.info for layer in result.layers for r in layer.linears.values()):
+        notes.append("reallocation absorbed: no MLP of this architecture can take a permutation of its down projection's "
+                     "inputs (fused or normalised in between), so every linear kept the stored channel order")
     skipped = sorted({n for layer in result.layers for n, r in layer.linears.items() if "mean_compensation" in r.info})
     if skipped:
         notes.append(f"mean compensation skipped for {len(skipped)} linears whose architecture cannot take a bias "

@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ARCHS, tiny_model, write_config
+from conftest import ARCHS, COMMON, tiny_model, tiny_tokenizer, write_config
 from safetensors.torch import load_file
 from torch import nn
+from transformers import AutoModelForCausalLM, BitNetConfig, LlamaConfig, Phi3Config
 from typer.testing import CliRunner
 
 from statprune_cli.cli import app
@@ -185,9 +186,17 @@ def test_sparsegpt_reallocation_reconstructs_the_permuted_layer_in_wanda_order()
     assert ((lin.weight.detach().reshape(16, -1, 4) == 0).sum(-1) != 2).any()  # not N:M in the model's own order
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [*ARCHS, "llama+mlp_bias"])
 def test_absorbed_permutation_keeps_the_models_function(arch: str) -> None:
-    model = tiny_model(arch)
+    if arch == "llama+mlp_bias":
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**COMMON, mlp_bias=True)).eval()
+    else:
+        model = tiny_model(arch)
+    with torch.no_grad():  # biases start at zero: random ones show whether the producers' biases move with their rows
+        for lin in model.modules():
+            if isinstance(lin, nn.Linear) and lin.bias is not None:
+                lin.bias.normal_(generator=torch.Generator().manual_seed(lin.out_features))
     ids = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = model(ids).logits
@@ -210,17 +219,31 @@ def test_nothing_is_absorbed_where_the_inputs_are_not_an_elementwise_map_of_sibl
     fused = nn.Module()  # Phi-3's MLP: one gate_up_proj, no gate_proj or up_proj of the down projection's width
     fused.gate_up_proj, fused.down_proj = nn.Linear(8, 32), nn.Linear(16, 8)
     assert producers(fused, "down_proj") is None
+    wide = nn.Module()  # gate and up whose rows are not the down projection's inputs one for one
+    wide.gate_proj, wide.up_proj, wide.down_proj = nn.Linear(8, 32), nn.Linear(8, 32), nn.Linear(16, 8)
+    assert producers(wide, "down_proj") is None
+    wide.gate_proj, wide.up_proj = nn.Linear(8, 16), nn.Linear(8, 16)
+    assert producers(wide, "down_proj") == [wide.gate_proj, wide.up_proj]
+    # BitNet normalises act(gate) * up over its channels, with a weight per channel, before down_proj
+    bitnet = AutoModelForCausalLM.from_config(BitNetConfig(**{**COMMON, "num_hidden_layers": 1}))
+    assert producers(bitnet, "model.layers.0.mlp.down_proj") is None
+    assert producers(model, "model.layers.0.mlp.down_proj") is not None
+    model.model.layers[0].mlp.register_buffer("channel_scale", torch.ones(128))  # any per-channel tensor beside them
+    assert producers(model, "model.layers.0.mlp.down_proj") is None
 
 
-@pytest.mark.parametrize("realloc", [True, "absorbed"])
+@pytest.mark.parametrize("method, realloc", [("wanda", True), ("wanda", "absorbed"), ("statprune", "absorbed")])
 def test_reallocation_stores_absorbed_down_projections_n_m_with_the_same_perplexity(
-        realloc: bool | str, tmp_path: Path, tiny_model_dir: Path, text_files: dict[str, Path],
+        method: str, realloc: bool | str, tmp_path: Path, tiny_model_dir: Path, text_files: dict[str, Path],
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Absorbing changes how the weights are stored, not what the model computes: against a run that absorbs
-    nothing, the same perplexity; down projections N:M as stored; other linears per ``reallocation``."""
+    nothing, the same perplexity; down projections N:M as stored; other linears per ``reallocation``. statprune's
+    measured compensation compares each pruned linear with its dense weight, column for column, in the next pass,
+    and writes the gate/up biases: absorbing before it would change the perplexity."""
+    options = {"options": {"compensation": "measured"}} if method == "statprune" else {}
     def prune(out: str) -> dict:
         cfg = write_config(tmp_path / f"{out}.yaml", tiny_model_dir, text_files, tmp_path / out,
-                           pruning={"method": "wanda", "pattern": "2:4", "reallocation": realloc})
+                           pruning={"method": method, "pattern": "2:4", "reallocation": realloc, **options})
         res = CliRunner().invoke(app, ["prune", str(cfg), "-q", "--json"])
         assert res.exit_code == 0, res.output
         return json.loads(res.stdout)
@@ -245,6 +268,24 @@ def test_reallocation_stores_absorbed_down_projections_n_m_with_the_same_perplex
     q = report["layers"][0]["linears"]["model.layers.0.self_attn.q_proj"]
     assert ("reallocation_kept_score_gain" in q) == (realloc is True)
     assert report["reallocation"] == realloc
+    assert not any(n.startswith("reallocation absorbed") for n in report["notes"])
+
+
+def test_absorbed_reallocation_says_so_where_no_mlp_can_take_it(tmp_path: Path, text_files: dict[str, Path]) -> None:
+    """Phi-3 fuses gate and up into one linear: statprune's 2:4 default (absorbed) reallocates nothing there, and
+    the report says why instead of implying a reallocation."""
+    torch.manual_seed(0)
+    folder = tmp_path / "tiny-phi3"
+    AutoModelForCausalLM.from_config(Phi3Config(**{**COMMON, "pad_token_id": 0})).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    cfg = write_config(tmp_path / "phi3.yaml", folder, text_files, tmp_path / "out",
+                       pruning={"method": "statprune", "pattern": "2:4"})
+    res = CliRunner().invoke(app, ["prune", str(cfg), "-q", "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["reallocation"] == "absorbed"
+    assert any(n.startswith("reallocation absorbed: no MLP") for n in report["notes"])
+    assert not any("channel_permutation" in r for layer in report["layers"] for r in layer["linears"].values())
 
 
 def test_owl_layer_sparsities_average_to_the_target() -> None:

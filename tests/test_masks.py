@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from statprune_cli import masks
-from statprune_cli.masks import nm_mask, unstructured_mask
+from statprune_cli.masks import nm_mask, reallocation_order, unstructured_mask
 
 
 def test_unstructured_row_prunes_exact_count_per_row() -> None:
@@ -37,6 +37,8 @@ def test_nm_has_exact_zeros_per_group(n: int, m: int) -> None:
 def test_nm_rejects_indivisible_columns() -> None:
     with pytest.raises(ValueError, match="divisible"):
         nm_mask(torch.rand(2, 10), 2, 4)
+    with pytest.raises(ValueError, match="divisible"):
+        reallocation_order(torch.rand(2, 10), 4)
 
 
 @pytest.mark.parametrize("granularity", ["row", "matrix"])
