@@ -46,11 +46,16 @@ def unstructured_mask(score: torch.Tensor, sparsity: float, granularity: str = "
     return lowest_k(score.reshape(1, -1), int(score.numel() * sparsity)).reshape(score.shape)
 
 
+def check_groups(cols: int, m: int) -> None:
+    """Groups of M consecutive input channels must tile the row (the config check names the linear first)."""
+    if cols % m:
+        raise ValueError(f"N:M pattern needs in_features divisible by M={m}, got {cols}")
+
+
 def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Prune the n lowest scores in every group of m consecutive input channels of each row."""
     rows, cols = score.shape
-    if cols % m:
-        raise ValueError(f"N:M pattern needs in_features divisible by M={m}, got {cols}")
+    check_groups(cols, m)
     groups = score.reshape(rows, cols // m, m)
     idx = torch.topk(groups, n, dim=-1, largest=False).indices
     mask = torch.zeros_like(groups, dtype=torch.bool)
@@ -66,8 +71,7 @@ def reallocation_order(score: torch.Tensor, m: int) -> torch.Tensor:
     group g takes the g-th channel of every tier (every other tier read backwards, so group totals even out).
     """
     cols = score.shape[1]
-    if cols % m:
-        raise ValueError(f"N:M pattern needs in_features divisible by M={m}, got {cols}")
+    check_groups(cols, m)
     ranked = torch.argsort(score.sum(0), stable=True)
     tiers = ranked.reshape(m, cols // m).clone()
     tiers[1::2] = tiers[1::2].flip(-1)
