@@ -234,7 +234,7 @@ def prune_model(
     result = engine.run(method, target_for, p.targets, p.ignore, batches, stats=stats, sequential=sequential,
                         true_sequential=p.true_sequential, skip_first=skip,
                         resume=placement.resume, on_layer_done=placement.on_layer_done)
-    if realloc_mode == "absorbed" and target.reallocation and not any(
+    if realloc_mode == "absorbed" and not any(
             "channel_permutation" in r.info for layer in result.layers for r in layer.linears.values()):
         notes.append("reallocation absorbed: no MLP of this architecture can take a permutation of its down projection's "
                      "inputs (fused or normalised in between), so every linear kept the stored channel order")
