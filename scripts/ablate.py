@@ -64,6 +64,7 @@ VARIANTS: dict[str, list[str]] = {
     "wanda+measured_scale+skip1": [SP, "pruning.options={score: tempered, alpha: 1.0, compensation: measured_scale}", SKIP1],
     "wanda+measured+skip1": [SP, "pruning.options={score: tempered, alpha: 1.0, compensation: measured}", SKIP1],
     "tempered(a=0.75)+skip1": [SP, "pruning.options={score: tempered, alpha: 0.75, compensation: none}", SKIP1],
+    "tempered(a=1.25)+skip1": [SP, "pruning.options={score: tempered, alpha: 1.25, compensation: none}", SKIP1],
     "first_order+skip1": [SP, "pruning.options={score: first_order, compensation: none}", SKIP1],
     "variance+mean+skip1": [SP, "pruning.options={score: variance, compensation: mean}", SKIP1],
     # mask correction: swaps that bring each row's mean output back (on wanda+skip1)
@@ -88,6 +89,7 @@ VARIANTS: dict[str, list[str]] = {
     "wanda+skip1+onepass": ["pruning.method=wanda", SKIP1, ONEPASS],
     "wanda+energy(m2/b=0.5)+onepass": [SP, ENERGY.replace("beta: 1.0", "beta: 0.5"), ONEPASS],
     "wanda+energy(m2/b=0.5)+skip1+onepass": [SP, ENERGY.replace("beta: 1.0", "beta: 0.5"), SKIP1, ONEPASS],
+    "wanda+energy(m2/b=0.25;mlp)+skip1": [SP, ENERGY.replace("beta: 1.0", "beta: 0.25, energy_targets: ['re:.*mlp']"), SKIP1],
     "wanda+energy(m2/b=0.5;mlp)+skip1+onepass": [SP, ENERGY.replace("beta: 1.0", "beta: 0.5, energy_targets: ['re:.*mlp']"),
                                                   SKIP1, ONEPASS],
     # the OWL layer profile on top of statprune's default from 60% (the row above) and on magnitude

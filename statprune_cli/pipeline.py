@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from statprune_cli import __version__
 from statprune_cli.config import Config, dump_config, parse_pattern, parse_size
 from statprune_cli.data import batched, calibration_windows, load_documents
 from statprune_cli.distributed import Communicator, launched, launched_world_size
@@ -124,6 +125,14 @@ def reallocation_mode(cfg: Config, method: Method) -> bool | str:
     """N:M channel reallocation (false, true or "absorbed"): the config's value if set, else the method's."""
     r = cfg.pruning.reallocation
     return method.reallocation if r is None else r
+
+
+def resolved_choices(cfg: Config, method: Method) -> dict[str, Any]:
+    """What the config leaves to the method and the code's defaults: a resumed run must get the same, or its layers
+    would be pruned two ways (e.g. a partial run whose statprune version had another 2:4 reallocation default)."""
+    return {"statprune_version": __version__, "options": asdict(method.options),
+            "reallocation": reallocation_mode(cfg, method), "sequential": calibrated_sequentially(cfg, method),
+            "skip_first_tokens": statistics_skip(cfg, method)}
 
 
 def base_target(cfg: Config, method: Method) -> Target:
@@ -379,7 +388,8 @@ def prune_streamed(run: Run, out: Path, checkpoint: Checkpoint, model_config: An
             run.ui.log(f"streaming {cfg.model.name_or_path} ({cfg.model.dtype}): one decoder layer in memory at a time")
             model = load_skeleton(cfg.model, model_config, checkpoint)
         layers_name, layers = find_decoder_layers(model)
-        output = StreamingOutput(partial, checkpoint, layers_name, len(layers), cfg.to_dict(), comm)
+        output = StreamingOutput(partial, checkpoint, layers_name, len(layers),
+                                 {**cfg.to_dict(), "resolved": resolved_choices(cfg, run.method)}, comm)
         state = output.resume()
         placement = Placement(StreamedLayers(checkpoint, layers_name, torch_dtype(cfg.model.dtype)), partial,
                               None if state is None else Resume(*state), output.layer_done, comm)

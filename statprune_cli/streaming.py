@@ -361,8 +361,11 @@ class Progress:
         record = json.loads(self.path.read_text())
         differences = config_differences(record["config"], config)
         if differences:
+            hint = ("it was started by another statprune version whose defaults differ, so its layers would not match; "
+                    "delete the folder to start over" if all(d.startswith("resolved") for d in differences)
+                    else "run that config again to resume it, or delete the folder to start over")
             raise InputError(f"output.dir: {self.folder} holds a partial run of another config ({'; '.join(differences[:3])}); "
-                             "run that config again to resume it, or delete the folder to start over")
+                             + hint)
         world = record.get("world_size", 1)
         if world != self.comm.world_size:
             raise InputError(f"output.dir: {self.folder} holds a partial run on {world} process(es); resume it with "

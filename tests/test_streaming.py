@@ -96,6 +96,15 @@ def test_resume_after_sigkill_is_bit_identical_and_a_changed_config_is_refused(
     refused = run_cli(cfg, "--set", "pruning.sparsity=0.6")
     assert refused.returncode == 2
     assert "holds a partial run of another config (pruning.sparsity: 0.5 -> 0.6)" in refused.stderr
+    # a partial run from a statprune whose defaults differed (here its record says reallocation was absorbed)
+    record = json.loads((partial / "progress.json").read_text())
+    assert record["config"]["resolved"]["reallocation"] is False
+    other = {**record, "config": {**record["config"], "resolved": {**record["config"]["resolved"], "reallocation": "absorbed"}}}
+    (partial / "progress.json").write_text(json.dumps(other))
+    refused = run_cli(cfg)
+    assert refused.returncode == 2
+    assert "(resolved.reallocation: 'absorbed' -> False); it was started by another statprune version" in refused.stderr
+    (partial / "progress.json").write_text(json.dumps(record))
     resumed = run_cli(cfg, "--json")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming at layer 2 of 3" not in resumed.stderr  # -q: no log lines
