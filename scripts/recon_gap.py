@@ -99,13 +99,13 @@ def main() -> None:
                           "calibration", "train")
     windows, _ = calibration_windows(docs, lambda b: tok(b)["input_ids"], args.nsamples, args.seqlen, 0)
     layers = [int(i) for i in args.layers.split(",")]
-    sums: dict[str, list[torch.Tensor]] = {}
+    sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def hook(name: str):
         def record(module: torch.nn.Module, inp: tuple[torch.Tensor, ...]) -> None:
             x = inp[0].reshape(-1, inp[0].shape[-1]).double()
-            h, s = sums.setdefault(name, [0, 0])
-            sums[name] = [h + x.T @ x, s + x.sum(0)]
+            h, s = sums.get(name, (0, 0))
+            sums[name] = (h + x.T @ x, s + x.sum(0))
         return record
 
     linears = {f"{i}.{n}": mod for i in layers for n, mod in model.model.layers[i].named_modules()
@@ -123,12 +123,12 @@ def main() -> None:
         h, s = sums[name]
         w = mod.weight.data.float()
         score = w.abs() * h.diagonal().sqrt().float()
+        hinv, dead = inverse_hessian_factor(h.float(), ntok, 0.01)
         for setting, nm in SETTINGS.items():
             mask = nm_mask(score, *nm) if nm else unstructured_mask(score, 0.5)
             wanda = w.masked_fill(mask, 0.0)
             base = float(error(w, wanda, h).sum())
             target = Target(0.5, nm, "matrix" if nm is None else "row")
-            hinv, dead = inverse_hessian_factor(h.float(), ntok, 0.01)
             sg = w.clone()
             sg[:, dead] = 0.0
             sparsegpt_prune(sg, hinv, target, 128)
