@@ -1,0 +1,56 @@
+"""scripts/recon_gap.py's block OBS, against brute force: the README's account of SparseGPT's lead rests on it."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from recon_gap import block_obs, error, row_scale_error  # noqa: E402
+
+
+def correlated(cols: int) -> torch.Tensor:
+    x = torch.randn(300, cols, dtype=torch.float64) @ torch.randn(cols, cols, dtype=torch.float64)
+    return x.T @ x
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 3)])
+def test_block_obs_is_the_best_mask_and_update_of_each_group_given_its_block(n: int, m: int) -> None:
+    torch.manual_seed(0)
+    rows, cols = 4, 3 * m
+    h, w = correlated(cols), torch.randn(rows, cols)
+    got = block_obs(w, h, n, m)
+    assert torch.equal((got == 0).reshape(rows, -1, m).sum(-1), torch.full((rows, cols // m), n))
+    block = torch.block_diag(*[h[g:g + m, g:g + m] for g in range(0, cols, m)])
+    best = torch.zeros(rows, dtype=torch.float64)
+    for r, g in itertools.product(range(rows), range(0, cols, m)):  # every mask, kept weights by least squares
+        hb, wg = block[g:g + m, g:g + m], w[r, g:g + m].double()
+        errors = []
+        for pruned in itertools.combinations(range(m), n):
+            kept = [i for i in range(m) if i not in pruned]
+            v = torch.zeros(m, dtype=torch.float64)
+            v[kept] = torch.linalg.solve(hb[kept][:, kept], hb[kept] @ wg)
+            errors.append(float((wg - v) @ hb @ (wg - v)))
+        best[r] += min(errors)
+    torch.testing.assert_close(error(w, got, block), best, rtol=1e-5, atol=1e-8)
+
+
+def test_row_scale_error_is_the_least_squares_residual() -> None:
+    torch.manual_seed(1)
+    x = torch.randn(500, 6, dtype=torch.float64) + 2.0  # non-zero means: the intercept has something to take
+    h, mu, n = x.T @ x, x.mean(0), x.shape[0]
+    w, w2 = torch.randn(3, 6), torch.randn(3, 6)
+    y, y2 = x @ w.double().T, x @ w2.double().T
+    scale = sum(float(((y[:, i] - torch.linalg.lstsq(y2[:, i:i + 1], y[:, i:i + 1]).solution[0] * y2[:, i]) ** 2).sum())
+                for i in range(3))
+    ones = torch.ones(n, 1, dtype=torch.float64)
+    both = 0.0
+    for i in range(3):
+        a = torch.cat([y2[:, i:i + 1], ones], 1)
+        both += float(((y[:, i:i + 1] - a @ torch.linalg.lstsq(a, y[:, i:i + 1]).solution) ** 2).sum())
+    assert row_scale_error(w, w2, h, None, n) == pytest.approx(scale, rel=1e-6)
+    assert row_scale_error(w, w2, h, mu, n) == pytest.approx(both, rel=1e-6)
