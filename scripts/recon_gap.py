@@ -29,7 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _runs import DATA, ROOT, ensure_model, write_section  # noqa: E402
 
-from statprune_cli.data import calibration_windows  # noqa: E402
+from statprune_cli.config import DataConfig  # noqa: E402
+from statprune_cli.data import calibration_windows, load_documents  # noqa: E402
 from statprune_cli.masks import nm_mask, unstructured_mask  # noqa: E402
 from statprune_cli.methods.base import Target  # noqa: E402
 from statprune_cli.methods.sparsegpt import inverse_hessian_factor, sparsegpt_prune  # noqa: E402
@@ -86,10 +87,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--layers", default="2,15,28")
     args = ap.parse_args()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from statprune_cli.config import DataConfig
-    from statprune_cli.data import load_documents
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # here: the tests import this module's helpers
 
     torch.manual_seed(0)
     path = ensure_model()
