@@ -45,12 +45,12 @@ def test_row_scale_error_is_the_least_squares_residual() -> None:
     h, mu, n = x.T @ x, x.mean(0), x.shape[0]
     w, w2 = torch.randn(3, 6), torch.randn(3, 6)
     y, y2 = x @ w.double().T, x @ w2.double().T
-    scale = sum(float(((y[:, i] - torch.linalg.lstsq(y2[:, i:i + 1], y[:, i:i + 1]).solution[0] * y2[:, i]) ** 2).sum())
-                for i in range(3))
     ones = torch.ones(n, 1, dtype=torch.float64)
-    both = 0.0
-    for i in range(3):
-        a = torch.cat([y2[:, i:i + 1], ones], 1)
-        both += float(((y[:, i:i + 1] - a @ torch.linalg.lstsq(a, y[:, i:i + 1]).solution) ** 2).sum())
+
+    def residual(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float(((b - a @ torch.linalg.lstsq(a, b).solution) ** 2).sum())
+
+    scale = sum(residual(y2[:, i:i + 1], y[:, i:i + 1]) for i in range(3))
+    both = sum(residual(torch.cat([y2[:, i:i + 1], ones], 1), y[:, i:i + 1]) for i in range(3))
     assert row_scale_error(w, w2, h, None, n) == pytest.approx(scale, rel=1e-6)
     assert row_scale_error(w, w2, h, mu, n) == pytest.approx(both, rel=1e-6)
