@@ -7,6 +7,7 @@ second and not an hour. Errors name the key path and what was expected, on one l
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
 import types
 import typing
@@ -79,6 +80,7 @@ class PruningConfig:
     # linears whose permutation the model absorbs (permute.py), so that the stored checkpoint is N:M as it stands;
     # None: the method's choice (Method.reallocation)
     reallocation: bool | str | None = None
+    lsa: bool = False  # refine the reallocation order by linear sum assignment, as RIA's --lsa (needs scipy)
     profile: str = "uniform"  # uniform or owl: how the sparsity is spread over the decoder layers
     owl: OwlConfig = field(default_factory=OwlConfig)
     targets: list[str] = field(default_factory=lambda: ["Linear"])
@@ -329,6 +331,22 @@ def validate_zeroshot(z: ZeroShotConfig) -> None:
             raise ConfigError(f"eval.zeroshot.{key}", f"expected an integer >= 1, got {val}")
 
 
+def validate_lsa(p: PruningConfig, nm: tuple[int, int] | None) -> None:
+    """``pruning.lsa`` refines a reallocation that this run does: an N:M pattern, reallocation set or the method's."""
+    if not p.lsa:
+        return
+    if nm is None:
+        raise ConfigError("pruning.lsa", f"refines N:M channel reallocation; pattern {p.pattern} has none (use a pattern "
+                                         "such as \"2:4\", or leave lsa false)")
+    from statprune_cli.methods import build_method
+
+    if not (p.reallocation if p.reallocation is not None else build_method(p.method, p.options, p.pattern).reallocation):
+        raise ConfigError("pruning.lsa", f"refines channel reallocation, which {p.method} does not do here: set "
+                                         "pruning.reallocation to true or absorbed, or leave lsa false")
+    if importlib.util.find_spec("scipy") is None:
+        raise ConfigError("pruning.lsa", "needs scipy for the assignments: pip install 'statprune[lsa]'")
+
+
 def validate(cfg: Config) -> None:
     """Checks that need no model; ``validate_for_model`` does the rest once the config.json is read."""
     if not cfg.model.name_or_path:
@@ -368,6 +386,7 @@ def validate(cfg: Config) -> None:
     if not p.targets:
         raise ConfigError("pruning.targets", "expected at least one target")
     METHODS[p.method].Options.from_dict(p.options)
+    validate_lsa(p, nm)
     e = cfg.eval
     for i, d in enumerate(e.datasets):
         validate_data(d, f"eval.datasets[{i}]")

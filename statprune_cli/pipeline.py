@@ -139,7 +139,7 @@ def base_target(cfg: Config, method: Method) -> Target:
     p = cfg.pruning
     nm = parse_pattern(p.pattern)
     return Target(p.sparsity if nm is None else nm[0] / nm[1], nm, p.granularity or method.granularity,
-                  reallocation=bool(reallocation_mode(cfg, method)))
+                  reallocation=bool(reallocation_mode(cfg, method)), lsa=p.lsa)
 
 
 def needs_batches(cfg: Config, method: Method) -> bool:

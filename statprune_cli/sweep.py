@@ -59,15 +59,16 @@ class Cell:
                 "not_applicable": self.not_applicable}
 
 
-SUFFIXES = "+owl, +owl(key=value;...), +realloc, +realloc(absorbed) or +realloc(off)"
+SUFFIXES = "+owl, +owl(key=value;...), +realloc, +realloc(absorbed), +realloc(off) or +lsa"
 REALLOC_SUFFIXES: dict[str, bool | str] = {"realloc": True, "realloc(absorbed)": "absorbed", "realloc(off)": False}
-PATTERN_BOUND = ("pruning.profile", "pruning.reallocation")  # keys valid for some patterns only: n/a cells elsewhere
+PATTERN_BOUND = ("pruning.profile", "pruning.reallocation", "pruning.lsa")  # keys valid for some patterns only: n/a cells elsewhere
 
 
 def parse_method(text: str) -> tuple[str, dict[str, Any]]:
     """A --methods entry -> (method, pruning overrides). 'wanda': that method as configured; '+owl' adds the OWL
     layer profile, '+owl(m=7;lam=0.04)' with those ``pruning.owl`` keys; '+realloc' adds N:M channel
-    reallocation, '+realloc(absorbed)' only where the model absorbs it, '+realloc(off)' none (statprune has it at 2:4)."""
+    reallocation, '+realloc(absorbed)' only where the model absorbs it, '+realloc(off)' none (statprune has it at 2:4);
+    '+lsa' refines the reallocation by linear sum assignment (``pruning.lsa``)."""
     method, *extras = text.strip().split("+")
     if method not in METHODS:
         raise ConfigError("--methods", f"unknown method {method!r} in {text!r}; expected some of {', '.join(sorted(METHODS))}")
@@ -84,6 +85,8 @@ def parse_method(text: str) -> tuple[str, dict[str, Any]]:
                 overrides["owl"][key.strip()] = yaml.safe_load(value)
         elif extra in REALLOC_SUFFIXES:
             overrides["reallocation"] = REALLOC_SUFFIXES[extra]
+        elif extra == "lsa":
+            overrides["lsa"] = True
         else:
             raise ConfigError("--methods", f"unknown suffix +{extra} in {text!r}; expected {SUFFIXES}")
     return method, overrides

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, BitNetConfig, LlamaConfig, Phi3Co
 from typer.testing import CliRunner
 
 from statprune_cli.cli import app
-from statprune_cli.masks import reallocation_order
+from statprune_cli.masks import reallocation_order, refine_order
 from statprune_cli.methods import Target, build_method
 from statprune_cli.methods.sparsegpt import inverse_hessian_factor, sparsegpt_prune
 from statprune_cli.permute import absorb, producers
@@ -170,6 +170,20 @@ def test_reallocation_gives_the_method_mask_of_the_permuted_layer_mapped_back(me
     assert "reallocation_kept_score_gain" in info
 
 
+@pytest.mark.parametrize("method", ["ria", "statprune"])
+def test_lsa_prunes_n_m_in_the_refined_order_and_keeps_more_score(method: str) -> None:
+    lin, x = correlated_layer()
+    w = lin.weight.detach().clone()
+    m = build_method(method, {}, "2:4")
+    score = m.score(w, ChannelStats.of(x))
+    heuristic, _ = m.prune(correlated_layer()[0], ChannelStats.of(x), Target(0.5, (2, 4), reallocation=True))
+    info, _ = m.prune(lin, ChannelStats.of(x), Target(0.5, (2, 4), reallocation=True, lsa=True))
+    order = refine_order(score, reallocation_order(score, 4), 2, 4)
+    assert torch.equal(info["channel_permutation"].long(), order)
+    assert ((lin.weight.detach()[:, order].reshape(16, -1, 4) == 0).sum(-1) == 2).all()
+    assert info["reallocation_kept_score_gain"] > heuristic["reallocation_kept_score_gain"]
+
+
 def test_sparsegpt_reallocation_reconstructs_the_permuted_layer_in_wanda_order() -> None:
     lin, x = correlated_layer()
     w = lin.weight.detach().clone()
@@ -232,9 +246,10 @@ def test_nothing_is_absorbed_where_the_inputs_are_not_an_elementwise_map_of_sibl
     assert producers(model, "model.layers.0.mlp.down_proj") is None
 
 
-@pytest.mark.parametrize("method, realloc", [("wanda", True), ("wanda", "absorbed"), ("statprune", "absorbed")])
+@pytest.mark.parametrize("method, realloc, lsa", [("wanda", True, False), ("wanda", "absorbed", False),
+                                                 ("statprune", "absorbed", False), ("wanda", True, True)])
 def test_reallocation_stores_absorbed_down_projections_n_m_with_the_same_perplexity(
-        method: str, realloc: bool | str, tmp_path: Path, tiny_model_dir: Path, text_files: dict[str, Path],
+        method: str, realloc: bool | str, lsa: bool, tmp_path: Path, tiny_model_dir: Path, text_files: dict[str, Path],
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Absorbing changes how the weights are stored, not what the model computes: against a run that absorbs
     nothing, the same perplexity; down projections N:M as stored; other linears per ``reallocation``. statprune's
@@ -243,7 +258,7 @@ def test_reallocation_stores_absorbed_down_projections_n_m_with_the_same_perplex
     options = {"options": {"compensation": "measured"}} if method == "statprune" else {}
     def prune(out: str) -> dict:
         cfg = write_config(tmp_path / f"{out}.yaml", tiny_model_dir, text_files, tmp_path / out,
-                           pruning={"method": method, "pattern": "2:4", "reallocation": realloc, **options})
+                           pruning={"method": method, "pattern": "2:4", "reallocation": realloc, "lsa": lsa, **options})
         res = CliRunner().invoke(app, ["prune", str(cfg), "-q", "--json"])
         assert res.exit_code == 0, res.output
         return json.loads(res.stdout)

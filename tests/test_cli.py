@@ -1,5 +1,6 @@
 """The command line end to end on a tiny local model: outputs, reports, exit codes and error messages."""
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -176,6 +177,11 @@ ERRORS = [
     (["--set", "pruning.reallocation=true"], "pruning.reallocation: channel reallocation spreads N:M groups; pattern unstructured"),
     (["--set", "pruning.pattern=2:4", "--set", "pruning.reallocation=always"],
      "pruning.reallocation: expected true, false or absorbed, got 'always'"),
+    (["--set", "pruning.lsa=true"], "pruning.lsa: refines N:M channel reallocation; pattern unstructured has none"),
+    (["--set", "pruning.method=wanda", "--set", "pruning.pattern=2:4", "--set", "pruning.lsa=true"],
+     "pruning.lsa: refines channel reallocation, which wanda does not do here"),
+    (["--set", "pruning.method=statprune", "--set", "pruning.pattern=2:4", "--set", "pruning.reallocation=false",
+      "--set", "pruning.lsa=true"], "pruning.lsa: refines channel reallocation, which statprune does not do here"),
     (["--set", "pruning.granularity=column"], "pruning.granularity: expected 'row' or 'matrix'"),
     (["--set", "calibration.seqlen=1"], "calibration.seqlen: expected an integer >= 2, got 1"),
     (["--set", "calibration.seqlen=512"], "calibration.seqlen: expected at most the model's context (256 tokens), got 512"),
@@ -205,6 +211,17 @@ def test_bad_input_is_one_line_and_exit_2(cfg: Path, tmp_path: Path, args: list[
     assert len(lines) == 1 and lines[0].startswith("statprune: error: ")
     if message:
         assert message in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_lsa_without_scipy_is_refused_before_loading(cfg: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """statprune's 2:4 default reallocates (absorbed), so lsa is valid there; without scipy it names the extra."""
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "scipy" else find_spec(name, *a))
+    res = run("prune", str(cfg), "-q", "--set", "pruning.method=statprune", "--set", "pruning.pattern=2:4",
+              "--set", "pruning.lsa=true")
+    assert res.exit_code == 2 and res.stderr.strip() == (
+        "statprune: error: pruning.lsa: needs scipy for the assignments: pip install 'statprune[lsa]'")
     assert not (tmp_path / "out").exists()
 
 

@@ -1,8 +1,10 @@
+import itertools
+
 import pytest
 import torch
 
 from statprune_cli import masks
-from statprune_cli.masks import nm_mask, reallocation_order, unstructured_mask
+from statprune_cli.masks import exchanged, nm_mask, reallocation_order, refine_order, unstructured_mask
 
 
 def test_unstructured_row_prunes_exact_count_per_row() -> None:
@@ -61,3 +63,40 @@ def test_count_zeros_equals_count_nonzero_across_chunks(monkeypatch: pytest.Monk
     t[0, 0], t[1, 1], t[2, 2], t[3, 3] = -0.0, float("nan"), float("inf"), 0.0
     assert masks.count_zeros(t) == t.numel() - int(torch.count_nonzero(t)) == int((t == 0).sum())
     assert masks.count_zeros(t.to(torch.bfloat16)) == int((t == 0).sum())
+
+
+def kept_score(score: torch.Tensor, order: torch.Tensor, n: int, m: int) -> float:
+    """What an N:M mask keeps of ``score`` with the input channels in ``order``."""
+    s = score[:, order]
+    return float(s[~nm_mask(s, n, m)].double().sum())
+
+
+@pytest.mark.parametrize("n,m,p", [(2, 4, 0), (2, 4, 3), (1, 4, 1), (3, 4, 2), (1, 2, 1)])
+def test_exchange_keeps_the_most_score_of_all_placements_of_one_position(n: int, m: int, p: int) -> None:
+    """Against brute force over every placement of position p's channels (5 groups: 120), the others fixed."""
+    torch.manual_seed(n * 10 + m + p)
+    score = torch.rand(6, 5 * m) ** 3  # skewed, as activation-weighted scores are
+    groups = torch.randperm(5 * m).reshape(5, m)
+    best = 0.0
+    for perm in itertools.permutations(range(5)):
+        trial = groups.clone()
+        trial[:, p] = groups[list(perm), p]
+        best = max(best, kept_score(score, trial.reshape(-1), n, m))
+    out = groups.clone()
+    out[:, p] = exchanged(score, groups, p, m - n)
+    assert kept_score(score, out.reshape(-1), n, m) == pytest.approx(best, rel=1e-12)
+    assert torch.equal(out[:, [q for q in range(m) if q != p]], groups[:, [q for q in range(m) if q != p]])
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8)])
+def test_refine_order_is_a_permutation_that_keeps_more_than_the_heuristic(n: int, m: int) -> None:
+    torch.manual_seed(m)
+    score = torch.rand(32, 64 * m) * torch.rand(64 * m) ** 4  # some channels far more important than others
+    heuristic = reallocation_order(score, m)
+    for block in (7, 256):  # blocks of groups: several, with a short last one; one for all
+        order = refine_order(score, heuristic, n, m, block)
+        assert torch.equal(order.sort().values, torch.arange(64 * m))
+        assert kept_score(score, order, n, m) > kept_score(score, heuristic, n, m)
+    # an order that is already refined has no exchange left that gains (each step keeps at least as much)
+    again = refine_order(score, order, n, m)
+    assert kept_score(score, again, n, m) >= kept_score(score, order, n, m) - 1e-9

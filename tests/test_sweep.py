@@ -91,6 +91,7 @@ def test_realloc_suffixes_set_the_reallocation_key() -> None:
     assert parse_method("ria+realloc") == ("ria", {"method": "ria", "reallocation": True})
     assert parse_method("wanda+realloc(absorbed)") == ("wanda", {"method": "wanda", "reallocation": "absorbed"})
     assert parse_method("statprune+realloc(off)") == ("statprune", {"method": "statprune", "reallocation": False})
+    assert parse_method("wanda+realloc+lsa") == ("wanda", {"method": "wanda", "reallocation": True, "lsa": True})
 
 
 @pytest.mark.parametrize("args,message", [

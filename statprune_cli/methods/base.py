@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from statprune_cli.config import options_from_dict
-from statprune_cli.masks import make_mask, reallocation_order
+from statprune_cli.masks import make_mask, reallocation_order, refine_order
 from statprune_cli.stats import ChannelStats
 
 
@@ -27,6 +27,7 @@ class Target:
     granularity: str = "row"
     name: str = ""  # the linear's full module name, for options that apply to some linears only
     reallocation: bool = False  # N:M groups taken over the input channels in reallocation order (masks.reallocation_order)
+    lsa: bool = False  # that order refined by linear sum assignment (masks.refine_order)
 
 
 @dataclass
@@ -114,6 +115,8 @@ class Method:
             return self.select(weight, score, stats, target)
         assert target.nm is not None  # the config allows reallocation with N:M patterns only
         order = reallocation_order(score, target.nm[1])
+        if target.lsa:
+            order = refine_order(score, order, *target.nm)
         chosen, info = self.select(weight[:, order], score[:, order], None if stats is None else stats.permuted(order), target)
         mask = torch.empty_like(chosen)
         mask[:, order] = chosen
