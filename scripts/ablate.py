@@ -22,6 +22,7 @@ SKIP1 = "calibration.skip_first_tokens=1"
 TRUESEQ = "pruning.true_sequential=true"
 ONEPASS = "pruning.sequential=false"
 REALLOC = "pruning.reallocation=true"
+LSA = "pruning.lsa=true"
 ENERGY = "pruning.options={score: tempered, alpha: 1.0, compensation: energy, beta: 1.0}"
 OWL = ["pruning.profile=owl", "pruning.owl.m=5"]  # the paper's M unless a variant says (statprune's own is 7 since)
 OWL_GRID = [("", []), ("(l=0.04)", ["pruning.owl.lam=0.04"]), ("(l=0.12)", ["pruning.owl.lam=0.12"]),
@@ -113,6 +114,9 @@ VARIANTS: dict[str, list[str]] = {
         ("wanda", ["pruning.method=wanda"]),
         ("wanda+energy(m2/b=0.5;mlp)", [SP, ENERGY.replace("beta: 1.0", "beta: 0.5, energy_targets: ['re:.*mlp']")]))},
 }
+# ... with the order refined by linear sum assignment (RIA's --lsa)
+VARIANTS.update({f"{name}+lsa": [*VARIANTS[name], LSA] for name in (
+    "wanda+realloc", "wanda+energy(m2/b=0.5;mlp)+realloc", "wanda+energy(m2/b=0.5;mlp)+realloc(absorbed)")})
 
 
 def main() -> None:
@@ -172,7 +176,7 @@ def write_doc(args: argparse.Namespace, key: str) -> None:
         "mask (`balance_cycles`, `balance_var_power`, `balance_targets`; on every linear unless attn or mlp is named). "
         "`trueseq`: `pruning.true_sequential`; `onepass`: `pruning.sequential: false` (statistics from the dense model, "
         "one pass per layer); `owl`: `pruning.profile: owl` (M 5, lambda 0.08 unless `m=` or `l=` says). "
-        "`realloc`: `pruning.reallocation` (N:M channel reallocation). `wanda`, `ria` and `sparsegpt` alone are those "
+        "`realloc`: `pruning.reallocation` (N:M channel reallocation); `lsa`: `pruning.lsa` (its order refined by linear sum assignment). `wanda`, `ria` and `sparsegpt` alone are those "
         "methods with their defaults. Lower is better.",
         "",
         "| variant | " + " | ".join(settings) + " |",

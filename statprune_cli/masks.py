@@ -115,7 +115,7 @@ def exchanged(score: torch.Tensor, groups: torch.Tensor, p: int, keep: int) -> t
                for r in range(0, s.shape[0], step))
     src, dst = linear_sum_assignment(gain.cpu().numpy(), maximize=True)
     out = torch.empty_like(groups[:, p])
-    out[torch.as_tensor(dst)] = groups[torch.as_tensor(src), p]
+    out[torch.as_tensor(dst, device=groups.device)] = groups[torch.as_tensor(src, device=groups.device), p]
     return out
 
 

@@ -503,7 +503,7 @@ def pattern_label(cfg: Config, target: Target, reallocation: bool | str) -> str:
     p = cfg.pruning
     if target.nm:
         where = {True: ", channel reallocation", "absorbed": ", channel reallocation where absorbed"}
-        return p.pattern + where.get(reallocation, "")
+        return p.pattern + where.get(reallocation, "") + (" (LSA-refined)" if reallocation and p.lsa else "")
     owl = ", OWL layer profile" if p.profile == "owl" else ""
     return f"{p.sparsity:.0%} unstructured (per {target.granularity}{owl})"
 

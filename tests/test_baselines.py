@@ -283,6 +283,7 @@ def test_reallocation_stores_absorbed_down_projections_n_m_with_the_same_perplex
     q = report["layers"][0]["linears"]["model.layers.0.self_attn.q_proj"]
     assert ("reallocation_kept_score_gain" in q) == (realloc is True)
     assert report["reallocation"] == realloc
+    assert report["pattern_label"].endswith(" (LSA-refined)") == lsa
     assert not any(n.startswith("reallocation absorbed") for n in report["notes"])
 
 
