@@ -184,16 +184,21 @@ def test_lsa_prunes_n_m_in_the_refined_order_and_keeps_more_score(method: str) -
     assert info["reallocation_kept_score_gain"] > heuristic["reallocation_kept_score_gain"]
 
 
-def test_sparsegpt_reallocation_reconstructs_the_permuted_layer_in_wanda_order() -> None:
+@pytest.mark.parametrize("lsa", [False, True])
+def test_sparsegpt_reallocation_reconstructs_the_permuted_layer_in_wanda_order(lsa: bool) -> None:
     lin, x = correlated_layer()
     w = lin.weight.detach().clone()
     order = reallocation_order(w.abs() * x.norm(dim=0), 4)
+    if lsa:
+        refined = refine_order(w.abs() * x.norm(dim=0), order, 2, 4)
+        assert not torch.equal(refined, order)  # else this case could not tell whether sparsegpt refines
+        order = refined
     permuted = nn.Linear(32, 16, bias=False)
     with torch.no_grad():
         permuted.weight.copy_(w[:, order])
     sparsegpt = build_method("sparsegpt", {}, "2:4")
     sparsegpt.prune(permuted, ChannelStats.of(x[:, order], gram=True), Target(0.5, (2, 4)))
-    info, _ = sparsegpt.prune(lin, ChannelStats.of(x, gram=True), Target(0.5, (2, 4), reallocation=True))
+    info, _ = sparsegpt.prune(lin, ChannelStats.of(x, gram=True), Target(0.5, (2, 4), reallocation=True, lsa=lsa))
     assert torch.equal(info["channel_permutation"].long(), order)
     assert torch.allclose(lin.weight.detach()[:, order], permuted.weight.detach(), atol=1e-5)
     assert ((lin.weight.detach()[:, order].reshape(16, -1, 4) == 0).sum(-1) == 2).all()

@@ -29,6 +29,12 @@ class Target:
     reallocation: bool = False  # N:M groups taken over the input channels in reallocation order (masks.reallocation_order)
     lsa: bool = False  # that order refined by linear sum assignment (masks.refine_order)
 
+    def channel_order(self, score: torch.Tensor) -> torch.Tensor:
+        """The input channels in reallocation order for this target's N:M groups, refined by LSA if asked."""
+        assert self.nm is not None  # the config allows reallocation with N:M patterns only
+        order = reallocation_order(score, self.nm[1])
+        return refine_order(score, order, *self.nm) if self.lsa else order
+
 
 @dataclass
 class Options:
@@ -113,10 +119,7 @@ class Method:
         engine saves (``channel_permutation``)."""
         if not target.reallocation:
             return self.select(weight, score, stats, target)
-        assert target.nm is not None  # the config allows reallocation with N:M patterns only
-        order = reallocation_order(score, target.nm[1])
-        if target.lsa:
-            order = refine_order(score, order, *target.nm)
+        order = target.channel_order(score)
         chosen, info = self.select(weight[:, order], score[:, order], None if stats is None else stats.permuted(order), target)
         mask = torch.empty_like(chosen)
         mask[:, order] = chosen

@@ -7,8 +7,9 @@ up front from w^2 / [H^-1]_qq^2 (for N:M, every M columns from the already-updat
 pruned column's error is spread over the block's later columns through the upper Cholesky factor
 of H^-1, and the block's total error over all later columns in one matrix product.
 
-With ``pruning.reallocation`` (N:M) the columns are taken in reallocation order, ranked by Wanda's score
-(the reconstruction has no score of its own before it runs), and the result is put back in the model's order.
+With ``pruning.reallocation`` (N:M) the columns are taken in reallocation order (refined with ``pruning.lsa``),
+ranked by Wanda's score (the reconstruction has no score of its own before it runs), and the result is put back in
+the model's order.
 
 Differences from the reference code, on purpose: the unstructured mask of a block prunes exactly
 ``int(sparsity * size)`` weights (the reference's ``<= threshold`` prunes one more), and
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from statprune_cli.errors import ConfigError, PruneError
-from statprune_cli.masks import nm_mask, reallocation_order, unstructured_mask
+from statprune_cli.masks import nm_mask, unstructured_mask
 from statprune_cli.methods.base import Method, Options, Refiner, Target
 from statprune_cli.stats import ChannelStats
 
@@ -103,8 +104,7 @@ class SparseGPT(Method):
         weight = linear.weight.data.float().clone()
         info: dict[str, Any] = {}
         if target.reallocation:
-            assert target.nm is not None  # the config allows reallocation with N:M patterns only
-            order = reallocation_order(weight.abs() * stats.l2.to(weight.device, torch.float32), target.nm[1])
+            order = target.channel_order(weight.abs() * stats.l2.to(weight.device, torch.float32))
             weight, stats = weight[:, order], stats.permuted(order)
             info["channel_permutation"] = order.to(torch.int32)
         hinv, dead = inverse_hessian_factor(stats.gram.to(weight.device), stats.count, self.options.percdamp)
