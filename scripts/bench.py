@@ -55,7 +55,8 @@ def main() -> None:
 
 TITLES = {"bench": "perplexity by method and sparsity", "owl": "the OWL layer profile against uniform sparsity",
           "realloc": "N:M with channel reallocation against N:M in the stored order",
-          "realloc-absorbed": "N:M with channel reallocation only where the checkpoint stays N:M as stored"}
+          "realloc-absorbed": "N:M with channel reallocation only where the checkpoint stays N:M as stored",
+          "realloc-lsa": "N:M with the reallocation order refined by linear sum assignment"}
 
 
 def method_overrides(name: str) -> list[str]:
@@ -87,7 +88,8 @@ def write_doc(args: argparse.Namespace, key: str) -> None:
         "`+owl`: the OWL layer profile (M the method's: 5, statprune 7; lambda 0.08; a parenthesis sets them). "
         "`+realloc`: N:M channel reallocation (`pruning.reallocation`; N:M in the permuted channel order, MLP down projections "
         "as stored). `+realloc(absorbed)`: only on the MLP down projections (every weight N:M as stored; statprune's "
-        "default at 2:4). `+realloc(off)`: none.",
+        "default at 2:4). `+realloc(off)`: none. `+lsa`: the reallocation order refined by linear sum assignment "
+        "(`pruning.lsa`).",
         "",
         "### Perplexity (lower is better)",
         "",
