@@ -135,10 +135,11 @@ def main() -> None:
     name = "ablation" + (f"-n{args.nsamples}" if args.nsamples != 32 else "") + (f"-seed{args.seed}" if args.seed else "")
     args.doc = args.doc or ROOT / "docs" / f"{name}.md"
     model = ensure_model()
-    # no skipped positions and sequential unless a variant says so (statprune's own defaults would otherwise leak into
+    # no skipped positions, sequential and no LSA unless a variant says so (statprune's own defaults would otherwise leak into
     # its variants)
     common = common_overrides(model, args.nsamples, args.seqlen, args.eval_tokens, "validation") + [
-        f"calibration.seed={args.seed}", "calibration.skip_first_tokens=0", "pruning.sequential=true"]
+        f"calibration.seed={args.seed}", "calibration.skip_first_tokens=0", "pruning.sequential=true",
+        "pruning.lsa=false"]
     key = f"n{args.nsamples}-s{args.seqlen}-e{args.eval_tokens}" + (f"-seed{args.seed}" if args.seed else "")
     cells = {(name, setting): common + VARIANTS[name] + pin_energy_targets(VARIANTS[name]) + pattern_overrides(setting)
              for setting in args.settings.split(",") for name in args.variants.split(",")}

@@ -7,7 +7,6 @@ second and not an hour. Errors name the key path and what was expected, on one l
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import re
 import types
 import typing
@@ -80,7 +79,8 @@ class PruningConfig:
     # linears whose permutation the model absorbs (permute.py), so that the stored checkpoint is N:M as it stands;
     # None: the method's choice (Method.reallocation)
     reallocation: bool | str | None = None
-    lsa: bool = False  # refine the reallocation order by linear sum assignment, as RIA's --lsa (needs scipy)
+    # refine the reallocation order by linear sum assignment, as RIA's --lsa; None: the method's choice (Method.lsa)
+    lsa: bool | None = None
     profile: str = "uniform"  # uniform or owl: how the sparsity is spread over the decoder layers
     owl: OwlConfig = field(default_factory=OwlConfig)
     targets: list[str] = field(default_factory=lambda: ["Linear"])
@@ -332,8 +332,9 @@ def validate_zeroshot(z: ZeroShotConfig) -> None:
 
 
 def validate_lsa(p: PruningConfig, nm: tuple[int, int] | None) -> None:
-    """``pruning.lsa`` refines a reallocation that this run does: an N:M pattern, reallocation set or the method's."""
-    if not p.lsa:
+    """``pruning.lsa: true`` refines a reallocation that this run does: an N:M pattern, reallocation set or the method's.
+    Left unset it is the method's choice, which applies only where the run reallocates."""
+    if p.lsa is not True:
         return
     if nm is None:
         raise ConfigError("pruning.lsa", f"refines N:M channel reallocation; pattern {p.pattern} has none (use a pattern "
@@ -343,8 +344,6 @@ def validate_lsa(p: PruningConfig, nm: tuple[int, int] | None) -> None:
     if not (p.reallocation if p.reallocation is not None else build_method(p.method, p.options, p.pattern).reallocation):
         raise ConfigError("pruning.lsa", f"refines channel reallocation, which {p.method} does not do here: set "
                                          "pruning.reallocation to true or absorbed, or leave lsa false")
-    if importlib.util.find_spec("scipy") is None:
-        raise ConfigError("pruning.lsa", "needs scipy for the assignments: pip install 'statprune[lsa]'")
 
 
 def validate(cfg: Config) -> None:

@@ -127,11 +127,18 @@ def reallocation_mode(cfg: Config, method: Method) -> bool | str:
     return method.reallocation if r is None else r
 
 
+def lsa_mode(cfg: Config, method: Method) -> bool:
+    """Whether the reallocation order is refined by linear sum assignment: the config's value if set, else the
+    method's wherever this run reallocates."""
+    lsa = cfg.pruning.lsa
+    return (method.lsa and bool(reallocation_mode(cfg, method))) if lsa is None else lsa
+
+
 def resolved_choices(cfg: Config, method: Method) -> dict[str, Any]:
     """What the config leaves to the method and the code's defaults: a resumed run must get the same, or its layers
     would be pruned two ways (e.g. a partial run whose statprune version had another 2:4 reallocation default)."""
     return {"statprune_version": __version__, "options": asdict(method.options),
-            "reallocation": reallocation_mode(cfg, method), "sequential": calibrated_sequentially(cfg, method),
+            "reallocation": reallocation_mode(cfg, method), "lsa": lsa_mode(cfg, method), "sequential": calibrated_sequentially(cfg, method),
             "skip_first_tokens": statistics_skip(cfg, method)}
 
 
@@ -139,7 +146,7 @@ def base_target(cfg: Config, method: Method) -> Target:
     p = cfg.pruning
     nm = parse_pattern(p.pattern)
     return Target(p.sparsity if nm is None else nm[0] / nm[1], nm, p.granularity or method.granularity,
-                  reallocation=bool(reallocation_mode(cfg, method)), lsa=p.lsa)
+                  reallocation=bool(reallocation_mode(cfg, method)), lsa=lsa_mode(cfg, method))
 
 
 def needs_batches(cfg: Config, method: Method) -> bool:
@@ -471,6 +478,7 @@ class Run:
             "pattern": p.pattern,
             "pattern_label": pattern_label(self.cfg, target, realloc),
             "reallocation": realloc,
+            "lsa": target.lsa,
             "target_sparsity": target.sparsity,
             "profile": p.profile,
             "layer_target_sparsity": pruned.layer_sparsity,
@@ -503,7 +511,7 @@ def pattern_label(cfg: Config, target: Target, reallocation: bool | str) -> str:
     p = cfg.pruning
     if target.nm:
         where = {True: ", channel reallocation", "absorbed": ", channel reallocation where absorbed"}
-        return p.pattern + where.get(reallocation, "") + (" (LSA-refined)" if reallocation and p.lsa else "")
+        return p.pattern + where.get(reallocation, "") + (" (LSA-refined)" if reallocation and target.lsa else "")
     owl = ", OWL layer profile" if p.profile == "owl" else ""
     return f"{p.sparsity:.0%} unstructured (per {target.granularity}{owl})"
 

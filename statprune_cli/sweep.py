@@ -59,7 +59,7 @@ class Cell:
                 "not_applicable": self.not_applicable}
 
 
-SUFFIXES = "+owl, +owl(key=value;...), +realloc, +realloc(absorbed), +realloc(off) or +lsa"
+SUFFIXES = "+owl, +owl(key=value;...), +realloc, +realloc(absorbed), +realloc(off), +lsa or +lsa(off)"
 REALLOC_SUFFIXES: dict[str, bool | str] = {"realloc": True, "realloc(absorbed)": "absorbed", "realloc(off)": False}
 PATTERN_BOUND = ("pruning.profile", "pruning.reallocation", "pruning.lsa")  # keys valid for some patterns only: n/a cells elsewhere
 
@@ -67,8 +67,9 @@ PATTERN_BOUND = ("pruning.profile", "pruning.reallocation", "pruning.lsa")  # ke
 def parse_method(text: str) -> tuple[str, dict[str, Any]]:
     """A --methods entry -> (method, pruning overrides). 'wanda': that method as configured; '+owl' adds the OWL
     layer profile, '+owl(m=7;lam=0.04)' with those ``pruning.owl`` keys; '+realloc' adds N:M channel
-    reallocation, '+realloc(absorbed)' only where the model absorbs it, '+realloc(off)' none (statprune has it at 2:4);
-    '+lsa' refines the reallocation by linear sum assignment (``pruning.lsa``)."""
+    reallocation, '+realloc(absorbed)' only where the model absorbs it, '+realloc(off)' none (statprune has it at N:M);
+    '+lsa' refines the reallocation by linear sum assignment (``pruning.lsa``), '+lsa(off)' does not (statprune does
+    at N:M)."""
     method, *extras = text.strip().split("+")
     if method not in METHODS:
         raise ConfigError("--methods", f"unknown method {method!r} in {text!r}; expected some of {', '.join(sorted(METHODS))}")
@@ -85,8 +86,8 @@ def parse_method(text: str) -> tuple[str, dict[str, Any]]:
                 overrides["owl"][key.strip()] = yaml.safe_load(value)
         elif extra in REALLOC_SUFFIXES:
             overrides["reallocation"] = REALLOC_SUFFIXES[extra]
-        elif extra == "lsa":
-            overrides["lsa"] = True
+        elif extra in ("lsa", "lsa(off)"):
+            overrides["lsa"] = extra == "lsa"
         else:
             raise ConfigError("--methods", f"unknown suffix +{extra} in {text!r}; expected {SUFFIXES}")
     return method, overrides

@@ -369,17 +369,21 @@ def test_owl_threshold_is_the_methods_unless_set(method: str, m: float | None, e
     assert [n for n in json.loads(res.stdout)["notes"] if n.startswith(f"OWL layer sparsities ({expected} lambda 0.1)")]
 
 
-@pytest.mark.parametrize("method,pattern,setting,expected", [
-    ("statprune", "2:4", None, "absorbed"), ("statprune", "2:4", False, False), ("statprune", "4:8", None, False),
-    ("wanda", "2:4", None, False), ("wanda", "2:4", "absorbed", "absorbed")])
-def test_reallocation_is_the_methods_unless_set(method: str, pattern: str, setting: bool | str | None, expected: bool | str,
-                                                 tmp_path: Path, tiny_model_dir: Path, text_files: dict[str, Path]) -> None:
-    pruning = {"method": method, "pattern": pattern} | ({} if setting is None else {"reallocation": setting})
-    cfg = write_config(tmp_path / "run.yaml", tiny_model_dir, text_files, tmp_path / "out", pruning=pruning)
+@pytest.mark.parametrize("method,pattern,setting,expected,lsa", [
+    ("statprune", "2:4", {}, "absorbed", True), ("statprune", "4:8", {}, "absorbed", True),
+    ("statprune", "2:4", {"reallocation": False}, False, False), ("statprune", "2:4", {"lsa": False}, "absorbed", False),
+    ("statprune", "4:8", {"reallocation": True}, True, True),
+    ("wanda", "2:4", {}, False, False), ("wanda", "2:4", {"reallocation": "absorbed"}, "absorbed", False)])
+def test_reallocation_and_lsa_are_the_methods_unless_set(method: str, pattern: str, setting: dict, expected: bool | str,
+                                                          lsa: bool, tmp_path: Path, tiny_model_dir: Path,
+                                                          text_files: dict[str, Path]) -> None:
+    cfg = write_config(tmp_path / "run.yaml", tiny_model_dir, text_files, tmp_path / "out",
+                       pruning={"method": method, "pattern": pattern, **setting})
     res = runner.invoke(app, ["prune", str(cfg), "-q", "--json"])
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
-    assert report["reallocation"] == expected
+    assert (report["reallocation"], report["lsa"]) == (expected, lsa)
     down = report["layers"][0]["linears"]["model.layers.0.mlp.down_proj"]
     assert ("reallocation_kept_score_gain" in down) == bool(expected)
-    assert report["pattern_label"] == pattern + (", channel reallocation where absorbed" if expected else "")
+    where = {True: ", channel reallocation", "absorbed": ", channel reallocation where absorbed"}.get(expected, "")
+    assert report["pattern_label"] == pattern + where + (" (LSA-refined)" if lsa else "")

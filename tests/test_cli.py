@@ -1,6 +1,5 @@
 """The command line end to end on a tiny local model: outputs, reports, exit codes and error messages."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -211,17 +210,6 @@ def test_bad_input_is_one_line_and_exit_2(cfg: Path, tmp_path: Path, args: list[
     assert len(lines) == 1 and lines[0].startswith("statprune: error: ")
     if message:
         assert message in lines[0]
-    assert not (tmp_path / "out").exists()
-
-
-def test_lsa_without_scipy_is_refused_before_loading(cfg: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """statprune's 2:4 default reallocates (absorbed), so lsa is valid there; without scipy it names the extra."""
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "scipy" else find_spec(name, *a))
-    res = run("prune", str(cfg), "-q", "--set", "pruning.method=statprune", "--set", "pruning.pattern=2:4",
-              "--set", "pruning.lsa=true")
-    assert res.exit_code == 2 and res.stderr.strip() == (
-        "statprune: error: pruning.lsa: needs scipy for the assignments: pip install 'statprune[lsa]'")
     assert not (tmp_path / "out").exists()
 
 

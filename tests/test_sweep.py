@@ -92,6 +92,7 @@ def test_realloc_suffixes_set_the_reallocation_key() -> None:
     assert parse_method("wanda+realloc(absorbed)") == ("wanda", {"method": "wanda", "reallocation": "absorbed"})
     assert parse_method("statprune+realloc(off)") == ("statprune", {"method": "statprune", "reallocation": False})
     assert parse_method("wanda+realloc+lsa") == ("wanda", {"method": "wanda", "reallocation": True, "lsa": True})
+    assert parse_method("statprune+lsa(off)") == ("statprune", {"method": "statprune", "lsa": False})
 
 
 @pytest.mark.parametrize("args,message", [

@@ -83,6 +83,12 @@ class Method:
         return False
 
     @property
+    def lsa(self) -> bool:
+        """Unless ``pruning.lsa`` says: refine the reallocation order by linear sum assignment wherever the run
+        reallocates; not in the baselines' papers by default (RIA's ``--lsa`` is a flag)."""
+        return False
+
+    @property
     def owl_m(self) -> float:
         """OWL's outlier threshold M unless ``pruning.owl.m`` says: the OWL paper's 5."""
         return 5.0
