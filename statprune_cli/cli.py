@@ -161,7 +161,7 @@ def calibrate(
 @_exit_codes
 def sweep(
     config: Annotated[Path, typer.Argument(help="YAML config file: model, calibration, eval and runtime are shared by every cell.")],
-    methods: Annotated[str, typer.Option(help="Comma-separated methods; a suffix +owl, +owl(m=7;lam=0.04), +realloc, +realloc(absorbed), +realloc(off) or +lsa sets OWL, N:M channel reallocation or its LSA refinement for that row.")] = "magnitude,wanda,sparsegpt,ria,statprune",
+    methods: Annotated[str, typer.Option(help="Comma-separated methods; a suffix +owl, +owl(m=7;lam=0.04), +realloc, +realloc(absorbed), +realloc(off), +lsa or +lsa(off) sets OWL, N:M channel reallocation or its LSA refinement for that row.")] = "magnitude,wanda,sparsegpt,ria,statprune",
     sparsities: Annotated[str, typer.Option(help="Comma-separated settings: 0.5 or 50% (unstructured), or N:M such as 2:4.")] = "0.5,0.6,0.7,2:4,4:8",
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Folder for sweep.json, sweep.md and sweep.png (default: output.dir + '-sweep').")] = None,
     zeroshot: Annotated[bool, typer.Option("--zeroshot", help="Also the mean zero-shot accuracy per cell (tasks from eval.zeroshot; needs statprune[eval]).")] = False,

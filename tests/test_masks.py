@@ -101,14 +101,3 @@ def test_refine_order_is_a_permutation_that_keeps_more_than_the_heuristic(n: int
     again = refine_order(score, order, n, m)
     assert kept_score(score, again, n, m) >= kept_score(score, order, n, m) - 1e-9
 
-
-def test_refine_order_sums_the_gains_over_evenly_strided_rows_beyond_lsa_rows(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A tall linear's order is refined on every k-th row only (LSA_ROWS of them): the same order as on those rows."""
-    torch.manual_seed(3)
-    score = torch.rand(30, 64) * torch.rand(64) ** 4
-    heuristic = reallocation_order(score, 4)
-    full = refine_order(score, heuristic, 2, 4)
-    monkeypatch.setattr(masks, "LSA_ROWS", 8)  # 30 rows -> every 4th: rows 0, 4, ..., 28
-    sampled = refine_order(score, heuristic, 2, 4)
-    assert torch.equal(sampled, refine_order(score[::4], heuristic, 2, 4))
-    assert not torch.equal(sampled, full)  # the sample decides: not the same as all rows here
