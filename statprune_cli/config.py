@@ -12,11 +12,14 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from statprune_cli.errors import ConfigError
+
+if TYPE_CHECKING:  # the registry imports torch: kept out of this module's import
+    from statprune_cli.methods.base import Method
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 BUILTIN_DATASETS = ("c4", "wikitext2")
@@ -331,6 +334,17 @@ def validate_zeroshot(z: ZeroShotConfig) -> None:
             raise ConfigError(f"eval.zeroshot.{key}", f"expected an integer >= 1, got {val}")
 
 
+def reallocation_mode(p: PruningConfig, method: Method) -> bool | str:
+    """N:M channel reallocation (false, true or "absorbed"): the config's value if set, else the method's."""
+    return method.reallocation if p.reallocation is None else p.reallocation
+
+
+def lsa_mode(p: PruningConfig, method: Method) -> bool:
+    """Whether the reallocation order is refined by linear sum assignment: the config's value if set, else the
+    method's wherever this run reallocates."""
+    return (method.lsa and bool(reallocation_mode(p, method))) if p.lsa is None else p.lsa
+
+
 def validate_lsa(p: PruningConfig, nm: tuple[int, int] | None) -> None:
     """``pruning.lsa: true`` refines a reallocation that this run does: an N:M pattern, reallocation set or the method's.
     Left unset it is the method's choice, which applies only where the run reallocates."""
@@ -341,7 +355,7 @@ def validate_lsa(p: PruningConfig, nm: tuple[int, int] | None) -> None:
                                          "such as \"2:4\", or leave lsa false)")
     from statprune_cli.methods import build_method
 
-    if not (p.reallocation if p.reallocation is not None else build_method(p.method, p.options, p.pattern).reallocation):
+    if not reallocation_mode(p, build_method(p.method, p.options, p.pattern)):
         raise ConfigError("pruning.lsa", f"refines channel reallocation, which {p.method} does not do here: set "
                                          "pruning.reallocation to true or absorbed, or leave lsa false")
 

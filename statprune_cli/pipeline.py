@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from statprune_cli import __version__
-from statprune_cli.config import Config, dump_config, parse_pattern, parse_size
+from statprune_cli.config import Config, dump_config, lsa_mode, parse_pattern, parse_size, reallocation_mode
 from statprune_cli.data import batched, calibration_windows, load_documents
 from statprune_cli.distributed import Communicator, launched, launched_world_size
 from statprune_cli.engine import EngineResult, LayerDone, LayerIO, LayerwiseEngine, Resume
@@ -121,24 +121,11 @@ def config_method(cfg: Config) -> Method:
     return build_method(p.method, p.options, p.pattern, p.sparsity)
 
 
-def reallocation_mode(cfg: Config, method: Method) -> bool | str:
-    """N:M channel reallocation (false, true or "absorbed"): the config's value if set, else the method's."""
-    r = cfg.pruning.reallocation
-    return method.reallocation if r is None else r
-
-
-def lsa_mode(cfg: Config, method: Method) -> bool:
-    """Whether the reallocation order is refined by linear sum assignment: the config's value if set, else the
-    method's wherever this run reallocates."""
-    lsa = cfg.pruning.lsa
-    return (method.lsa and bool(reallocation_mode(cfg, method))) if lsa is None else lsa
-
-
 def resolved_choices(cfg: Config, method: Method) -> dict[str, Any]:
     """What the config leaves to the method and the code's defaults: a resumed run must get the same, or its layers
     would be pruned two ways (e.g. a partial run whose statprune version had another 2:4 reallocation default)."""
     return {"statprune_version": __version__, "options": asdict(method.options),
-            "reallocation": reallocation_mode(cfg, method), "lsa": lsa_mode(cfg, method), "sequential": calibrated_sequentially(cfg, method),
+            "reallocation": reallocation_mode(cfg.pruning, method), "lsa": lsa_mode(cfg.pruning, method), "sequential": calibrated_sequentially(cfg, method),
             "skip_first_tokens": statistics_skip(cfg, method)}
 
 
@@ -146,7 +133,7 @@ def base_target(cfg: Config, method: Method) -> Target:
     p = cfg.pruning
     nm = parse_pattern(p.pattern)
     return Target(p.sparsity if nm is None else nm[0] / nm[1], nm, p.granularity or method.granularity,
-                  reallocation=bool(reallocation_mode(cfg, method)), lsa=lsa_mode(cfg, method))
+                  reallocation=bool(reallocation_mode(cfg.pruning, method)), lsa=lsa_mode(cfg.pruning, method))
 
 
 def needs_batches(cfg: Config, method: Method) -> bool:
@@ -240,7 +227,7 @@ def prune_model(
         layer_sparsity = owl_sparsities(ratios, target.sparsity, p.owl.lam)
         notes.append(f"OWL layer sparsities (M {m:g}, lambda {p.owl.lam:g}): " + ", ".join(f"{s:.3f}" for s in layer_sparsity))
 
-    realloc_mode = reallocation_mode(cfg, method)
+    realloc_mode = reallocation_mode(cfg.pruning, method)
 
     def target_for(index: int, name: str) -> Target:
         realloc = target.reallocation and (realloc_mode is True or producers(engine.model, name) is not None)
@@ -468,7 +455,7 @@ class Run:
         p = self.cfg.pruning
         rows, totals = layer_summary(pruned.result)
         target = base_target(self.cfg, self.method)
-        realloc = reallocation_mode(self.cfg, self.method)
+        realloc = reallocation_mode(self.cfg.pruning, self.method)
         versions = package_versions()
         return {
             "statprune_version": versions["statprune"],
