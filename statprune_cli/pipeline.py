@@ -125,8 +125,8 @@ def resolved_choices(cfg: Config, method: Method) -> dict[str, Any]:
     """What the config leaves to the method and the code's defaults: a resumed run must get the same, or its layers
     would be pruned two ways (e.g. a partial run whose statprune version had another 2:4 reallocation default)."""
     return {"statprune_version": __version__, "options": asdict(method.options),
-            "reallocation": reallocation_mode(cfg.pruning, method), "lsa": lsa_mode(cfg.pruning, method), "sequential": calibrated_sequentially(cfg, method),
-            "skip_first_tokens": statistics_skip(cfg, method)}
+            "reallocation": reallocation_mode(cfg.pruning, method), "lsa": lsa_mode(cfg.pruning, method),
+            "sequential": calibrated_sequentially(cfg, method), "skip_first_tokens": statistics_skip(cfg, method)}
 
 
 def base_target(cfg: Config, method: Method) -> Target:
