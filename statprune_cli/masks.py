@@ -95,6 +95,16 @@ def refine_order(score: torch.Tensor, order: torch.Tensor, n: int, m: int, block
     return groups.reshape(-1)
 
 
+def kth_largest(values: list[torch.Tensor], k: int) -> torch.Tensor:
+    """Elementwise k-th largest of a few same-shaped tensors, each inserted into a running sorted top k by max/min:
+    for an N:M group's M - 1 other channels 2x faster than ``topk`` over a last dimension that short."""
+    top = [torch.full_like(values[0], float("-inf")) for _ in range(k)]
+    for v in values:
+        for i in range(k):
+            top[i], v = torch.maximum(top[i], v), torch.minimum(top[i], v)
+    return top[-1]
+
+
 def exchanged(score: torch.Tensor, groups: torch.Tensor, p: int, keep: int) -> torch.Tensor:
     """The channels at position ``p`` of ``groups`` (G, M), reassigned so that the groups keep (their ``keep``
     largest scores per row) the most score in all, the other positions staying where they are.
@@ -106,16 +116,15 @@ def exchanged(score: torch.Tensor, groups: torch.Tensor, p: int, keep: int) -> t
     """
     from scipy.optimize import linear_sum_assignment  # here, not at module import: only N:M runs that reallocate need it
 
-    s = score[:, groups]  # (rows, G, M)
-    others = torch.cat([s[..., :p], s[..., p + 1:]], -1)
-    t = others.topk(keep, -1).values[..., -1]  # (rows, G): what a channel must pass to be kept in that group
-    c = s[..., p]
+    s = score[:, groups].permute(2, 0, 1)  # (M, rows, G)
+    t = kth_largest([s[q] for q in range(s.shape[0]) if q != p], keep)  # (rows, G): what a channel must pass to be kept there
+    c = s[p]
     size = groups.shape[0]
     # Rows per chunk of the (rows, G, G) gains: a chunk that stays in cache, summed in float32 (a few rows) and
     # accumulated in float64, is 25x faster than float64 sums over 16x larger chunks (4096 rows, G 256: 1.4 -> 0.06 s).
     step = max(1, CHUNK_ELEMENTS // (size * size))
     gain = sum((c[r:r + step, :, None] - t[r:r + step, None, :]).clamp_min_(0).sum(0).double()
-               for r in range(0, s.shape[0], step))
+               for r in range(0, score.shape[0], step))
     src, dst = linear_sum_assignment(gain.cpu().numpy(), maximize=True)
     out = torch.empty_like(groups[:, p])
     out[torch.as_tensor(dst, device=groups.device)] = groups[torch.as_tensor(src, device=groups.device), p]

@@ -101,3 +101,10 @@ def test_refine_order_is_a_permutation_that_keeps_more_than_the_heuristic(n: int
     again = refine_order(score, order, n, m)
     assert kept_score(score, again, n, m) >= kept_score(score, order, n, m) - 1e-9
 
+
+
+@pytest.mark.parametrize("count,k", [(3, 2), (7, 4), (7, 1), (3, 3)])
+def test_kth_largest_matches_topk(count: int, k: int) -> None:
+    torch.manual_seed(count + k)
+    values = [torch.randint(0, 4, (5, 6)).float() for _ in range(count)]  # many ties
+    assert torch.equal(masks.kth_largest(values, k), torch.stack(values, -1).topk(k, -1).values[..., -1])
