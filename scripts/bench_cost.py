@@ -131,7 +131,7 @@ column-by-column updates on top of Wanda's two passes (see the 50% section)."""
 READING_NM = """At an N:M pattern statprune adds to Wanda's passes its energy compensation (per linear, two products of
 the squared weights with the channels' second moments and one scaling of the kept weights) and the LSA-refined
 reallocation of each MLP down projection: per position of the groups and block of 256 groups, a rows x 256 x 256
-elementwise gain matrix and one assignment solved by scipy, 7-10 s for a 4096 x 11008 down projection on these 2 cores
+elementwise gain matrix and one assignment solved by scipy, 6-8 s for a 4096 x 11008 down projection on these 2 cores
 (`pruning.lsa: false` leaves it out, at the refinement's quality: see the README's Ablation). On a GPU the
 elementwise work runs there too (not measured here); the 256 x 256 assignments always run on the CPU."""
 
