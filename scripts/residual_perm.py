@@ -41,7 +41,7 @@ def residual_order(model: torch.nn.Module, stats_file: Path, n: int, m: int) -> 
     for i, layer in enumerate(model.model.layers):
         for r in READERS:
             s = stats[f"model.layers.{i}.{r}"]
-            score = layer.get_submodule(r).weight.detach().abs() * (s.sumsq / s.count).sqrt().float()
+            score = layer.get_submodule(r).weight.detach().abs() * s.m2.sqrt().float()
             scores.append(score / score.mean())  # every reader weighs the same
     stacked = torch.cat(scores)
     return refine_order(stacked, reallocation_order(stacked, m), n, m)

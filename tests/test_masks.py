@@ -102,7 +102,6 @@ def test_refine_order_is_a_permutation_that_keeps_more_than_the_heuristic(n: int
     assert kept_score(score, again, n, m) >= kept_score(score, order, n, m) - 1e-9
 
 
-
 @pytest.mark.parametrize("count,k", [(3, 2), (7, 4), (7, 1), (3, 3)])
 def test_kth_largest_matches_topk(count: int, k: int) -> None:
     torch.manual_seed(count + k)
