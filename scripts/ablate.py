@@ -117,6 +117,9 @@ VARIANTS: dict[str, list[str]] = {
 # ... with the order refined by linear sum assignment (RIA's --lsa)
 VARIANTS.update({f"{name}+lsa": [*VARIANTS[name], LSA] for name in (
     "wanda+realloc", "wanda+energy(m2/b=0.5;mlp)+realloc", "wanda+energy(m2/b=0.5;mlp)+realloc(absorbed)")})
+# ... and one permutation of the residual stream for all its readers (pruning.residual_permutation)
+VARIANTS["wanda+energy(m2/b=0.5;mlp)+realloc(absorbed)+lsa+resperm"] = [
+    *VARIANTS["wanda+energy(m2/b=0.5;mlp)+realloc(absorbed)+lsa"], "pruning.residual_permutation=true"]
 
 
 def main() -> None:
@@ -135,11 +138,11 @@ def main() -> None:
     name = "ablation" + (f"-n{args.nsamples}" if args.nsamples != 32 else "") + (f"-seed{args.seed}" if args.seed else "")
     args.doc = args.doc or ROOT / "docs" / f"{name}.md"
     model = ensure_model()
-    # no skipped positions, sequential and no LSA unless a variant says so (statprune's own defaults would otherwise leak into
-    # its variants)
+    # no skipped positions, sequential, no LSA and no residual permutation unless a variant says so (statprune's own
+    # defaults would otherwise leak into its variants)
     common = common_overrides(model, args.nsamples, args.seqlen, args.eval_tokens, "validation") + [
         f"calibration.seed={args.seed}", "calibration.skip_first_tokens=0", "pruning.sequential=true",
-        "pruning.lsa=false"]
+        "pruning.lsa=false", "pruning.residual_permutation=false"]
     key = f"n{args.nsamples}-s{args.seqlen}-e{args.eval_tokens}" + (f"-seed{args.seed}" if args.seed else "")
     cells = {(name, setting): common + VARIANTS[name] + pin_energy_targets(VARIANTS[name]) + pattern_overrides(setting)
              for setting in args.settings.split(",") for name in args.variants.split(",")}
@@ -177,7 +180,7 @@ def write_doc(args: argparse.Namespace, key: str) -> None:
         "mask (`balance_cycles`, `balance_var_power`, `balance_targets`; on every linear unless attn or mlp is named). "
         "`trueseq`: `pruning.true_sequential`; `onepass`: `pruning.sequential: false` (statistics from the dense model, "
         "one pass per layer); `owl`: `pruning.profile: owl` (M 5, lambda 0.08 unless `m=` or `l=` says). "
-        "`realloc`: `pruning.reallocation` (N:M channel reallocation); `lsa`: `pruning.lsa` (its order refined by linear sum assignment). `wanda`, `ria` and `sparsegpt` alone are those "
+        "`realloc`: `pruning.reallocation` (N:M channel reallocation); `lsa`: `pruning.lsa` (its order refined by linear sum assignment); `resperm`: `pruning.residual_permutation` (one order of the residual stream for every linear that reads it). `wanda`, `ria` and `sparsegpt` alone are those "
         "methods with their defaults. Lower is better.",
         "",
         "| variant | " + " | ".join(settings) + " |",

@@ -82,7 +82,10 @@ class PruningConfig:
     # linears whose permutation the model absorbs (permute.py), so that the stored checkpoint is N:M as it stands;
     # None: the method's choice (Method.reallocation)
     reallocation: bool | str | None = None
-    # refine the reallocation order by linear sum assignment, as RIA's --lsa; None: the method's choice (Method.lsa)
+    # N:M only: one permutation of the residual stream for all the linears that read it, chosen so their groups are
+    # spread by importance, stored in the checkpoint (permute.py); None: the method's choice
+    residual_permutation: bool | None = None
+    # refine the reallocation orders by linear sum assignment, as RIA's --lsa; None: the method's choice (Method.lsa)
     lsa: bool | None = None
     profile: str = "uniform"  # uniform or owl: how the sparsity is spread over the decoder layers
     owl: OwlConfig = field(default_factory=OwlConfig)
@@ -339,25 +342,41 @@ def reallocation_mode(p: PruningConfig, method: Method) -> bool | str:
     return method.reallocation if p.reallocation is None else p.reallocation
 
 
+def residual_mode(p: PruningConfig, method: Method) -> bool:
+    """Whether the residual stream is permuted for the N:M groups of its readers: the config's value if set, else
+    the method's."""
+    return method.residual_permutation if p.residual_permutation is None else p.residual_permutation
+
+
 def lsa_mode(p: PruningConfig, method: Method) -> bool:
-    """Whether the reallocation order is refined by linear sum assignment: the config's value if set, else the
-    method's wherever this run reallocates."""
-    return (method.lsa and bool(reallocation_mode(p, method))) if p.lsa is None else p.lsa
+    """Whether the reallocation orders are refined by linear sum assignment: the config's value if set, else the
+    method's wherever this run reallocates (per linear or the residual stream)."""
+    reallocates = bool(reallocation_mode(p, method)) or residual_mode(p, method)
+    return (method.lsa and reallocates) if p.lsa is None else p.lsa
 
 
-def validate_lsa(p: PruningConfig, nm: tuple[int, int] | None) -> None:
-    """``pruning.lsa: true`` refines a reallocation that this run does: an N:M pattern, reallocation set or the method's.
-    Left unset it is the method's choice, which applies only where the run reallocates."""
+def validate_reordering(p: PruningConfig, nm: tuple[int, int] | None) -> None:
+    """``pruning.residual_permutation: true`` needs an N:M pattern and statistics; ``pruning.lsa: true`` refines a
+    reallocation that this run does (an N:M pattern, and reallocation or the residual permutation, set or the
+    method's). Left unset, each is the method's choice, which applies only where it can."""
+    from statprune_cli.methods import METHODS, build_method
+
+    if p.residual_permutation:
+        if nm is None:
+            raise ConfigError("pruning.residual_permutation", f"spreads N:M groups; pattern {p.pattern} has none (use "
+                                                              "a pattern such as \"2:4\", or leave it unset or false)")
+        if not METHODS[p.method].needs_calibration:
+            raise ConfigError("pruning.residual_permutation", f"is chosen on calibration statistics, which {p.method} "
+                                                              "does not collect: use another method or leave it false")
     if p.lsa is not True:
         return
     if nm is None:
         raise ConfigError("pruning.lsa", f"refines N:M channel reallocation; pattern {p.pattern} has none (use a pattern "
                                          "such as \"2:4\", or leave lsa false)")
-    from statprune_cli.methods import build_method
-
-    if not reallocation_mode(p, build_method(p.method, p.options, p.pattern)):
+    method = build_method(p.method, p.options, p.pattern)
+    if not (reallocation_mode(p, method) or residual_mode(p, method)):
         raise ConfigError("pruning.lsa", f"refines channel reallocation, which {p.method} does not do here: set "
-                                         "pruning.reallocation to true or absorbed, or leave lsa false")
+                                         "pruning.reallocation or pruning.residual_permutation, or leave lsa false")
 
 
 def validate(cfg: Config) -> None:
@@ -399,7 +418,7 @@ def validate(cfg: Config) -> None:
     if not p.targets:
         raise ConfigError("pruning.targets", "expected at least one target")
     METHODS[p.method].Options.from_dict(p.options)
-    validate_lsa(p, nm)
+    validate_reordering(p, nm)
     e = cfg.eval
     for i, d in enumerate(e.datasets):
         validate_data(d, f"eval.datasets[{i}]")

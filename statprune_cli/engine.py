@@ -38,7 +38,7 @@ from statprune_cli.errors import PruneError
 from statprune_cli.layers import find_decoder_layers, target_linears
 from statprune_cli.masks import count_zeros
 from statprune_cli.methods import Method, Refiner, Target
-from statprune_cli.permute import absorb
+from statprune_cli.permute import ResidualPlan, absorb
 from statprune_cli.stats import ChannelStats, all_finite
 from statprune_cli.ui import UI
 
@@ -191,6 +191,9 @@ class LayerIO(Protocol):
     def release_outside(self, model: nn.Module) -> None:
         """Those weights may go while only the layers run."""
 
+    def permute_residual(self, model: nn.Module, plan: ResidualPlan, order: torch.Tensor) -> None:
+        """Every layer and the weights outside them from now on hold the residual stream in ``order``."""
+
 
 class InMemoryLayers:
     """Every layer's weights live in CPU memory; only the current one goes to the device."""
@@ -206,6 +209,11 @@ class InMemoryLayers:
 
     def release_outside(self, model: nn.Module) -> None:
         pass  # the model stays whole
+
+    def permute_residual(self, model: nn.Module, plan: ResidualPlan, order: torch.Tensor) -> None:
+        plan.permute_outside(model, order)
+        for layer in find_decoder_layers(model)[1]:
+            plan.permute_layer(layer, order)
 
 
 @torch.no_grad()

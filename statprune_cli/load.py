@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from statprune_cli.config import Config, ModelConfig, parse_pattern
 from statprune_cli.errors import ConfigError, InputError
 from statprune_cli.layers import find_decoder_layers, target_linears
+from statprune_cli.permute import residual_plan
 
 BIAS_FLAGS = ("attention_bias", "mlp_bias")
 
@@ -89,6 +90,10 @@ def check_against_model(cfg: Config, config: PretrainedConfig) -> dict[str, tupl
         for name, lin in found.items():
             if lin.in_features % nm[1]:
                 raise ConfigError("pruning.pattern", f"M={nm[1]} does not divide in_features={lin.in_features} of {name}")
+    if p.residual_permutation:  # the method's default instead skips an architecture it cannot permute, with a note
+        plan = residual_plan(skeleton, layers_name, config.hidden_size)
+        if isinstance(plan, str):
+            raise ConfigError("pruning.residual_permutation", f"not known for this architecture: {plan}")
     context = getattr(config, "max_position_embeddings", None)
     for key, seqlen in (("calibration.seqlen", cfg.calibration.seqlen), ("eval.seqlen", cfg.eval.seqlen)):
         if context is not None and seqlen > context:

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from statprune_cli import __version__
-from statprune_cli.config import Config, dump_config, lsa_mode, parse_pattern, parse_size, reallocation_mode
+from statprune_cli.config import (Config, dump_config, lsa_mode, parse_pattern, parse_size, reallocation_mode,
+                                  residual_mode)
 from statprune_cli.data import batched, calibration_windows, load_documents
 from statprune_cli.distributed import Communicator, launched, launched_world_size
 from statprune_cli.engine import EngineResult, LayerDone, LayerIO, LayerwiseEngine, Resume
@@ -27,7 +28,7 @@ from statprune_cli.export import EXTRAS_NAME, atomic_dir, check_output_dir, save
 from statprune_cli.layers import find_decoder_layers
 from statprune_cli.load import check_against_model, enable_biases, load_model, load_model_config, load_tokenizer, torch_dtype
 from statprune_cli.methods import Method, Target, build_method
-from statprune_cli.permute import producers
+from statprune_cli.permute import ResidualPlan, producers, residual_order, residual_plan
 from statprune_cli.perplexity import EvalSet, evaluate_perplexity, load_eval_set
 from statprune_cli.profile import outlier_ratio, owl_sparsities
 from statprune_cli.report import layer_summary, model_sparsity, package_versions, peak_memory
@@ -113,6 +114,7 @@ class Pruned:
     skip: int
     layer_sparsity: list[float] | None
     from_shared_stats: bool = False  # used ``DenseStats`` collected for other runs too (a sweep's cells)
+    residual_permuted: bool = False  # the residual stream was permuted (``residual_stream_order``)
 
 
 def config_method(cfg: Config) -> Method:
@@ -126,6 +128,7 @@ def resolved_choices(cfg: Config, method: Method) -> dict[str, Any]:
     would be pruned two ways (e.g. a partial run whose statprune version had another 2:4 reallocation default)."""
     return {"statprune_version": __version__, "options": asdict(method.options),
             "reallocation": reallocation_mode(cfg.pruning, method), "lsa": lsa_mode(cfg.pruning, method),
+            "residual_permutation": residual_mode(cfg.pruning, method),
             "sequential": calibrated_sequentially(cfg, method), "skip_first_tokens": statistics_skip(cfg, method)}
 
 
@@ -227,6 +230,21 @@ def prune_model(
         layer_sparsity = owl_sparsities(ratios, target.sparsity, p.owl.lam)
         notes.append(f"OWL layer sparsities (M {m:g}, lambda {p.owl.lam:g}): " + ", ".join(f"{s:.3f}" for s in layer_sparsity))
 
+    residual_permuted = False
+    if residual_mode(p, method):
+        plan = residual_plan(model, engine.layers_name, model.config.hidden_size)
+        if isinstance(plan, str):
+            notes.append(f"residual stream kept in its stored order ({plan})")
+        else:
+            base = stats if stats is not None else dense.get(engine, skip, False)
+            used_dense = used_dense or stats is None
+            order, note = residual_stream_order(engine, plan, base, target)
+            engine.io.permute_residual(model, plan, order)
+            residual_permuted = True
+            notes.append(note)
+            if stats is not None:  # copies: the statistics may be shared (a sweep's dense ones)
+                readers = {f"{engine.layers_name}.{i}.{r}" for i in range(len(engine.layers)) for r in plan.readers}
+                stats = {k: s.permuted(order) if k in readers else s for k, s in stats.items()}
     realloc_mode = reallocation_mode(cfg.pruning, method)
 
     def target_for(index: int, name: str) -> Target:
@@ -245,7 +263,29 @@ def prune_model(
     if skipped:
         notes.append(f"mean compensation skipped for {len(skipped)} linears whose architecture cannot take a bias "
                      f"(e.g. {skipped[0]})")
-    return Pruned(engine, result, mode, notes, skip, layer_sparsity, shared and used_dense)
+    return Pruned(engine, result, mode, notes, skip, layer_sparsity, shared and used_dense, residual_permuted)
+
+
+def residual_stream_order(engine: LayerwiseEngine, plan: ResidualPlan, stats: dict[str, ChannelStats],
+                          target: Target) -> tuple[torch.Tensor, str]:
+    """One order of the residual stream for every pruned reader's N:M groups, chosen on their Wanda scores (the one
+    score all methods' statistics allow), and the report's note on it."""
+    assert target.nm is not None  # validate_reordering: N:M only
+    names = [(i, r) for i in range(len(engine.layers)) for r in plan.readers if f"{engine.layers_name}.{i}.{r}" in stats]
+    rows = sum(engine.layers[i].get_submodule(r).out_features for i, r in names)
+
+    def scores() -> Iterator[torch.Tensor]:
+        for i in sorted({i for i, _ in names}):
+            with engine.layer(i) as layer:
+                for j, r in names:
+                    if j == i:
+                        s = stats[f"{engine.layers_name}.{i}.{r}"]
+                        yield layer.get_submodule(r).weight.detach().float().abs() * s.m2.to(engine.device).sqrt()
+
+    order, sampled, gain = residual_order(scores(), rows, *target.nm, target.lsa)
+    how = "heuristic order refined by LSA" if target.lsa else "heuristic order"
+    return order, (f"residual stream permuted for N:M ({len(order)} channels, {how}, on {sampled} of {rows} reader "
+                   f"rows' Wanda scores): kept score {gain:+.3%} against the stored order")
 
 
 def perplexities(cfg: Config, engine: LayerwiseEngine, evals: list[EvalSet], ui: UI) -> list[dict[str, Any]]:
@@ -463,9 +503,10 @@ class Run:
             "method": p.method,
             "options": asdict(self.method.options),
             "pattern": p.pattern,
-            "pattern_label": pattern_label(self.cfg, target, realloc),
+            "pattern_label": pattern_label(self.cfg, target, realloc, pruned.residual_permuted),
             "reallocation": realloc,
             "lsa": target.lsa,
+            "residual_permutation": pruned.residual_permuted,
             "target_sparsity": target.sparsity,
             "profile": p.profile,
             "layer_target_sparsity": pruned.layer_sparsity,
@@ -494,11 +535,12 @@ class Run:
         (folder / "report.json").write_text(json.dumps(report, indent=2))
 
 
-def pattern_label(cfg: Config, target: Target, reallocation: bool | str) -> str:
+def pattern_label(cfg: Config, target: Target, reallocation: bool | str, residual: bool = False) -> str:
     p = cfg.pruning
     if target.nm:
         where = {True: ", channel reallocation", "absorbed": ", channel reallocation where absorbed"}
-        return p.pattern + where.get(reallocation, "") + (" (LSA-refined)" if reallocation and target.lsa else "")
+        orders = where.get(reallocation, "") + (", residual stream permuted" if residual else "")
+        return p.pattern + orders + (" (LSA-refined)" if orders and target.lsa else "")
     owl = ", OWL layer profile" if p.profile == "owl" else ""
     return f"{p.sparsity:.0%} unstructured (per {target.granularity}{owl})"
 

@@ -42,6 +42,7 @@ from statprune_cli.export import replace_dir, write_extras
 from statprune_cli.layers import find_decoder_layers
 from statprune_cli.load import torch_dtype
 from statprune_cli.masks import count_zeros
+from statprune_cli.permute import ResidualPlan
 
 INDEX = "model.safetensors.index.json"
 
@@ -174,6 +175,7 @@ class StreamedLayers:
     def __init__(self, checkpoint: Checkpoint, layers_name: str, dtype: torch.dtype | str) -> None:
         self.checkpoint, self.layers_name = checkpoint, layers_name
         self.dtype = None if dtype == "auto" else dtype
+        self.residual: tuple[ResidualPlan, torch.Tensor] | None = None  # applied to what is read from the checkpoint
 
     def fetch(self, index: int, layer: nn.Module, device: torch.device) -> None:
         prefix = f"{self.layers_name}.{index}."
@@ -189,6 +191,8 @@ class StreamedLayers:
                 meta = layer.get_parameter(n)
                 t = torch.zeros(meta.shape, dtype=meta.dtype)
             set_module_tensor_to_device(layer, n, device, value=t)
+        if self.residual is not None:
+            self.residual[0].permute_layer(layer, self.residual[1])
 
     def release(self, index: int, layer: nn.Module) -> None:
         for n in _state_names(layer):
@@ -199,6 +203,14 @@ class StreamedLayers:
         """Embeddings, final norm and head back from the checkpoint if ``release_outside`` dropped them."""
         if any(t.is_meta for t in _outside_tensors(model, self.layers_name).values()):
             load_outside(model, self.checkpoint, self.layers_name, self.dtype, device)
+            if self.residual is not None:
+                self.residual[0].permute_outside(model, self.residual[1])
+
+    def permute_residual(self, model: nn.Module, plan: ResidualPlan, order: torch.Tensor) -> None:
+        """The layers as they are read; the weights outside them now, or when they are read again if dropped."""
+        self.residual = (plan, order)
+        if not any(t.is_meta for t in _outside_tensors(model, self.layers_name).values()):
+            plan.permute_outside(model, order)
 
     def release_outside(self, model: nn.Module) -> None:
         """Drop the weights outside the layers while the layers run: the embeddings can be as large as a layer or two.

@@ -59,17 +59,20 @@ class Cell:
                 "not_applicable": self.not_applicable}
 
 
-SUFFIXES = "+owl, +owl(key=value;...), +realloc, +realloc(absorbed), +realloc(off), +lsa or +lsa(off)"
+SUFFIXES = ("+owl, +owl(key=value;...), +realloc, +realloc(absorbed), +realloc(off), +resperm, +resperm(off), +lsa or "
+            "+lsa(off)")
 REALLOC_SUFFIXES: dict[str, bool | str] = {"realloc": True, "realloc(absorbed)": "absorbed", "realloc(off)": False}
-PATTERN_BOUND = ("pruning.profile", "pruning.reallocation", "pruning.lsa")  # keys valid for some patterns only: n/a cells elsewhere
+# keys valid for some patterns only: n/a cells elsewhere
+PATTERN_BOUND = ("pruning.profile", "pruning.reallocation", "pruning.residual_permutation", "pruning.lsa")
 
 
 def parse_method(text: str) -> tuple[str, dict[str, Any]]:
     """A --methods entry -> (method, pruning overrides). 'wanda': that method as configured; '+owl' adds the OWL
     layer profile, '+owl(m=7;lam=0.04)' with those ``pruning.owl`` keys; '+realloc' adds N:M channel
     reallocation, '+realloc(absorbed)' only where the model absorbs it, '+realloc(off)' none (statprune has it at N:M);
-    '+lsa' refines the reallocation by linear sum assignment (``pruning.lsa``), '+lsa(off)' does not (statprune does
-    at N:M)."""
+    '+resperm' permutes the residual stream for its readers' N:M groups (``pruning.residual_permutation``),
+    '+resperm(off)' does not (statprune does at N:M); '+lsa' refines the reallocation orders by linear sum assignment
+    (``pruning.lsa``), '+lsa(off)' does not (statprune does at N:M)."""
     method, *extras = text.strip().split("+")
     if method not in METHODS:
         raise ConfigError("--methods", f"unknown method {method!r} in {text!r}; expected some of {', '.join(sorted(METHODS))}")
@@ -86,6 +89,8 @@ def parse_method(text: str) -> tuple[str, dict[str, Any]]:
                 overrides["owl"][key.strip()] = yaml.safe_load(value)
         elif extra in REALLOC_SUFFIXES:
             overrides["reallocation"] = REALLOC_SUFFIXES[extra]
+        elif extra in ("resperm", "resperm(off)"):
+            overrides["residual_permutation"] = extra == "resperm"
         elif extra in ("lsa", "lsa(off)"):
             overrides["lsa"] = extra == "lsa"
         else:
@@ -244,9 +249,9 @@ def sweep_table(result: dict[str, Any]) -> str:
         lines.append(f"| {m} | " + " | ".join(cell(by[(m, s)]) for s in settings) + " |")
     if any(c["not_applicable"] for c in result["cells"]):
         lines += ["", "n/a: the method's suffix does not apply to that setting (OWL spreads an unstructured sparsity; "
-                      "channel reallocation is for N:M patterns)."]
+                      "channel reallocation and the residual permutation are for N:M patterns)."]
     if any(c["shared_dense_statistics"] for c in result["cells"]):
-        lines += ["", f"\\* used dense-model statistics (for the masks, or OWL's layer ratios) collected once for "
+        lines += ["", f"\\* used dense-model statistics (for the masks, OWL's layer ratios or the residual order) collected once for "
                       f"every such cell: {result['shared_dense_seconds']:.1f} s, not in the cells' times; run alone, "
                       f"such a cell collects them itself."]
     return "\n".join(lines) + "\n"

@@ -369,21 +369,26 @@ def test_owl_threshold_is_the_methods_unless_set(method: str, m: float | None, e
     assert [n for n in json.loads(res.stdout)["notes"] if n.startswith(f"OWL layer sparsities ({expected} lambda 0.1)")]
 
 
-@pytest.mark.parametrize("method,pattern,setting,expected,lsa", [
-    ("statprune", "2:4", {}, "absorbed", True), ("statprune", "4:8", {}, "absorbed", True),
-    ("statprune", "2:4", {"reallocation": False}, False, False), ("statprune", "2:4", {"lsa": False}, "absorbed", False),
-    ("statprune", "4:8", {"reallocation": True}, True, True),
-    ("wanda", "2:4", {}, False, False), ("wanda", "2:4", {"reallocation": "absorbed"}, "absorbed", False)])
-def test_reallocation_and_lsa_are_the_methods_unless_set(method: str, pattern: str, setting: dict, expected: bool | str,
-                                                          lsa: bool, tmp_path: Path, tiny_model_dir: Path,
-                                                          text_files: dict[str, Path]) -> None:
+@pytest.mark.parametrize("method,pattern,setting,expected,lsa,residual", [
+    ("statprune", "2:4", {}, "absorbed", True, True), ("statprune", "4:8", {}, "absorbed", True, True),
+    ("statprune", "2:4", {"reallocation": False}, False, True, True),
+    ("statprune", "2:4", {"reallocation": False, "residual_permutation": False}, False, False, False),
+    ("statprune", "2:4", {"lsa": False}, "absorbed", False, True),
+    ("statprune", "4:8", {"reallocation": True, "residual_permutation": False}, True, True, False),
+    ("wanda", "2:4", {}, False, False, False), ("wanda", "2:4", {"reallocation": "absorbed"}, "absorbed", False, False),
+    ("wanda", "4:8", {"residual_permutation": True}, False, False, True)])
+def test_reallocation_lsa_and_residual_permutation_are_the_methods_unless_set(
+        method: str, pattern: str, setting: dict, expected: bool | str, lsa: bool, residual: bool, tmp_path: Path,
+        tiny_model_dir: Path, text_files: dict[str, Path]) -> None:
     cfg = write_config(tmp_path / "run.yaml", tiny_model_dir, text_files, tmp_path / "out",
                        pruning={"method": method, "pattern": pattern, **setting})
     res = runner.invoke(app, ["prune", str(cfg), "-q", "--json"])
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
-    assert (report["reallocation"], report["lsa"]) == (expected, lsa)
+    assert (report["reallocation"], report["lsa"], report["residual_permutation"]) == (expected, lsa, residual)
     down = report["layers"][0]["linears"]["model.layers.0.mlp.down_proj"]
     assert ("reallocation_kept_score_gain" in down) == bool(expected)
+    assert any(n.startswith("residual stream permuted") for n in report["notes"]) == residual
     where = {True: ", channel reallocation", "absorbed": ", channel reallocation where absorbed"}.get(expected, "")
+    where += ", residual stream permuted" if residual else ""
     assert report["pattern_label"] == pattern + where + (" (LSA-refined)" if lsa else "")

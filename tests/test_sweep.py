@@ -34,7 +34,8 @@ def test_sweep_runs_every_cell_and_writes_table_and_plot(cfg: Path, tmp_path: Pa
         assert c["sparsity"] == pytest.approx(expected, abs=0.02) and c["perplexity"][0] > 1
     assert json.loads((out / "sweep.json").read_text())["cells"] == result["cells"]
     shared = {(c["method"], c["setting"]) for c in result["cells"] if c["shared_dense_statistics"]}
-    assert shared == {("statprune", "70%")}  # the one cell calibrated on the dense activations (statprune from 60%)
+    # statprune from 60% is calibrated on the dense activations; at N:M its residual order is chosen on them
+    assert shared == {("statprune", "70%"), ("statprune", "2:4")}
     assert result["shared_dense_seconds"] > 0
     table = (out / "sweep.md").read_text().splitlines()
     assert table[2] == "| method | 70% | 2:4 |" and len(table) == 4 + 5 + 2
@@ -93,6 +94,9 @@ def test_realloc_suffixes_set_the_reallocation_key() -> None:
     assert parse_method("statprune+realloc(off)") == ("statprune", {"method": "statprune", "reallocation": False})
     assert parse_method("wanda+realloc+lsa") == ("wanda", {"method": "wanda", "reallocation": True, "lsa": True})
     assert parse_method("statprune+lsa(off)") == ("statprune", {"method": "statprune", "lsa": False})
+    assert parse_method("sparsegpt+resperm+lsa") == ("sparsegpt", {"method": "sparsegpt", "residual_permutation": True,
+                                                                   "lsa": True})
+    assert parse_method("statprune+resperm(off)") == ("statprune", {"method": "statprune", "residual_permutation": False})
 
 
 @pytest.mark.parametrize("args,message", [

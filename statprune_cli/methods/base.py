@@ -83,6 +83,12 @@ class Method:
         return False
 
     @property
+    def residual_permutation(self) -> bool:
+        """Unless ``pruning.residual_permutation`` says: permute the residual stream for its readers' N:M groups
+        (``permute.residual_plan``); not in the baselines' papers."""
+        return False
+
+    @property
     def lsa(self) -> bool:
         """Unless ``pruning.lsa`` says: refine the reallocation order by linear sum assignment wherever the run
         reallocates; not in the baselines' papers by default (RIA's ``--lsa`` is a flag)."""

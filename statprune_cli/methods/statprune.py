@@ -142,6 +142,10 @@ class StatPrune(Method):
         return "absorbed" if self.nm else False  # measured (scripts/ablate.py): see the module's docstring
 
     @property
+    def residual_permutation(self) -> bool:
+        return self.nm is not None  # measured (scripts/ablate.py): see the module's docstring
+
+    @property
     def lsa(self) -> bool:
         return True  # measured (scripts/ablate.py): see the module's docstring; applies only where the run reallocates
 
