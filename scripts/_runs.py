@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from statprune_cli.sweep import parse_method
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 HF_MODEL = ROOT / "models" / "smollm2-135m-hf"
@@ -78,6 +80,15 @@ def pattern_overrides(setting: str) -> list[str]:
     if setting.endswith("%"):
         return [f"pruning.sparsity={float(setting[:-1]) / 100}", "pruning.pattern=unstructured"]
     return [f"pruning.pattern={setting}"]
+
+
+def method_overrides(name: str) -> list[str]:
+    """A --methods entry as ``--set`` flags, with the suffixes of ``statprune sweep --methods`` ('wanda+owl(m=7)',
+    'ria+realloc'; ``statprune_cli.sweep.parse_method``); without ``+owl`` the profile is uniform."""
+    _, overrides = parse_method(name)
+    owl = overrides.pop("owl", {})
+    flags = {"profile": "uniform", **overrides, **{f"owl.{k}": v for k, v in owl.items()}}
+    return [f"pruning.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in flags.items()]
 
 
 def common_overrides(model: Path, nsamples: int, seqlen: int, eval_tokens: int, split: str) -> list[str]:

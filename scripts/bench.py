@@ -21,9 +21,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import SECTIONS, RESULTS, common_overrides, ensure_model, load_jsonl, pattern_overrides, run_grid, write_section  # noqa: E402
+from _runs import (SECTIONS, RESULTS, common_overrides, ensure_model, load_jsonl, method_overrides, pattern_overrides,  # noqa: E402
+                  run_grid, write_section)
 
-from statprune_cli.sweep import parse_method, write_plot  # noqa: E402
+from statprune_cli.sweep import write_plot  # noqa: E402
 
 
 def main() -> None:
@@ -59,15 +60,6 @@ TITLES = {"bench": "perplexity by method and sparsity", "owl": "the OWL layer pr
           "realloc-lsa": "N:M with the reallocation order refined by linear sum assignment"}
 
 
-def method_overrides(name: str) -> list[str]:
-    """A --methods entry as ``--set`` flags, with the suffixes of ``statprune sweep --methods`` ('wanda+owl(m=7)',
-    'ria+realloc'; ``statprune_cli.sweep.parse_method``); without ``+owl`` the profile is uniform."""
-    _, overrides = parse_method(name)
-    owl = overrides.pop("owl", {})
-    flags = {"profile": "uniform", **overrides, **{f"owl.{k}": v for k, v in owl.items()}}
-    return [f"pruning.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in flags.items()]
-
-
 def write_doc(args: argparse.Namespace, key: str) -> None:
     rows = [r for r in load_jsonl(args.results) if r["key"] == key]
     by = {(r["method"], r["setting"]): r for r in rows}
@@ -88,8 +80,9 @@ def write_doc(args: argparse.Namespace, key: str) -> None:
         "`+owl`: the OWL layer profile (M the method's: 5, statprune 7; lambda 0.08; a parenthesis sets them). "
         "`+realloc`: N:M channel reallocation (`pruning.reallocation`; N:M in the permuted channel order, MLP down projections "
         "as stored). `+realloc(absorbed)`: only on the MLP down projections (every weight N:M as stored; statprune's "
-        "default at 2:4). `+realloc(off)`: none. `+lsa`: the reallocation order refined by linear sum assignment "
-        "(`pruning.lsa`).",
+        "default at N:M). `+realloc(off)`: none. `+resperm`: one permutation of the residual stream for every linear "
+        "that reads it (`pruning.residual_permutation`; every weight N:M as stored; statprune's default at N:M). `+lsa`: "
+        "the reallocation orders refined by linear sum assignment (`pruning.lsa`). `(off)`: without statprune's default.",
         "",
         "### Perplexity (lower is better)",
         "",

@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import (RESULTS, ROOT, append_jsonl, common_overrides, ensure_model, load_jsonl, pattern_overrides, prune,  # noqa: E402
-                   synthetic_llama, write_section)
+from _runs import (RESULTS, ROOT, append_jsonl, common_overrides, ensure_model, load_jsonl, method_overrides,  # noqa: E402
+                   pattern_overrides, prune, synthetic_llama, write_section)
 
 WIDE = ROOT / "models" / "synthetic-llama-h4096-l4"
 
@@ -50,7 +50,7 @@ def main() -> None:
                 if (key, name, method, rep) in done:
                     continue
                 overrides = common_overrides(paths[name], args.nsamples, args.seqlen, args.seqlen, "test")
-                overrides += [f"pruning.method={method}", "eval.datasets=[]", *pattern_overrides(args.setting)]
+                overrides += [*method_overrides(method), "eval.datasets=[]", *pattern_overrides(args.setting)]
                 r = prune(overrides, ROOT / "bench-out" / "cost-tmp")
                 rec = {"key": key, "model": name, "method": method, "repeat": rep, "prune_s": r["timings"]["prune"],
                        "load_s": r["timings"]["load"], "peak_rss_mib": r["memory"]["peak_rss_mib"],
@@ -106,7 +106,7 @@ def write_doc(args: argparse.Namespace, key: str) -> None:
 
 
 # rows written before the command was recorded with each row
-OLD_CMD = {"n8-s512-2:4": "python scripts/bench_cost.py --methods wanda,statprune --models smollm2 --nsamples 8 --seqlen 512 --repeats 3 --setting 2:4"}
+OLD_CMD = {"n8-s512-2:4-before-resperm": "python scripts/bench_cost.py --methods wanda,statprune --models smollm2 --nsamples 8 --seqlen 512 --repeats 3 --setting 2:4"}
 
 READING = """Reading it. statprune runs exactly Wanda's passes (per decoder layer one statistics pass, which stops at
 the last target linear's input, and one pass of the pruned layer) and differs only in which positions feed the statistics, so its cost is Wanda's up to noise;

@@ -6,8 +6,9 @@ projection reads ``act(gate(x)) * up(x)``, OPT's fc2 reads ``act(fc1(x))``), reo
 rows (and biases) in the same way leaves the layer's function unchanged: the down projection can then be
 stored with its columns in the reallocation order, where its mask is N:M as it stands, and no runtime has
 to gather its input. Rows are free to move for the producers' own N:M masks too, which run along their
-inputs. Other inputs (q/k/v and gate/up read the residual stream; o_proj reads attention heads) are not
-absorbed here: their permutations stay in the output's pruning_extras.safetensors.
+inputs. Other inputs are not absorbed one linear at a time (o_proj reads attention heads; q/k/v and gate/up
+read the residual stream): their reallocation orders stay in the output's pruning_extras.safetensors. The
+residual stream can instead take one order shared by all its readers (``residual_plan``, ``residual_order``).
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ def residual_order(scores: Iterable[torch.Tensor], total_rows: int, n: int, m: i
     at most that many, which bounds memory and the LSA's cost on any model. Returns the order, the rows it was
     chosen on, and the N:M kept score it gains on them against the stored order."""
     step = max(1, -(-total_rows // rows))
-    stacked = torch.cat([(s / s.mean())[::step].float().cpu() for s in scores])
+    stacked = torch.cat([(s / s.mean().clamp_min(1e-30))[::step].float().cpu() for s in scores])  # a dead reader: zeros
     order = reallocation_order(stacked, m)
     if lsa:
         order = refine_order(stacked, order, n, m)

@@ -282,10 +282,11 @@ def residual_stream_order(engine: LayerwiseEngine, plan: ResidualPlan, stats: di
                         s = stats[f"{engine.layers_name}.{i}.{r}"]
                         yield layer.get_submodule(r).weight.detach().float().abs() * s.m2.to(engine.device).sqrt()
 
+    t0 = time.perf_counter()
     order, sampled, gain = residual_order(scores(), rows, *target.nm, target.lsa)
     how = "heuristic order refined by LSA" if target.lsa else "heuristic order"
     return order, (f"residual stream permuted for N:M ({len(order)} channels, {how}, on {sampled} of {rows} reader "
-                   f"rows' Wanda scores): kept score {gain:+.3%} against the stored order")
+                   f"rows' Wanda scores, {time.perf_counter() - t0:.1f} s): kept score {gain:+.3%} against the stored order")
 
 
 def perplexities(cfg: Config, engine: LayerwiseEngine, evals: list[EvalSet], ui: UI) -> list[dict[str, Any]]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ARCHS, COMMON, tiny_model, tiny_tokenizer, write_config
-from test_streaming import assert_same_weights, prune, tensors
+from test_streaming import assert_same_weights, prune, run_cli, tensors
 from torch import nn
 from transformers import AutoModelForCausalLM, Phi3Config
 
@@ -128,3 +128,20 @@ def test_a_run_with_it_equals_a_run_on_the_checkpoint_permuted_beforehand(
     assert reference["perplexity"] == mem["perplexity"] and reference["residual_permutation"] is False
     report = json.loads((tmp_path / "mem" / "report.json").read_text())
     assert report["residual_permutation"] is True
+
+
+def test_a_streamed_run_resumed_after_sigkill_permutes_the_same_way(tmp_path: Path, tiny_model_dir: Path,
+                                                                    text_files: dict[str, Path]) -> None:
+    """The resumed process chooses the order again (the same dense pass): its layers must meet the saved activations
+    and the layers already written in the same residual order."""
+    cfg = write_config(tmp_path / "run.yaml", tiny_model_dir, text_files, tmp_path / "out",
+                       pruning={"method": "statprune", "pattern": "2:4"}, runtime={"device": "cpu", "streaming": True})
+    whole = run_cli(cfg, "-o", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+    assert run_cli(cfg, env={"STATPRUNE_TEST_KILL_AFTER_LAYER": "1"}).returncode == -9
+    resumed = run_cli(cfg, "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_weights(tmp_path / "whole", tmp_path / "out")
+    report = json.loads(resumed.stdout)
+    assert report["residual_permutation"] is True
+    assert report["perplexity"] == json.loads((tmp_path / "whole" / "report.json").read_text())["perplexity"]

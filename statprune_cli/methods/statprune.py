@@ -53,6 +53,10 @@ refined by linear sum assignment (unless ``pruning.lsa`` is set). At 2:4, absorb
 without it: -10.6, -7.7 and -8.3% over three validation seeds, and the refinement on top -1.9, -0.1 and -7.8%. At 4:8
 absorbed alone lost (+5.5%, seed 0) but with the refinement it gains: -1.5, -4.7 and -0.5% against the stored order.
 
+residual permutation (unless ``pruning.residual_permutation`` is set): at N:M, one order of the residual stream for
+q/k/v and gate/up, stored in the checkpoint (permute.py), on top of the above: -8.8, -5.5 and -0.5% at 2:4, -0.6,
+-1.9 and -5.1% at 4:8 over three validation seeds.
+
 OWL's outlier threshold (unless ``pruning.owl.m`` is set): M 7, not the paper's 5. At 70%, one pass, M 5 moved
 statprune against uniform by -6.3, +31.7 and -5.1% over three validation seeds; M 7 by -18.8, +2.2 and -13.8%, better
 than M 5 on every seed (and on the test benchmark -13.9, -0.9 and -10.4%, where M 5 gave +0.8, +61.1 and -8.1%).
