@@ -132,7 +132,11 @@ READING_NM = """At an N:M pattern statprune adds to Wanda's passes its energy co
 the squared weights with the channels' second moments and one scaling of the kept weights) and the LSA-refined
 reallocation of each MLP down projection: per position of the groups and block of 256 groups, a rows x 256 x 256
 elementwise gain matrix and one assignment solved by scipy, 6-8 s for a 4096 x 11008 down projection on these 2 cores
-(`pruning.lsa: false` leaves it out, at the refinement's quality: see the README's Ablation). On a GPU the
+(`pruning.lsa: false` leaves it out, at the refinement's quality: see the README's Ablation). Since fd41e74 it
+also permutes the residual stream first: one dense calibration pass over the windows, then the same LSA on the
+readers' stacked scores (at most 65,536 rows x hidden), then the permutation of every tensor that indexes the
+stream. `statprune+resperm(off)` is the run without that step, so the difference between the two statprune columns
+is its cost (`pruning.residual_permutation: false` leaves it out, at its quality: see the README). On a GPU the
 elementwise work runs there too (not measured here); the 256 x 256 assignments always run on the CPU."""
 
 

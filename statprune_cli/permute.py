@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from statprune_cli.masks import nm_mask, reallocation_order, refine_order
+from statprune_cli.masks import CHUNK_ELEMENTS, nm_mask, reallocation_order, refine_order
 
 # A linear's leaf name -> its siblings whose output rows are its input channels, through an elementwise map.
 PRODUCERS: dict[str, tuple[str, ...]] = {
@@ -147,10 +147,17 @@ def residual_order(scores: Iterable[torch.Tensor], total_rows: int, n: int, m: i
     at most that many, which bounds memory and the LSA's cost on any model. Returns the order, the rows it was
     chosen on, and the N:M kept score it gains on them against the stored order."""
     step = max(1, -(-total_rows // rows))
-    stacked = torch.cat([(s / s.mean().clamp_min(1e-30))[::step].float().cpu() for s in scores])  # a dead reader: zeros
+    # the sampled rows are copied out before the next reader's score is made: only one full score matrix at a time
+    stacked = torch.cat([(s[::step] / s.mean().clamp_min(1e-30)).float().cpu() for s in scores])  # a dead reader: zeros
     order = reallocation_order(stacked, m)
     if lsa:
         order = refine_order(stacked, order, n, m)
-    before = stacked[~nm_mask(stacked, n, m)].sum()
-    stacked = stacked[:, order]
-    return order, stacked.shape[0], float(stacked[~nm_mask(stacked, n, m)].sum() / before - 1.0)
+    gain = _kept_score(stacked, order, n, m) / _kept_score(stacked, torch.arange(stacked.shape[1]), n, m) - 1.0
+    return order, stacked.shape[0], gain
+
+
+def _kept_score(score: torch.Tensor, order: torch.Tensor, n: int, m: int) -> float:
+    """The score N:M keeps with the columns in ``order``, a few MB of rows at a time (no copy of the whole matrix)."""
+    step = max(1, CHUNK_ELEMENTS // score.shape[1])
+    return sum(float(part.masked_fill(nm_mask(part, n, m), 0.0).sum(dtype=torch.float64))
+               for part in (rows[:, order] for rows in score.split(step)))
