@@ -91,9 +91,11 @@ class ResidualPlan:
 
 @torch.no_grad()
 def _permute(module: nn.Module, entries: list[tuple[str, int]], order: torch.Tensor) -> None:
+    """In place, as ``absorb``: a new tensor per weight left the loaded (memory-mapped) storage resident beside the
+    permuted copies (the wide model's 2:4 run peaked at 8.3 GB RSS against 4.5 GB without the step)."""
     for name, dim in entries:
         t = module.get_parameter(name)
-        t.data = t.data.index_select(dim, order.to(t.device, torch.long))
+        t.data.copy_(t.data.index_select(dim, order.to(t.device, torch.long)))
 
 
 def residual_plan(model: nn.Module, layers_name: str, hidden: int) -> ResidualPlan | str:
