@@ -271,14 +271,14 @@ def residual_stream_order(engine: LayerwiseEngine, plan: ResidualPlan, stats: di
     """One order of the residual stream for every pruned reader's N:M groups, chosen on their Wanda scores (the one
     score all methods' statistics allow), and the report's note on it."""
     assert target.nm is not None  # validate_reordering: N:M only
-    names = [(i, r) for i in range(len(engine.layers)) for r in plan.readers if f"{engine.layers_name}.{i}.{r}" in stats]
-    rows = sum(engine.layers[i].get_submodule(r).out_features for i, r in names)
+    pruned = {i: [r for r in plan.readers if f"{engine.layers_name}.{i}.{r}" in stats] for i in range(len(engine.layers))}
+    rows = sum(engine.layers[i].get_submodule(r).out_features for i, readers in pruned.items() for r in readers)
 
     def scores() -> Iterator[torch.Tensor]:
-        for i in sorted({i for i, _ in names}):
-            with engine.layer(i) as layer:
-                for j, r in names:
-                    if j == i:
+        for i, readers in pruned.items():
+            if readers:
+                with engine.layer(i) as layer:
+                    for r in readers:
                         s = stats[f"{engine.layers_name}.{i}.{r}"]
                         yield layer.get_submodule(r).weight.detach().float().abs() * s.m2.to(engine.device).sqrt()
 
@@ -286,7 +286,8 @@ def residual_stream_order(engine: LayerwiseEngine, plan: ResidualPlan, stats: di
     order, sampled, gain = residual_order(scores(), rows, *target.nm, target.lsa)
     how = "heuristic order refined by LSA" if target.lsa else "heuristic order"
     return order, (f"residual stream permuted for N:M ({len(order)} channels, {how}, on {sampled} of {rows} reader "
-                   f"rows' Wanda scores, {time.perf_counter() - t0:.1f} s): kept score {gain:+.3%} against the stored order")
+                   f"rows' Wanda scores, {time.perf_counter() - t0:.1f} s): kept score {gain:+.3%} against the "
+                   "stored order")
 
 
 def perplexities(cfg: Config, engine: LayerwiseEngine, evals: list[EvalSet], ui: UI) -> list[dict[str, Any]]:

@@ -251,9 +251,9 @@ def sweep_table(result: dict[str, Any]) -> str:
         lines += ["", "n/a: the method's suffix does not apply to that setting (OWL spreads an unstructured sparsity; "
                       "channel reallocation and the residual permutation are for N:M patterns)."]
     if any(c["shared_dense_statistics"] for c in result["cells"]):
-        lines += ["", f"\\* used dense-model statistics (for the masks, OWL's layer ratios or the residual order) collected once for "
-                      f"every such cell: {result['shared_dense_seconds']:.1f} s, not in the cells' times; run alone, "
-                      f"such a cell collects them itself."]
+        lines += ["", "\\* used dense-model statistics (for the masks, OWL's layer ratios or the residual order) "
+                      f"collected once for every such cell: {result['shared_dense_seconds']:.1f} s, not in the cells' "
+                      "times; run alone, such a cell collects them itself."]
     return "\n".join(lines) + "\n"
 
 
