@@ -243,7 +243,8 @@ def prune_model(
             residual_permuted = True
             notes.append(note)
             if stats is not None:  # copies: the statistics may be shared (a sweep's dense ones)
-                readers = {f"{engine.layers_name}.{i}.{r}" for i in range(len(engine.layers)) for r in plan.readers}
+                by_layer = plan.reader_names(engine.layers_name, len(engine.layers)).values()
+                readers = {n for names in by_layer for n in names}
                 stats = {k: s.permuted(order) if k in readers else s for k, s in stats.items()}
     realloc_mode = reallocation_mode(cfg.pruning, method)
 
@@ -271,16 +272,17 @@ def residual_stream_order(engine: LayerwiseEngine, plan: ResidualPlan, stats: di
     """One order of the residual stream for every pruned reader's N:M groups, chosen on their Wanda scores (the one
     score all methods' statistics allow), and the report's note on it."""
     assert target.nm is not None  # validate_reordering: N:M only
-    pruned = {i: [r for r in plan.readers if f"{engine.layers_name}.{i}.{r}" in stats] for i in range(len(engine.layers))}
-    rows = sum(engine.layers[i].get_submodule(r).out_features for i, readers in pruned.items() for r in readers)
+    pruned = {i: [n for n in names if n in stats]
+              for i, names in plan.reader_names(engine.layers_name, len(engine.layers)).items()}
+    rows = sum(engine.model.get_submodule(n).out_features for names in pruned.values() for n in names)
 
     def scores() -> Iterator[torch.Tensor]:
-        for i, readers in pruned.items():
-            if readers:
-                with engine.layer(i) as layer:
-                    for r in readers:
-                        s = stats[f"{engine.layers_name}.{i}.{r}"]
-                        yield layer.get_submodule(r).weight.detach().float().abs() * s.m2.to(engine.device).sqrt()
+        for i, names in pruned.items():
+            if names:
+                with engine.layer(i):
+                    for n in names:
+                        weight = engine.model.get_submodule(n).weight.detach().float()
+                        yield weight.abs() * stats[n].m2.to(engine.device).sqrt()
 
     t0 = time.perf_counter()
     order, sampled, gain = residual_order(scores(), rows, *target.nm, target.lsa)
