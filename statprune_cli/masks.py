@@ -63,6 +63,14 @@ def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return mask.reshape(rows, cols)
 
 
+def nm_kept_score(score: torch.Tensor, n: int, m: int, order: torch.Tensor | None = None) -> float:
+    """The score an N:M mask keeps, with the columns in ``order`` (default: as stored), a few MB of rows at a time:
+    no mask and no permuted copy of the whole matrix."""
+    step = max(1, CHUNK_ELEMENTS // score.shape[1])
+    return sum(float((rows if order is None else rows[:, order]).unflatten(1, (-1, m))
+                     .topk(m - n, dim=-1, sorted=False).values.sum(dtype=torch.float64)) for rows in score.split(step))
+
+
 def reallocation_order(score: torch.Tensor, m: int) -> torch.Tensor:
     """A permutation of the input channels for N:M (RIA's channel reallocation): position p holds channel ``order[p]``.
 

@@ -28,7 +28,7 @@ from statprune_cli.export import EXTRAS_NAME, atomic_dir, check_output_dir, save
 from statprune_cli.layers import find_decoder_layers
 from statprune_cli.load import check_against_model, enable_biases, load_model, load_model_config, load_tokenizer, torch_dtype
 from statprune_cli.methods import Method, Target, build_method
-from statprune_cli.permute import ResidualPlan, producers, residual_order, residual_plan
+from statprune_cli.permute import RESIDUAL_TOKENS, ResidualPlan, producers, residual_order, residual_plan
 from statprune_cli.perplexity import EvalSet, evaluate_perplexity, load_eval_set
 from statprune_cli.profile import outlier_ratio, owl_sparsities
 from statprune_cli.report import layer_summary, model_sparsity, package_versions, peak_memory
@@ -172,23 +172,33 @@ class Placement:
 
 
 class DenseStats:
-    """Dense-model statistics, collected once per (skip, gram) and reused: OWL's ratios, the sweep's cells."""
+    """Dense-model statistics, collected once per (skip, gram, token budget) and reused: OWL's ratios, the
+    residual order, the sweep's cells."""
 
     def __init__(self, cfg: Config, batches: list[torch.Tensor] | None, ui: UI) -> None:
         self.cfg, self.batches, self.ui = cfg, batches, ui
-        self.cache: dict[tuple[int, bool], dict[str, ChannelStats]] = {}
+        self.cache: dict[tuple[int, bool, int | None], dict[str, ChannelStats]] = {}
         self.seconds = 0.0  # spent collecting, so a sweep can keep it out of the cell that happens to ask first
 
-    def get(self, engine: LayerwiseEngine, skip: int, gram: bool) -> dict[str, ChannelStats]:
-        for (s, g), stats in self.cache.items():
-            if s == skip and (g or not gram):
+    def get(self, engine: LayerwiseEngine, skip: int, gram: bool, tokens: int | None = None) -> dict[str, ChannelStats]:
+        """Statistics over every window, or over the first windows that hold ``tokens`` tokens (enough for an
+        estimate that needs no more: a pass costs in proportion to its tokens). Statistics already collected over
+        more windows serve a smaller budget."""
+        for (s, g, t), stats in sorted(self.cache.items(), key=lambda item: item[0][2] is not None):  # all windows first
+            if s == skip and (g or not gram) and (t is None or (tokens is not None and t >= tokens)):
                 return stats
-        self.ui.log("one dense calibration pass" + (" with input Hessians" if gram else ""))
+        batches = self.batches
+        if tokens is not None and batches:
+            ends = torch.tensor([b.numel() for b in batches]).cumsum(0)
+            count = int((ends < tokens).sum()) + 1
+            batches = batches[:count] if count < len(batches) else batches
+        self.ui.log("one dense calibration pass" + (" with input Hessians" if gram else "")
+                    + (f" over {len(batches)} of {len(self.batches)} batches" if batches is not self.batches else ""))
         p = self.cfg.pruning
         t0 = time.perf_counter()
-        stats = engine.run(None, lambda i, name: Target(0.0), p.targets, p.ignore, self.batches, skip_first=skip, gram=gram).stats
+        stats = engine.run(None, lambda i, name: Target(0.0), p.targets, p.ignore, batches, skip_first=skip, gram=gram).stats
         self.seconds += time.perf_counter() - t0
-        self.cache[(skip, gram)] = stats
+        self.cache[(skip, gram, None if batches is self.batches else tokens)] = stats
         return stats
 
 
@@ -236,7 +246,7 @@ def prune_model(
         if isinstance(plan, str):
             notes.append(f"residual stream kept in its stored order ({plan})")
         else:
-            base = stats if stats is not None else dense.get(engine, skip, False)
+            base = stats if stats is not None else dense.get(engine, skip, False, RESIDUAL_TOKENS)
             used_dense = used_dense or stats is None
             order, note = residual_stream_order(engine, plan, base, target)
             engine.io.permute_residual(model, plan, order)
@@ -287,9 +297,10 @@ def residual_stream_order(engine: LayerwiseEngine, plan: ResidualPlan, stats: di
     t0 = time.perf_counter()
     order, sampled, gain = residual_order(scores(), rows, *target.nm, target.lsa)
     how = "heuristic order refined by LSA" if target.lsa else "heuristic order"
+    tokens = next(stats[n].count for names in pruned.values() for n in names)
     return order, (f"residual stream permuted for N:M ({len(order)} channels, {how}, on {sampled} of {rows} reader "
-                   f"rows' Wanda scores, {time.perf_counter() - t0:.1f} s): kept score {gain:+.3%} against the "
-                   "stored order")
+                   f"rows' Wanda scores over {tokens} calibration tokens, {time.perf_counter() - t0:.1f} s): kept "
+                   f"score {gain:+.3%} against the stored order")
 
 
 def perplexities(cfg: Config, engine: LayerwiseEngine, evals: list[EvalSet], ui: UI) -> list[dict[str, Any]]:

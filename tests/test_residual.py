@@ -14,12 +14,13 @@ from transformers import AutoModelForCausalLM, Phi3Config
 
 from statprune_cli import pipeline
 from statprune_cli.config import load_config
-from statprune_cli.engine import InMemoryLayers
+from statprune_cli.engine import InMemoryLayers, LayerwiseEngine
 from statprune_cli.errors import ConfigError
 from statprune_cli.layers import find_decoder_layers
 from statprune_cli.load import check_against_model
 from statprune_cli.masks import nm_mask
 from statprune_cli.permute import ResidualPlan, residual_order, residual_plan
+from statprune_cli.ui import UI
 
 
 def plan_of(model: nn.Module) -> ResidualPlan:
@@ -145,3 +146,21 @@ def test_a_streamed_run_resumed_after_sigkill_permutes_the_same_way(tmp_path: Pa
     report = json.loads(resumed.stdout)
     assert report["residual_permutation"] is True
     assert report["perplexity"] == json.loads((tmp_path / "whole" / "report.json").read_text())["perplexity"]
+
+
+def test_the_dense_pass_for_the_order_reads_only_the_windows_its_token_budget_needs(
+        tmp_path: Path, tiny_model_dir: Path, text_files: dict[str, Path]) -> None:
+    """A pass costs in proportion to its tokens: the order's pass stops at ``RESIDUAL_TOKENS``, and a pass over every
+    window, once made, serves every budget (and the other way round never)."""
+    model = tiny_model("llama")
+    engine = LayerwiseEngine(model, torch.device("cpu"), offload_activations=False, ui=UI(quiet=True))
+    batches = list(torch.randint(3, 128, (6, 1, 32), generator=torch.Generator().manual_seed(0)))
+    cfg = load_config(write_config(tmp_path / "run.yaml", tiny_model_dir, text_files, tmp_path / "out"))
+    dense = pipeline.DenseStats(cfg, batches, UI(quiet=True))
+    q = f"{engine.layers_name}.0.self_attn.q_proj"
+    assert dense.get(engine, 0, False, tokens=70)[q].count == 96  # three windows of 32 reach 70
+    assert dense.get(engine, 0, False, tokens=64)[q].count == 96  # a larger budget's statistics serve a smaller one
+    full = dense.get(engine, 0, False)
+    assert full[q].count == 192
+    assert dense.get(engine, 0, False, tokens=70) is full
+    assert dense.get(engine, 0, False, tokens=10_000) is full

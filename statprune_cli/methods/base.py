@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from statprune_cli.config import options_from_dict
-from statprune_cli.masks import make_mask, reallocation_order, refine_order
+from statprune_cli.masks import make_mask, nm_kept_score, reallocation_order, refine_order
 from statprune_cli.stats import ChannelStats
 
 
@@ -135,8 +135,8 @@ class Method:
         chosen, info = self.select(weight[:, order], score[:, order], None if stats is None else stats.permuted(order), target)
         mask = torch.empty_like(chosen)
         mask[:, order] = chosen
-        direct = make_mask(score, target.sparsity, target.nm, target.granularity)
-        return mask, {**info, "reallocation_kept_score_gain": float(score[~mask].sum() / score[~direct].sum() - 1.0),
+        stored = nm_kept_score(score, *target.nm)
+        return mask, {**info, "reallocation_kept_score_gain": float(score[~mask].sum(dtype=torch.float64)) / stored - 1.0,
                       "channel_permutation": order.to(torch.int32)}
 
     def select(self, weight: torch.Tensor, score: torch.Tensor, stats: ChannelStats | None,
