@@ -133,11 +133,18 @@ the squared weights with the channels' second moments and one scaling of the kep
 reallocation of each MLP down projection: per position of the groups and block of 256 groups, a rows x 256 x 256
 elementwise gain matrix and one assignment solved by scipy, 6-8 s for a 4096 x 11008 down projection on these 2 cores
 (`pruning.lsa: false` leaves it out, at the refinement's quality: see the README's Ablation). Since fd41e74 it
-also permutes the residual stream first: one dense calibration pass over the windows, then the same LSA on the
-readers' stacked scores (at most 65,536 rows x hidden), then the permutation of every tensor that indexes the
-stream. `statprune+resperm(off)` is the run without that step, so the difference between the two statprune columns
-is its cost (`pruning.residual_permutation: false` leaves it out, at its quality: see the README). On a GPU the
-elementwise work runs there too (not measured here); the 256 x 256 assignments always run on the CPU."""
+also permutes the residual stream first: one dense calibration pass (since 4141ca5 over the first 4,096 tokens,
+which here are all 8 windows), then the same LSA on the readers' stacked scores (at most 16,384 rows x hidden since
+4141ca5, 65,536 before), then the permutation of every tensor that indexes the stream. `statprune+resperm(off)` is
+the run without that step, so the difference between the two statprune columns is its cost
+(`pruning.residual_permutation: false` leaves it out, at its quality: see the README). On a GPU the elementwise work
+runs there too (not measured here); the 256 x 256 assignments always run on the CPU.
+
+Before 4141ca5 (order on 65,536 rows, key `n8-s512-2:4-resperm-65536rows-all-windows` in
+docs/results/data/cost.jsonl), fastest of two side-by-side runs: SmolLM2 18.3 / 35.2 / 19.6 s (1.93x), wide
+109.5 / 229.2 / 140.0 s (2.09x). The LSA on the stacked rows alone took 48 s at 2:4 and 94 s at 4:8 on 65,536 random
+rows x 4096 and 14 s at 16,384 (`residual_order` timed alone); end to end the saving is smaller than this machine's
+run-to-run spread above, and the dense pass, as long as one of Wanda's, is most of what is left."""
 
 
 if __name__ == "__main__":
