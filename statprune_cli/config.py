@@ -79,7 +79,8 @@ class PruningConfig:
     pattern: str = "unstructured"
     granularity: str | None = None  # row or matrix; None: the method's own (row for Wanda, matrix for SparseGPT, RIA)
     # N:M only: groups of M taken over the input channels sorted and dealt out by score (RIA); "absorbed": only on
-    # linears whose permutation the model absorbs (permute.py), so that the stored checkpoint is N:M as it stands;
+    # linears whose permutation the model absorbs (permute.py: MLP down projections, attention output projections
+    # within heads), so that the stored checkpoint is N:M as it stands;
     # None: the method's choice (Method.reallocation)
     reallocation: bool | str | None = None
     # N:M only: one permutation of the residual stream for all the linears that read it, chosen so their groups are

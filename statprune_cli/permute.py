@@ -6,8 +6,9 @@ projection reads ``act(gate(x)) * up(x)``, OPT's fc2 reads ``act(fc1(x))``), reo
 rows (and biases) in the same way leaves the layer's function unchanged: the down projection can then be
 stored with its columns in the reallocation order, where its mask is N:M as it stands, and no runtime has
 to gather its input. Rows are free to move for the producers' own N:M masks too, which run along their
-inputs. Other inputs are not absorbed one linear at a time (o_proj reads attention heads; q/k/v and gate/up
-read the residual stream): their reallocation orders stay in the output's pruning_extras.safetensors. The
+inputs. An attention's output projection takes orders within its heads, with the value rows (``head_blocks``).
+Other inputs are not absorbed one linear at a time (q/k/v and gate/up read the residual stream): their
+reallocation orders stay in the output's pruning_extras.safetensors. The
 residual stream can instead take one order shared by all its readers (``residual_plan``, ``residual_order``).
 """
 
@@ -48,16 +49,58 @@ def producers(model: nn.Module, name: str) -> list[nn.Linear] | None:
     return found  # type: ignore[return-value]
 
 
+# An attention's output projection reads the heads' value vectors side by side. Attention mixes positions, never the
+# dimensions of a value vector, so within each head they can take any order that the value projection's rows take
+# too; query heads that share a key/value head (grouped-query attention) share its order.
+HEAD_PRODUCERS: dict[str, str] = {"o_proj": "v_proj", "out_proj": "v_proj"}
+HEAD_KNOWN = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "q_norm", "k_norm"})
+
+
+def head_blocks(model: nn.Module, name: str) -> tuple[int, int] | None:
+    """(head width, query heads per key/value head) of the output projection ``name``, whose input channels can take
+    an order within heads that its value projection's rows take too; None where that is not known to hold."""
+    parent_name, _, leaf = name.rpartition(".")
+    if leaf not in HEAD_PRODUCERS:
+        return None
+    attention = model.get_submodule(parent_name)
+    out, values, width = getattr(attention, leaf), getattr(attention, HEAD_PRODUCERS[leaf], None), getattr(attention, "head_dim", None)
+    if not (isinstance(values, nn.Linear) and isinstance(width, int) and width > 0 and values.out_features % width == 0
+            and out.in_features % values.out_features == 0):
+        return None
+    # anything else in the attention with a head's width or the values' may index the same dimensions (a value norm)
+    others = [t for n, t in (*attention.named_parameters(), *attention.named_buffers()) if n.split(".")[0] not in HEAD_KNOWN]
+    if any(width in t.shape or values.out_features in t.shape for t in others):
+        return None
+    return width, out.in_features // values.out_features
+
+
+def head_tied(order: torch.Tensor, width: int, share: int) -> torch.Tensor | None:
+    """The value projection's row order that matches the output projection's column ``order``, or None where
+    ``order`` moves a channel out of its head or gives heads that share values different orders."""
+    within = order.view(-1, share, width) - torch.arange(0, len(order), width, device=order.device).view(-1, share, 1)
+    if not ((within >= 0) & (within < width) & (within == within[:, :1])).all():
+        return None
+    first = within[:, 0]
+    return (first + torch.arange(0, first.numel(), width, device=order.device).view(-1, 1)).reshape(-1)
+
+
 def absorb(model: nn.Module, name: str, order: torch.Tensor) -> list[str] | None:
     """Store ``name``'s columns in ``order`` and its producers' rows to match; the producers' leaf names, or None
     (nothing changed) where the model cannot absorb the permutation."""
-    found = producers(model, name)
-    if found is None:
-        return None
     parent, _, leaf = name.rpartition(".")
-    rows = [(f"{parent}.{p}.{n}", 0) for p, lin in zip(PRODUCERS[leaf], found) for n, _ in lin.named_parameters()]
-    _permute(model, [(f"{name}.weight", 1), *rows], order)
-    return list(PRODUCERS[leaf])
+    found = producers(model, name)
+    if found is not None:
+        rows = [(f"{parent}.{p}.{n}", 0) for p, lin in zip(PRODUCERS[leaf], found) for n, _ in lin.named_parameters()]
+        _permute(model, [(f"{name}.weight", 1), *rows], order)
+        return list(PRODUCERS[leaf])
+    blocks = head_blocks(model, name)
+    value_order = None if blocks is None else head_tied(order, *blocks)
+    if value_order is None:
+        return None
+    values = f"{parent}.{HEAD_PRODUCERS[leaf]}"
+    _permute(model, [(f"{name}.weight", 1)], order)
+    _permute(model, [(f"{values}.{n}", 0) for n, _ in model.get_submodule(values).named_parameters()], value_order)
+    return [HEAD_PRODUCERS[leaf]]
 
 
 # The residual stream. Every decoder layer reads it through a norm and adds its attention and MLP outputs to it, so

@@ -28,7 +28,7 @@ from statprune_cli.export import EXTRAS_NAME, atomic_dir, check_output_dir, save
 from statprune_cli.layers import find_decoder_layers
 from statprune_cli.load import check_against_model, enable_biases, load_model, load_model_config, load_tokenizer, torch_dtype
 from statprune_cli.methods import Method, Target, build_method
-from statprune_cli.permute import RESIDUAL_TOKENS, ResidualPlan, producers, residual_order, residual_plan
+from statprune_cli.permute import RESIDUAL_TOKENS, ResidualPlan, head_blocks, producers, residual_order, residual_plan
 from statprune_cli.perplexity import EvalSet, evaluate_perplexity, load_eval_set
 from statprune_cli.profile import outlier_ratio, owl_sparsities
 from statprune_cli.report import layer_summary, model_sparsity, package_versions, peak_memory
@@ -259,17 +259,21 @@ def prune_model(
     realloc_mode = reallocation_mode(cfg.pruning, method)
 
     def target_for(index: int, name: str) -> Target:
-        realloc = target.reallocation and (realloc_mode is True or producers(engine.model, name) is not None)
-        return replace(target, name=name, sparsity=target.sparsity if layer_sparsity is None else layer_sparsity[index],
-                       reallocation=realloc)
+        sparsity = target.sparsity if layer_sparsity is None else layer_sparsity[index]
+        if not target.reallocation or realloc_mode is True or producers(engine.model, name) is not None:
+            return replace(target, name=name, sparsity=sparsity)
+        blocks = head_blocks(engine.model, name)  # absorbed: an attention's output projection reorders within heads
+        absorbable = blocks is not None and target.nm is not None and blocks[0] % target.nm[1] == 0
+        return replace(target, name=name, sparsity=sparsity, reallocation=absorbable, blocks=blocks if absorbable else None)
 
     result = engine.run(method, target_for, p.targets, p.ignore, batches, stats=stats, sequential=sequential,
                         true_sequential=p.true_sequential, skip_first=skip,
                         resume=placement.resume, on_layer_done=placement.on_layer_done)
     if realloc_mode == "absorbed" and not any(
             "channel_permutation" in r.info for layer in result.layers for r in layer.linears.values()):
-        notes.append("reallocation absorbed: no MLP of this architecture can take a permutation of its down projection's "
-                     "inputs (fused or normalised in between), so every linear kept the stored channel order")
+        notes.append("reallocation absorbed: no MLP down projection or attention output projection of this architecture "
+                     "can take a permutation of its inputs (fused or normalised in between), so every linear kept the "
+                     "stored channel order")
     skipped = sorted({n for layer in result.layers for n, r in layer.linears.items() if "mean_compensation" in r.info})
     if skipped:
         notes.append(f"mean compensation skipped for {len(skipped)} linears whose architecture cannot take a bias "

@@ -15,7 +15,7 @@ from statprune_cli.cli import app
 from statprune_cli.masks import nm_mask, reallocation_order, refine_order
 from statprune_cli.methods import Target, build_method
 from statprune_cli.methods.sparsegpt import inverse_hessian_factor, sparsegpt_prune
-from statprune_cli.permute import absorb, producers
+from statprune_cli.permute import absorb, head_blocks, producers
 from statprune_cli.profile import outlier_ratio, owl_sparsities
 from statprune_cli.stats import ChannelStats
 
@@ -187,6 +187,18 @@ def test_lsa_prunes_n_m_in_the_refined_order_and_keeps_more_score(method: str) -
 
 
 @pytest.mark.parametrize("lsa", [False, True])
+def test_an_order_within_blocks_is_each_shared_groups_order_on_their_stacked_scores(lsa: bool) -> None:
+    """An attention's output projection: 4 heads of 8 channels, heads 0-1 and 2-3 sharing values (and an order)."""
+    score = torch.rand(6, 32, generator=torch.Generator().manual_seed(0))
+    order = Target(0.5, (2, 4), reallocation=True, lsa=lsa, blocks=(8, 2)).channel_order(score)
+    for g in range(2):
+        stacked = torch.cat([score[:, 16 * g:16 * g + 8], score[:, 16 * g + 8:16 * g + 16]])
+        within = Target(0.5, (2, 4), reallocation=True, lsa=lsa).channel_order(stacked)
+        assert torch.equal(order[16 * g:16 * g + 8], 16 * g + within)
+        assert torch.equal(order[16 * g + 8:16 * g + 16], 16 * g + 8 + within)
+
+
+@pytest.mark.parametrize("lsa", [False, True])
 def test_sparsegpt_reallocation_reconstructs_the_permuted_layer_in_wanda_order(lsa: bool) -> None:
     lin, x = correlated_layer()
     w = lin.weight.detach().clone()
@@ -228,6 +240,17 @@ def test_absorbed_permutation_keeps_the_models_function(arch: str) -> None:
         order = torch.randperm(w.shape[1], generator=torch.Generator().manual_seed(i))
         assert absorb(model, name, order) in (["gate_proj", "up_proj"], ["fc1"])
         assert torch.equal(model.get_submodule(name).weight.detach(), w[:, order])
+    outs = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and head_blocks(model, n) is not None]
+    assert len(outs) == 3 and all(n.endswith(("o_proj", "out_proj")) for n in outs)  # one attention per decoder layer
+    for i, name in enumerate(outs):
+        width, share = head_blocks(model, name)
+        assert (width, share) == ((16, 1) if arch == "opt" else (16, 2))  # 4 heads of 16, and 2 key/value heads but OPT
+        w = model.get_submodule(name).weight.detach().clone()
+        g = torch.Generator().manual_seed(i)
+        within = torch.stack([torch.randperm(width, generator=g) for _ in range(4 // share)]).repeat_interleave(share, 0)
+        order = (within + torch.arange(0, 64, width)[:, None]).reshape(-1)  # heads that share values share an order
+        assert absorb(model, name, order) == ["v_proj"]
+        assert torch.equal(model.get_submodule(name).weight.detach(), w[:, order])
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, before, atol=1e-5)
 
@@ -251,6 +274,16 @@ def test_nothing_is_absorbed_where_the_inputs_are_not_an_elementwise_map_of_sibl
     assert producers(model, "model.layers.0.mlp.down_proj") is not None
     model.model.layers[0].mlp.register_buffer("channel_scale", torch.ones(128))  # any per-channel tensor beside them
     assert producers(model, "model.layers.0.mlp.down_proj") is None
+    # an output projection takes orders within heads, the same for heads that share values, and nothing else
+    o_proj = "model.layers.0.self_attn.o_proj"
+    o = model.get_submodule(o_proj).weight.detach().clone()
+    for order in (torch.arange(64).flip(0),  # channels leave their heads
+                  torch.cat([torch.arange(16).flip(0), torch.arange(16, 64)])):  # heads 0 and 1 share values
+        assert absorb(model, order=order, name=o_proj) is None
+    assert torch.equal(model.get_submodule(o_proj).weight, o)
+    assert head_blocks(model, o_proj) == (16, 2)
+    model.model.layers[0].self_attn.register_buffer("value_scale", torch.ones(16))  # a head-wide tensor: a value norm?
+    assert head_blocks(model, o_proj) is None
 
 
 @pytest.mark.parametrize("method, realloc, lsa", [("wanda", True, False), ("wanda", "absorbed", False),
@@ -287,6 +320,10 @@ def test_reallocation_stores_absorbed_down_projections_n_m_with_the_same_perplex
         assert (f"{name}.channel_permutation" in perms) == (not stored_nm), name
     down = report["layers"][0]["linears"]["model.layers.0.mlp.down_proj"]
     assert down["channel_permutation"].startswith("absorbed") and "reallocation_kept_score_gain" in down
+    o = report["layers"][0]["linears"]["model.layers.0.self_attn.o_proj"]
+    assert "reallocation_kept_score_gain" in o  # within heads where absorbed, across them otherwise
+    assert (o.get("channel_permutation") == "absorbed: columns stored in reallocation order, v_proj rows to match") == (
+        realloc == "absorbed")
     q = report["layers"][0]["linears"]["model.layers.0.self_attn.q_proj"]
     assert ("reallocation_kept_score_gain" in q) == (realloc is True)
     assert report["reallocation"] == realloc

@@ -28,10 +28,23 @@ class Target:
     name: str = ""  # the linear's full module name, for options that apply to some linears only
     reallocation: bool = False  # N:M groups taken over the input channels in reallocation order (masks.reallocation_order)
     lsa: bool = False  # that order refined by linear sum assignment (masks.refine_order)
+    # (width, share): the order stays within consecutive blocks of ``width`` channels, and each ``share`` consecutive
+    # blocks take the same one (an attention's heads: permute.head_blocks)
+    blocks: tuple[int, int] | None = None
 
     def channel_order(self, score: torch.Tensor) -> torch.Tensor:
-        """The input channels in reallocation order for this target's N:M groups, refined by LSA if asked."""
+        """The input channels in reallocation order for this target's N:M groups, refined by LSA if asked. Blocks
+        that share an order choose it on their scores stacked, as one matrix with their rows."""
         assert self.nm is not None  # the config allows reallocation with N:M patterns only
+        if self.blocks is None:
+            return self._order(score)
+        width, share = self.blocks
+        tied = score.unflatten(1, (-1, share, width))  # (rows, groups of blocks, share, width)
+        first = torch.arange(0, score.shape[1], width, device=score.device).view(-1, share, 1)
+        orders = torch.stack([self._order(tied[:, g].reshape(-1, width)) for g in range(tied.shape[1])])
+        return (first + orders[:, None, :]).reshape(-1)
+
+    def _order(self, score: torch.Tensor) -> torch.Tensor:
         order = reallocation_order(score, self.nm[1])
         return refine_order(score, order, *self.nm) if self.lsa else order
 

@@ -48,8 +48,9 @@ pass per layer instead of Wanda's two, which is also better there (against the s
 2:4, +3.0% at 4:8 on average over the same seeds).
 
 channel reallocation (unless ``pruning.reallocation`` is set): at N:M, ``absorbed``, the MLP down projections' input
-channels dealt out by score with the gate/up rows reordered to match (the checkpoint stays N:M as stored), the order
-refined by linear sum assignment (unless ``pruning.lsa`` is set). At 2:4, absorbed alone against the N:M default
+channels dealt out by score with the gate/up rows reordered to match, and the attention output projections' within
+each head with the value rows to match (the checkpoint stays N:M as stored), the order refined by linear sum
+assignment (unless ``pruning.lsa`` is set). At 2:4, absorbed alone against the N:M default
 without it: -10.6, -7.7 and -8.3% over three validation seeds, and the refinement on top -1.9, -0.1 and -7.8%. At 4:8
 absorbed alone lost (+5.5%, seed 0) but with the refinement it gains: -1.5, -4.7 and -0.5% against the stored order.
 
