@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ARCHS, COMMON, tiny_model, tiny_tokenizer, write_config
+from test_masks import kept_score
 from test_streaming import assert_same_weights, prune, run_cli, tensors
 from torch import nn
 from transformers import AutoModelForCausalLM, Phi3Config
@@ -18,7 +19,6 @@ from statprune_cli.engine import InMemoryLayers, LayerwiseEngine
 from statprune_cli.errors import ConfigError
 from statprune_cli.layers import find_decoder_layers
 from statprune_cli.load import check_against_model
-from statprune_cli.masks import nm_mask
 from statprune_cli.permute import ResidualPlan, residual_order, residual_plan
 from statprune_cli.ui import UI
 
@@ -76,11 +76,6 @@ def test_residual_permutation_needs_n_m_and_statistics(tmp_path: Path, text_file
         load_config(path)
 
 
-def kept(score: torch.Tensor, order: torch.Tensor) -> float:
-    s = score[:, order]
-    return float(s[~nm_mask(s, 2, 4)].sum())
-
-
 def test_the_order_spreads_the_readers_important_channels_and_lsa_keeps_more() -> None:
     """Channels 0-15 carry most score in every reader: stored, they crowd four groups; the order deals them out."""
     g = torch.Generator().manual_seed(0)
@@ -88,7 +83,7 @@ def test_the_order_spreads_the_readers_important_channels_and_lsa_keeps_more() -
     stacked = torch.cat([r / r.mean() for r in readers])
     order, rows, gain = residual_order(iter(readers), 144, 2, 4, lsa=False)
     assert sorted(order.tolist()) == list(range(64)) and rows == 144
-    assert gain == pytest.approx(kept(stacked, order) / kept(stacked, torch.arange(64)) - 1, rel=1e-5)
+    assert gain == pytest.approx(kept_score(stacked, order, 2, 4) / kept_score(stacked, torch.arange(64), 2, 4) - 1, rel=1e-5)
     assert gain > 0.05
     assert all(len(set(group) & set(range(16))) == 1 for group in order.reshape(-1, 4).tolist())
     refined, _, refined_gain = residual_order(iter(readers), 144, 2, 4, lsa=True)
