@@ -28,7 +28,7 @@ from statprune_cli.export import EXTRAS_NAME, atomic_dir, check_output_dir, save
 from statprune_cli.layers import find_decoder_layers
 from statprune_cli.load import check_against_model, enable_biases, load_model, load_model_config, load_tokenizer, torch_dtype
 from statprune_cli.methods import Method, Target, build_method
-from statprune_cli.permute import RESIDUAL_TOKENS, ResidualPlan, head_blocks, producers, residual_order, residual_plan
+from statprune_cli.permute import RESIDUAL_ROWS, RESIDUAL_TOKENS, ResidualPlan, head_blocks, producers, residual_order, residual_plan
 from statprune_cli.perplexity import EvalSet, evaluate_perplexity, load_eval_set
 from statprune_cli.profile import outlier_ratio, owl_sparsities
 from statprune_cli.report import layer_summary, model_sparsity, package_versions, peak_memory
@@ -188,18 +188,30 @@ class DenseStats:
             if s == skip and (g or not gram) and (t is None or (tokens is not None and t >= tokens)):
                 return stats
         batches = self.batches
-        if tokens is not None and batches:
-            ends = torch.tensor([b.numel() for b in batches]).cumsum(0)
-            count = int((ends < tokens).sum()) + 1
-            batches = batches[:count] if count < len(batches) else batches
+        if tokens is not None and batches and tokens < sum(b.numel() for b in batches):
+            batches = first_windows(batches, tokens)
         self.ui.log("one dense calibration pass" + (" with input Hessians" if gram else "")
-                    + (f" over {len(batches)} of {len(self.batches)} batches" if batches is not self.batches else ""))
+                    + (f" over {sum(len(b) for b in batches)} of {sum(len(b) for b in self.batches)} windows"
+                       if batches is not self.batches else ""))
         p = self.cfg.pruning
         t0 = time.perf_counter()
         stats = engine.run(None, lambda i, name: Target(0.0), p.targets, p.ignore, batches, skip_first=skip, gram=gram).stats
         self.seconds += time.perf_counter() - t0
         self.cache[(skip, gram, None if batches is self.batches else tokens)] = stats
         return stats
+
+
+def first_windows(batches: list[torch.Tensor], tokens: int) -> list[torch.Tensor]:
+    """The first whole windows of ``batches`` (each a batch of windows) that hold ``tokens`` tokens, the last batch
+    cut short where it holds more than needed."""
+    out, held = [], 0
+    for batch in batches:
+        take = min(len(batch), -(-(tokens - held) // batch.shape[-1]))
+        out.append(batch[:take])
+        held += out[-1].numel()
+        if held >= tokens:
+            break
+    return out
 
 
 def prune_model(
@@ -282,13 +294,13 @@ def prune_model(
 
 
 def residual_stream_order(engine: LayerwiseEngine, plan: ResidualPlan, stats: dict[str, ChannelStats],
-                          target: Target) -> tuple[torch.Tensor, str]:
+                          target: Target, rows: int = RESIDUAL_ROWS) -> tuple[torch.Tensor, str]:
     """One order of the residual stream for every pruned reader's N:M groups, chosen on their Wanda scores (the one
     score all methods' statistics allow), and the report's note on it."""
     assert target.nm is not None  # validate_reordering: N:M only
     pruned = {i: [n for n in names if n in stats]
               for i, names in plan.reader_names(engine.layers_name, len(engine.layers)).items()}
-    rows = sum(engine.model.get_submodule(n).out_features for names in pruned.values() for n in names)
+    total = sum(engine.model.get_submodule(n).out_features for names in pruned.values() for n in names)
 
     def scores() -> Iterator[torch.Tensor]:
         for i, names in pruned.items():
@@ -299,10 +311,10 @@ def residual_stream_order(engine: LayerwiseEngine, plan: ResidualPlan, stats: di
                         yield weight.abs() * stats[n].m2.to(engine.device).sqrt()
 
     t0 = time.perf_counter()
-    order, sampled, gain = residual_order(scores(), rows, *target.nm, target.lsa)
+    order, sampled, gain = residual_order(scores(), total, *target.nm, target.lsa, rows)
     how = "heuristic order refined by LSA" if target.lsa else "heuristic order"
     tokens = next(stats[n].count for names in pruned.values() for n in names)
-    return order, (f"residual stream permuted for N:M ({len(order)} channels, {how}, on {sampled} of {rows} reader "
+    return order, (f"residual stream permuted for N:M ({len(order)} channels, {how}, on {sampled} of {total} reader "
                    f"rows' Wanda scores over {tokens} calibration tokens, {time.perf_counter() - t0:.1f} s): kept "
                    f"score {gain:+.3%} against the stored order")
 

@@ -159,3 +159,7 @@ def test_the_dense_pass_for_the_order_reads_only_the_windows_its_token_budget_ne
     assert full[q].count == 192
     assert dense.get(engine, 0, False, tokens=70) is full
     assert dense.get(engine, 0, False, tokens=10_000) is full
+    pairs = list(torch.cat(batches).split(2))  # batches of two windows: the last one needed is cut to what it must give
+    assert [len(b) for b in pipeline.first_windows(pairs, 70)] == [2, 1]
+    assert [len(b) for b in pipeline.first_windows(pairs, 64)] == [2]
+    assert torch.equal(torch.cat(pipeline.first_windows(pairs, 100)), torch.cat(batches[:4]))
