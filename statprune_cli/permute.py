@@ -110,7 +110,7 @@ def absorb(model: nn.Module, name: str, order: torch.Tensor) -> list[str] | None
 RESIDUAL_READERS = frozenset({"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "fc1"})
 RESIDUAL_WRITERS = frozenset({"o_proj", "down_proj", "out_proj", "fc2"})
 RESIDUAL_ROWS = 16384  # reader rows the order is chosen on (an evenly strided sample): the LSA's work grows with them
-RESIDUAL_TOKENS = 1024  # calibration tokens of the dense pass the readers' scores come from (docs/results/residual-budget.md)
+RESIDUAL_TOKENS = 4096  # calibration tokens of the dense pass the readers' scores come from (docs/results/residual-budget.md)
 
 
 @dataclass
