@@ -22,6 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _runs import (RESULTS, ROOT, append_jsonl, common_overrides, ensure_model, load_jsonl, method_overrides,  # noqa: E402
                    pattern_overrides, prune, synthetic_llama, write_section)
 
+from statprune_cli.permute import RESIDUAL_TOKENS  # noqa: E402
+
 WIDE = ROOT / "models" / "synthetic-llama-h4096-l4"
 
 
@@ -101,8 +103,10 @@ def write_doc(args: argparse.Namespace, key: str) -> None:
     if "sparsegpt" in methods and "wanda" in methods:
         out += ["", "SparseGPT / Wanda: " + ", ".join(f"{label.get(m, m)} {best[(m, 'sparsegpt')] / best[(m, 'wanda')]:.2f}x"
                                                      for m in models if (m, "sparsegpt") in best and (m, "wanda") in best) + "."]
-    out += ["", READING_NM if ":" in args.setting else READING_ONE_PASS if modes == ["dense-activation"] else READING]
-    write_section("cost" + ("" if not at else "-" + args.setting.replace(":", "of").replace("%", "pct")), "\n".join(out) + "\n")
+    used = min(args.nsamples, -(-RESIDUAL_TOKENS // args.seqlen))
+    out += ["", READING_NM.format(used=used, windows=args.nsamples) if ":" in args.setting else READING_ONE_PASS if modes == ["dense-activation"] else READING]
+    section = "cost" + ("" if not at else "-" + args.setting.replace(":", "of").replace("%", "pct"))
+    write_section(section + ("" if args.nsamples == 8 else f"-n{args.nsamples}"), "\n".join(out) + "\n")
 
 
 # rows written before the command was recorded with each row
@@ -134,13 +138,13 @@ reallocation of each MLP down projection: per position of the groups and block o
 elementwise gain matrix and one assignment solved by scipy, 6-8 s for a 4096 x 11008 down projection on these 2 cores
 (`pruning.lsa: false` leaves it out, at the refinement's quality: see the README's Ablation). Since fd41e74 it
 also permutes the residual stream first: one dense calibration pass (since 4141ca5 over the first 4,096 tokens,
-which here are all 8 windows), then the same LSA on the readers' stacked scores (at most 16,384 rows x hidden since
+here {used} of the {windows} windows), then the same LSA on the readers' stacked scores (at most 16,384 rows x hidden since
 4141ca5, 65,536 before), then the permutation of every tensor that indexes the stream. `statprune+resperm(off)` is
 the run without that step, so the difference between the two statprune columns is its cost
 (`pruning.residual_permutation: false` leaves it out, at its quality: see the README). On a GPU the elementwise work
 runs there too (not measured here); the 256 x 256 assignments always run on the CPU.
 
-Before 4141ca5 (order on 65,536 rows, key `n8-s512-2:4-resperm-65536rows-all-windows` in
+At 8 windows before 4141ca5 (order on 65,536 rows, key `n8-s512-2:4-resperm-65536rows-all-windows` in
 docs/results/data/cost.jsonl), fastest of two side-by-side runs: SmolLM2 18.3 / 35.2 / 19.6 s (1.93x), wide
 109.5 / 229.2 / 140.0 s (2.09x). The LSA on the stacked rows alone took 48 s at 2:4 and 94 s at 4:8 on 65,536 random
 rows x 4096 and 14 s at 16,384 (`residual_order` timed alone); end to end the saving is smaller than this machine's
