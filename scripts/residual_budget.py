@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import BASE_CONFIG, DATA, ROOT, common_overrides, ensure_model, write_section  # noqa: E402
+from _runs import BASE_CONFIG, common_overrides, ensure_model, write_section  # noqa: E402
 
 from statprune_cli import permute, pipeline  # noqa: E402
 from statprune_cli.config import load_config  # noqa: E402
@@ -56,7 +56,9 @@ def main() -> None:
     weights = {n: model.get_submodule(n).weight.detach().float().abs() for n in readers}
 
     def scores(st: dict) -> torch.Tensor:
-        return torch.cat([(weights[n] * st[n].m2.sqrt()) / (weights[n] * st[n].m2.sqrt()).mean() for n in readers])
+        """Every reader's Wanda score scaled to mean 1, stacked (as ``permute.residual_order`` weighs them)."""
+        each = [weights[n] * st[n].m2.sqrt() for n in readers]
+        return torch.cat([s / s.mean() for s in each])
 
     reference = scores(stats[tokens[-1]])
     lines = []
