@@ -10,7 +10,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from recon_gap import block_obs, error, row_scale_error  # noqa: E402
+from recon_gap import block_diagonal, block_obs, error, row_scale_error, sparsegpt_weights  # noqa: E402
+
+from statprune_cli.methods.base import Target  # noqa: E402
 
 
 def correlated(cols: int) -> torch.Tensor:
@@ -54,3 +56,19 @@ def test_row_scale_error_is_the_least_squares_residual() -> None:
     both = sum(residual(torch.cat([y2[:, i:i + 1], ones], 1), y[:, i:i + 1]) for i in range(3))
     assert row_scale_error(w, w2, h, None, n) == pytest.approx(scale, rel=1e-6)
     assert row_scale_error(w, w2, h, mu, n) == pytest.approx(both, rel=1e-6)
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_sparsegpt_on_block_diagonal_h_keeps_each_block_to_itself(nm: tuple[int, int] | None) -> None:
+    """With H's blocks and the sweep's the same, a block's result depends on its own weights only; with all of H,
+    the error the first block leaves moves the later columns."""
+    torch.manual_seed(2)
+    h, w = correlated(16), torch.randn(5, 16)
+    blocks = block_diagonal(h, 8)
+    assert torch.equal(blocks[:8, 8:], torch.zeros(8, 8, dtype=h.dtype)) and torch.equal(blocks[8:, 8:], h[8:, 8:])
+    target = Target(0.5, nm, "row")
+    moved = w.clone()
+    moved[:, :8] = torch.randn(5, 8)
+    a, b = sparsegpt_weights(w, blocks, 300, target, 8), sparsegpt_weights(moved, blocks, 300, target, 8)
+    assert torch.equal(a[:, 8:], b[:, 8:])
+    assert not torch.equal(sparsegpt_weights(w, h, 300, target, 8)[:, 8:], sparsegpt_weights(moved, h, 300, target, 8)[:, 8:])
