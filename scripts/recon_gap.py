@@ -90,9 +90,11 @@ def block_diagonal(h: torch.Tensor, size: int) -> torch.Tensor:
     return h.masked_fill(block[:, None] != block[None, :], 0.0)
 
 
-def sparsegpt_weights(w: torch.Tensor, h: torch.Tensor, ntok: int, target: Target, blocksize: int) -> torch.Tensor:
-    """statprune's SparseGPT of ``w`` on the Gram matrix ``h`` (dead channels zeroed, as the method does)."""
-    hinv, dead = inverse_hessian_factor(h.float(), ntok, 0.01)
+def sparsegpt_weights(w: torch.Tensor, factor: tuple[torch.Tensor, torch.Tensor], target: Target,
+                      blocksize: int) -> torch.Tensor:
+    """statprune's SparseGPT of ``w`` with ``factor`` = ``inverse_hessian_factor`` of its Gram matrix (dead channels
+    zeroed, as the method does)."""
+    hinv, dead = factor
     out = w.clone()
     out[:, dead] = 0.0
     return sparsegpt_prune(out, hinv, target, blocksize)
@@ -138,17 +140,20 @@ def main() -> None:
         h, s = sums[name]
         w = mod.weight.data.float()
         score = w.abs() * h.diagonal().sqrt().float()
+        # each Hessian's factor once, for every setting; the sweep's blocks match H's, so no error leaves them
+        factors = {"sparsegpt": (inverse_hessian_factor(h.float(), ntok, 0.01), 128)}
+        factors.update({f"sparsegpt, H in blocks of {size}": (inverse_hessian_factor(block_diagonal(h, size).float(),
+                                                                                      ntok, 0.01), size)
+                        for size in HESSIAN_BLOCKS})
         for setting, nm in SETTINGS.items():
             mask = nm_mask(score, *nm) if nm else unstructured_mask(score, 0.5)
             wanda = w.masked_fill(mask, 0.0)
             base = float(error(w, wanda, h).sum())
             target = Target(0.5, nm, "matrix" if nm is None else "row")
             found = {"row scale": row_scale_error(w, wanda, h, None, ntok),
-                     "scale+bias": row_scale_error(w, wanda, h, s / ntok, ntok),
-                     "sparsegpt": float(error(w, sparsegpt_weights(w, h, ntok, target, 128), h).sum())}
-            for size in HESSIAN_BLOCKS:  # the sweep's blocks match H's: its error stays inside them
-                found[f"sparsegpt, H in blocks of {size}"] = float(error(w, sparsegpt_weights(
-                    w, block_diagonal(h, size), ntok, target, size), h).sum())
+                     "scale+bias": row_scale_error(w, wanda, h, s / ntok, ntok)}
+            for col, (factor, blocksize) in factors.items():
+                found[col] = float(error(w, sparsegpt_weights(w, factor, target, blocksize), h).sum())
             if nm:
                 found["block OBS"] = float(error(w, block_obs(w, h, *nm), h).sum())
             kind = name.split(".")[-1]

@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from recon_gap import block_diagonal, block_obs, error, row_scale_error, sparsegpt_weights  # noqa: E402
 
 from statprune_cli.methods.base import Target  # noqa: E402
+from statprune_cli.methods.sparsegpt import inverse_hessian_factor  # noqa: E402
 
 
 def correlated(cols: int) -> torch.Tensor:
@@ -69,6 +70,7 @@ def test_sparsegpt_on_block_diagonal_h_keeps_each_block_to_itself(nm: tuple[int,
     target = Target(0.5, nm, "row")
     moved = w.clone()
     moved[:, :8] = torch.randn(5, 8)
-    a, b = sparsegpt_weights(w, blocks, 300, target, 8), sparsegpt_weights(moved, blocks, 300, target, 8)
+    local, full = inverse_hessian_factor(blocks.float(), 300, 0.01), inverse_hessian_factor(h.float(), 300, 0.01)
+    a, b = sparsegpt_weights(w, local, target, 8), sparsegpt_weights(moved, local, target, 8)
     assert torch.equal(a[:, 8:], b[:, 8:])
-    assert not torch.equal(sparsegpt_weights(w, h, 300, target, 8)[:, 8:], sparsegpt_weights(moved, h, 300, target, 8)[:, 8:])
+    assert not torch.equal(sparsegpt_weights(w, full, target, 8)[:, 8:], sparsegpt_weights(moved, full, target, 8)[:, 8:])
