@@ -39,7 +39,7 @@ from statprune_cli.methods.sparsegpt import inverse_hessian_factor, sparsegpt_pr
 
 SETTINGS = {"50%": None, "2:4": (2, 4), "4:8": (4, 8)}
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-HESSIAN_BLOCKS = (32, 128)
+BLOCK_COLUMNS = {f"sparsegpt, H in blocks of {size}": size for size in (32, 128)}  # column -> block size of H
 
 
 def error(w: torch.Tensor, w2: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -142,9 +142,8 @@ def main() -> None:
         score = w.abs() * h.diagonal().sqrt().float()
         # each Hessian's factor once, for every setting; the sweep's blocks match H's, so no error leaves them
         factors = {"sparsegpt": (inverse_hessian_factor(h.float(), ntok, 0.01), 128)}
-        factors.update({f"sparsegpt, H in blocks of {size}": (inverse_hessian_factor(block_diagonal(h, size).float(),
-                                                                                      ntok, 0.01), size)
-                        for size in HESSIAN_BLOCKS})
+        factors.update({col: (inverse_hessian_factor(block_diagonal(h, size).float(), ntok, 0.01), size)
+                        for col, size in BLOCK_COLUMNS.items()})
         for setting, nm in SETTINGS.items():
             mask = nm_mask(score, *nm) if nm else unstructured_mask(score, 0.5)
             wanda = w.masked_fill(mask, 0.0)
@@ -161,7 +160,7 @@ def main() -> None:
                 cells.setdefault((kind, setting, col), []).append(e / base)
         print(f"done {name}", flush=True)
 
-    cols = ("row scale", "scale+bias", "block OBS", *(f"sparsegpt, H in blocks of {b}" for b in HESSIAN_BLOCKS), "sparsegpt")
+    cols = ("row scale", "scale+bias", "block OBS", *BLOCK_COLUMNS, "sparsegpt")
     lines = ["## How much of SparseGPT's lead is within reach of channel statistics\n",
              f"Made by: `python scripts/recon_gap.py --nsamples {args.nsamples} --seqlen {args.seqlen} --layers {args.layers}` "
              f"(SmolLM2-135M, dense inputs of layers {args.layers}, C4 sample, seed 0). Each cell: a linear's output "
