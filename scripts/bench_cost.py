@@ -18,11 +18,14 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _runs import (RESULTS, ROOT, append_jsonl, common_overrides, ensure_model, load_jsonl, method_overrides,  # noqa: E402
                    pattern_overrides, prune, synthetic_llama, write_section)
 
 from statprune_cli.permute import RESIDUAL_TOKENS  # noqa: E402
+from statprune_cli.pipeline import first_windows  # noqa: E402
 
 WIDE = ROOT / "models" / "synthetic-llama-h4096-l4"
 
@@ -103,7 +106,8 @@ def write_doc(args: argparse.Namespace, key: str) -> None:
     if "sparsegpt" in methods and "wanda" in methods:
         out += ["", "SparseGPT / Wanda: " + ", ".join(f"{label.get(m, m)} {best[(m, 'sparsegpt')] / best[(m, 'wanda')]:.2f}x"
                                                      for m in models if (m, "sparsegpt") in best and (m, "wanda") in best) + "."]
-    used = min(args.nsamples, -(-RESIDUAL_TOKENS // args.seqlen))
+    # the windows the residual order's dense pass reads, by the rule a prune uses (shapes only: meta tensors)
+    used = sum(len(b) for b in first_windows([torch.empty(args.nsamples, args.seqlen, device="meta")], RESIDUAL_TOKENS))
     out += ["", READING_NM.format(used=used, windows=args.nsamples) if ":" in args.setting else READING_ONE_PASS if modes == ["dense-activation"] else READING]
     section = "cost" + ("" if not at else "-" + args.setting.replace(":", "of").replace("%", "pct"))
     write_section(section + ("" if args.nsamples == 8 else f"-n{args.nsamples}"), "\n".join(out) + "\n")
