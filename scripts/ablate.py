@@ -101,6 +101,9 @@ VARIANTS: dict[str, list[str]] = {
     # magnitude as the Wanda and OWL reference code prune it: one threshold per matrix, not per row
     **{f"magnitude(matrix){tag}": ["pruning.method=magnitude", "pruning.granularity=matrix", *owl]
        for tag, owl in (("", []), ("+owl", OWL), ("+owl(m=7)", [*OWL, "pruning.owl.m=7"]))},
+    # a layer's sparsity spread over its linears by the share of output energy each loses (pruning.allocation)
+    **{f"wanda+skip1+alloc(s={spread})": [SP, "pruning.options={compensation: none}", SKIP1, "pruning.allocation=energy",
+                                           f"pruning.allocation_spread={spread}"] for spread in (0.05, 0.1, 0.2)},
     # statprune's default below 60% with the OWL profile (statprune's M)
     "wanda+skip1+owl(m=7)": ["pruning.method=wanda", SKIP1, *OWL, "pruning.owl.m=7"],
     **{f"{method}+owl{tag}": [f"pruning.method={method}", *OWL, *owl] for method in ("wanda", "ria", "sparsegpt")
@@ -138,11 +141,11 @@ def main() -> None:
     name = "ablation" + (f"-n{args.nsamples}" if args.nsamples != 32 else "") + (f"-seed{args.seed}" if args.seed else "")
     args.doc = args.doc or ROOT / "docs" / f"{name}.md"
     model = ensure_model()
-    # no skipped positions, sequential, no LSA and no residual permutation unless a variant says so (statprune's own
-    # defaults would otherwise leak into its variants)
+    # no skipped positions, sequential, no LSA, no residual permutation and uniform allocation unless a variant says so
+    # (statprune's own defaults would otherwise leak into its variants)
     common = common_overrides(model, args.nsamples, args.seqlen, args.eval_tokens, "validation") + [
         f"calibration.seed={args.seed}", "calibration.skip_first_tokens=0", "pruning.sequential=true",
-        "pruning.lsa=false", "pruning.residual_permutation=false"]
+        "pruning.lsa=false", "pruning.residual_permutation=false", "pruning.allocation=uniform"]
     key = f"n{args.nsamples}-s{args.seqlen}-e{args.eval_tokens}" + (f"-seed{args.seed}" if args.seed else "")
     cells = {(name, setting): common + VARIANTS[name] + pin_energy_targets(VARIANTS[name]) + pattern_overrides(setting)
              for setting in args.settings.split(",") for name in args.variants.split(",")}

@@ -90,6 +90,10 @@ class PruningConfig:
     lsa: bool | None = None
     profile: str = "uniform"  # uniform or owl: how the sparsity is spread over the decoder layers
     owl: OwlConfig = field(default_factory=OwlConfig)
+    # unstructured only: how a layer's sparsity is spread over its linears, uniform or energy (allocation.py);
+    # None: the method's choice (Method.allocation)
+    allocation: str | None = None
+    allocation_spread: float = 0.05  # energy: each linear within +- this of its layer's sparsity
     targets: list[str] = field(default_factory=lambda: ["Linear"])
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])
     sequential: bool | None = None  # None: the method's choice (Method.sequential)
@@ -356,6 +360,26 @@ def lsa_mode(p: PruningConfig, method: Method) -> bool:
     return (method.lsa and reallocates) if p.lsa is None else p.lsa
 
 
+def allocation_mode(p: PruningConfig, method: Method) -> str:
+    """How each layer's sparsity is spread over its linears: the config's value if set, else the method's
+    (N:M patterns fix every linear's sparsity, so they are always uniform)."""
+    if parse_pattern(p.pattern) is not None:
+        return "uniform"
+    return method.allocation if p.allocation is None else p.allocation
+
+
+def validate_allocation(p: PruningConfig, nm: tuple[int, int] | None) -> None:
+    from statprune_cli.allocation import ALLOCATIONS
+
+    if p.allocation is not None and p.allocation not in ALLOCATIONS:
+        raise ConfigError("pruning.allocation", f"expected {' or '.join(ALLOCATIONS)}, got {p.allocation!r}")
+    if p.allocation == "energy" and nm is not None:
+        raise ConfigError("pruning.allocation", f"energy spreads an unstructured sparsity over a layer's linears; pattern "
+                                                f"{p.pattern} fixes each linear's (use pattern: unstructured, or leave it unset)")
+    if not 0 <= p.allocation_spread < 1:
+        raise ConfigError("pruning.allocation_spread", f"expected a number in [0, 1), got {p.allocation_spread}")
+
+
 def validate_reordering(p: PruningConfig, nm: tuple[int, int] | None) -> None:
     """``pruning.residual_permutation: true`` needs an N:M pattern and statistics; ``pruning.lsa: true`` refines a
     reallocation that this run does (an N:M pattern, and reallocation or the residual permutation, set or the
@@ -409,6 +433,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("pruning.reallocation", f"channel reallocation spreads N:M groups; pattern {p.pattern} has none "
                                                   "(use a pattern such as \"2:4\", or leave reallocation unset or false)")
     validate_profile(p, nm)
+    validate_allocation(p, nm)
     for key, pats in (("targets", p.targets), ("ignore", p.ignore)):
         for i, pat in enumerate(pats):
             if pat.startswith("re:"):

@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -384,6 +384,13 @@ class Resume:
 
 
 LayerDone = Callable[[int, nn.Module, list[torch.Tensor], list[LayerResult]], None]
+# (layer index, a group of linears pruned together, every statistic so far) -> each of those linears' target
+TargetsFor = Callable[[int, dict[str, nn.Linear], dict[str, ChannelStats]], dict[str, Target]]
+
+
+def same_target(target: Target) -> TargetsFor:
+    """Every linear of every layer gets ``target``."""
+    return lambda index, linears, stats: {name: replace(target, name=name) for name in linears}
 
 
 class LayerwiseEngine:
@@ -446,7 +453,7 @@ class LayerwiseEngine:
     def run(
         self,
         method: Method | None,
-        target_for: Callable[[int, str], Target],
+        targets_for: TargetsFor | None,
         targets: list[str],
         ignore: list[str],
         batches: list[torch.Tensor] | None,
@@ -460,7 +467,9 @@ class LayerwiseEngine:
     ) -> EngineResult:
         """Prune every target linear with ``method`` (None: only collect statistics).
 
-        ``target_for(layer index, linear name)`` gives each linear's sparsity. ``stats`` given: no
+        ``targets_for(layer index, linears, statistics)`` gives the sparsity of each linear of a group pruned
+        together (a layer's, or with ``true_sequential`` one group's), once their statistics are in; it may
+        look at all of them (``allocation``). None only when ``method`` is None. ``stats`` given: no
         forward pass at all, masks come from those statistics ("one-shot"). ``gram``: also collect
         sum x x^T per linear (default: when the method asks for it). ``batches`` are all of them:
         this process runs its share (``comm.shard``). ``resume`` starts at a later layer with this
@@ -485,7 +494,7 @@ class LayerwiseEngine:
             for i in range(start, len(self.layers)):
                 t0 = time.perf_counter()
                 with self.layer(i) as layer:
-                    hidden = self._layer_pass(i, layer, method, target_for, targets, ignore, hidden, args, all_stats,
+                    hidden = self._layer_pass(i, layer, method, targets_for, targets, ignore, hidden, args, all_stats,
                                               collect, sequential, true_sequential, skip_first, gram, results)
                     results[-1].seconds = time.perf_counter() - t0
                     if on_layer_done is not None:
@@ -494,7 +503,7 @@ class LayerwiseEngine:
         return EngineResult(results, all_stats)
 
     def _layer_pass(
-        self, i: int, layer: nn.Module, method: Method | None, target_for: Callable[[int, str], Target], targets: list[str],
+        self, i: int, layer: nn.Module, method: Method | None, targets_for: TargetsFor | None, targets: list[str],
         ignore: list[str], hidden: list[torch.Tensor], args: list[LayerArgs], all_stats: dict[str, ChannelStats],
         collect: bool, sequential: bool, true_sequential: bool, skip_first: int, gram: bool, results: list[LayerResult],
     ) -> list[torch.Tensor]:
@@ -517,9 +526,11 @@ class LayerwiseEngine:
                 all_stats.update(layer_stats)
             if method is None:
                 return outputs or []
+            assert targets_for is not None
+            planned = targets_for(i, {n: linears[n] for n in group}, all_stats)
             for name in group:
                 result.linears[name], refiner = self._prune_one(method, name, linears[name], all_stats.get(name),
-                                                                target_for(i, name))
+                                                                planned[name])
                 if refiner is not None:
                     refiners[name] = refiner
             for s in layer_stats.values():  # a Gram matrix is in_features^2: keep only the current group's

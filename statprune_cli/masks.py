@@ -39,11 +39,17 @@ def count_zeros(t: torch.Tensor) -> int:
     return t.numel() - sum(int(torch.count_nonzero(part.bool())) for part in flat.split(4 * CHUNK_ELEMENTS))
 
 
+def pruned_count(n: int, sparsity: float) -> int:
+    """How many of ``n`` weights a sparsity prunes: ``floor(n * sparsity)``, where a product that float rounding puts
+    just below an integer counts as that integer (a sparsity of k / n gives k, e.g. 29 of 100 for 0.29)."""
+    return int(n * sparsity + 1e-9)
+
+
 def unstructured_mask(score: torch.Tensor, sparsity: float, granularity: str = "row") -> torch.Tensor:
-    """Prune the ``int(cols * sparsity)`` lowest scores of each row (or of the whole matrix)."""
+    """Prune the ``pruned_count(cols, sparsity)`` lowest scores of each row (or of the whole matrix)."""
     if granularity == "row":
-        return lowest_k(score, int(score.shape[1] * sparsity))
-    return lowest_k(score.reshape(1, -1), int(score.numel() * sparsity)).reshape(score.shape)
+        return lowest_k(score, pruned_count(score.shape[1], sparsity))
+    return lowest_k(score.reshape(1, -1), pruned_count(score.numel(), sparsity)).reshape(score.shape)
 
 
 def check_groups(cols: int, m: int) -> None:

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 
 from statprune_cli import __version__
-from statprune_cli.config import (Config, dump_config, lsa_mode, parse_pattern, parse_size, reallocation_mode,
-                                  residual_mode)
+from statprune_cli.allocation import energy_sparsities
+from statprune_cli.config import (Config, allocation_mode, dump_config, lsa_mode, parse_pattern, parse_size,
+                                  reallocation_mode, residual_mode)
 from statprune_cli.data import batched, calibration_windows, load_documents
 from statprune_cli.distributed import Communicator, launched, launched_world_size
 from statprune_cli.engine import EngineResult, LayerDone, LayerIO, LayerwiseEngine, Resume
@@ -128,7 +129,7 @@ def resolved_choices(cfg: Config, method: Method) -> dict[str, Any]:
     would be pruned two ways (e.g. a partial run whose statprune version had another 2:4 reallocation default)."""
     return {"statprune_version": __version__, "options": asdict(method.options),
             "reallocation": reallocation_mode(cfg.pruning, method), "lsa": lsa_mode(cfg.pruning, method),
-            "residual_permutation": residual_mode(cfg.pruning, method),
+            "residual_permutation": residual_mode(cfg.pruning, method), "allocation": allocation_mode(cfg.pruning, method),
             "sequential": calibrated_sequentially(cfg, method), "skip_first_tokens": statistics_skip(cfg, method)}
 
 
@@ -195,7 +196,7 @@ class DenseStats:
                        if batches is not self.batches else ""))
         p = self.cfg.pruning
         t0 = time.perf_counter()
-        stats = engine.run(None, lambda i, name: Target(0.0), p.targets, p.ignore, batches, skip_first=skip, gram=gram).stats
+        stats = engine.run(None, None, p.targets, p.ignore, batches, skip_first=skip, gram=gram).stats
         self.seconds += time.perf_counter() - t0
         self.cache[(skip, gram, None if batches is self.batches else tokens)] = stats
         return stats
@@ -270,15 +271,23 @@ def prune_model(
                 stats = {k: s.permuted(order) if k in readers else s for k, s in stats.items()}
     realloc_mode = reallocation_mode(cfg.pruning, method)
 
-    def target_for(index: int, name: str) -> Target:
-        sparsity = target.sparsity if layer_sparsity is None else layer_sparsity[index]
+    allocation = allocation_mode(p, method)
+
+    def target_for(name: str, sparsity: float) -> Target:
         if not target.reallocation or realloc_mode is True or producers(engine.model, name) is not None:
             return replace(target, name=name, sparsity=sparsity)
         blocks = head_blocks(engine.model, name)  # absorbed: an attention's output projection reorders within heads
         absorbable = blocks is not None and target.nm is not None and blocks[0] % target.nm[1] == 0
         return replace(target, name=name, sparsity=sparsity, reallocation=absorbable, blocks=blocks if absorbable else None)
 
-    result = engine.run(method, target_for, p.targets, p.ignore, batches, stats=stats, sequential=sequential,
+    def targets_for(index: int, linears: dict[str, torch.nn.Linear], layer_stats: dict[str, ChannelStats]) -> dict[str, Target]:
+        sparsity = target.sparsity if layer_sparsity is None else layer_sparsity[index]
+        if allocation == "uniform":
+            return {name: target_for(name, sparsity) for name in linears}
+        spread = energy_sparsities(linears, layer_stats, sparsity, p.allocation_spread)
+        return {name: target_for(name, s) for name, s in spread.items()}
+
+    result = engine.run(method, targets_for, p.targets, p.ignore, batches, stats=stats, sequential=sequential,
                         true_sequential=p.true_sequential, skip_first=skip,
                         resume=placement.resume, on_layer_done=placement.on_layer_done)
     if realloc_mode == "absorbed" and not any(
@@ -541,6 +550,7 @@ class Run:
             "target_sparsity": target.sparsity,
             "profile": p.profile,
             "layer_target_sparsity": pruned.layer_sparsity,
+            "allocation": allocation_mode(p, self.method),
             "mode": pruned.mode,
             "streaming": isinstance(pruned.engine.io, StreamedLayers),
             "calibration": {**asdict(self.cfg.calibration), "description": calibration,
@@ -593,7 +603,7 @@ def run_calibrate(cfg: Config, output: Path, overwrite: bool = False, ui: UI | N
         p = cfg.pruning
         method = config_method(cfg)
         skip = statistics_skip(cfg, method)
-        result = engine.run(None, lambda i, name: Target(0.0), p.targets, p.ignore, batches, skip_first=skip,
+        result = engine.run(None, None, p.targets, p.ignore, batches, skip_first=skip,
                             gram=method.needs_gram)
     summary = {"stats_file": str(output), "model": cfg.model.name_or_path, "calibration": calibration,
                "skip_first_tokens": skip, "world_size": engine.comm.world_size,

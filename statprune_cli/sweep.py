@@ -59,11 +59,11 @@ class Cell:
                 "not_applicable": self.not_applicable}
 
 
-SUFFIXES = ("+owl, +owl(key=value;...), +realloc, +realloc(absorbed), +realloc(off), +resperm, +resperm(off), +lsa or "
-            "+lsa(off)")
+SUFFIXES = ("+owl, +owl(key=value;...), +realloc, +realloc(absorbed), +realloc(off), +resperm, +resperm(off), +lsa, "
+            "+lsa(off), +alloc or +alloc(off)")
 REALLOC_SUFFIXES: dict[str, bool | str] = {"realloc": True, "realloc(absorbed)": "absorbed", "realloc(off)": False}
 # keys valid for some patterns only: n/a cells elsewhere
-PATTERN_BOUND = ("pruning.profile", "pruning.reallocation", "pruning.residual_permutation", "pruning.lsa")
+PATTERN_BOUND = ("pruning.profile", "pruning.reallocation", "pruning.residual_permutation", "pruning.lsa", "pruning.allocation")
 
 
 def parse_method(text: str) -> tuple[str, dict[str, Any]]:
@@ -72,7 +72,8 @@ def parse_method(text: str) -> tuple[str, dict[str, Any]]:
     reallocation, '+realloc(absorbed)' only where the model absorbs it, '+realloc(off)' none (statprune has it at N:M);
     '+resperm' permutes the residual stream for its readers' N:M groups (``pruning.residual_permutation``),
     '+resperm(off)' does not (statprune does at N:M); '+lsa' refines the reallocation orders by linear sum assignment
-    (``pruning.lsa``), '+lsa(off)' does not (statprune does at N:M)."""
+    (``pruning.lsa``), '+lsa(off)' does not (statprune does at N:M); '+alloc' spreads each layer's unstructured
+    sparsity over its linears by lost energy (``pruning.allocation: energy``), '+alloc(off)' keeps it uniform."""
     method, *extras = text.strip().split("+")
     if method not in METHODS:
         raise ConfigError("--methods", f"unknown method {method!r} in {text!r}; expected some of {', '.join(sorted(METHODS))}")
@@ -93,6 +94,8 @@ def parse_method(text: str) -> tuple[str, dict[str, Any]]:
             overrides["residual_permutation"] = extra == "resperm"
         elif extra in ("lsa", "lsa(off)"):
             overrides["lsa"] = extra == "lsa"
+        elif extra in ("alloc", "alloc(off)"):
+            overrides["allocation"] = "energy" if extra == "alloc" else "uniform"
         else:
             raise ConfigError("--methods", f"unknown suffix +{extra} in {text!r}; expected {SUFFIXES}")
     return method, overrides
@@ -248,7 +251,7 @@ def sweep_table(result: dict[str, Any]) -> str:
     for m in result["methods"]:
         lines.append(f"| {m} | " + " | ".join(cell(by[(m, s)]) for s in settings) + " |")
     if any(c["not_applicable"] for c in result["cells"]):
-        lines += ["", "n/a: the method's suffix does not apply to that setting (OWL spreads an unstructured sparsity; "
+        lines += ["", "n/a: the method's suffix does not apply to that setting (OWL and +alloc spread an unstructured sparsity; "
                       "channel reallocation and the residual permutation are for N:M patterns)."]
     if any(c["shared_dense_statistics"] for c in result["cells"]):
         lines += ["", "\\* used dense-model statistics (for the masks, OWL's layer ratios or the residual order) "

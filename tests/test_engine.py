@@ -8,7 +8,7 @@ from conftest import ARCHS, tiny_model
 from transformers import AutoModelForCausalLM
 
 from statprune_cli import perplexity
-from statprune_cli.engine import Activations, LayerwiseEngine
+from statprune_cli.engine import Activations, LayerwiseEngine, same_target
 from statprune_cli.layers import find_decoder_layers, target_linears
 from statprune_cli.load import enable_biases
 from statprune_cli.methods import Target, build_method
@@ -60,7 +60,7 @@ def test_window_nll_in_blocks_of_positions_equals_the_models_own_loss(arch: str,
 def test_engine_with_zero_sparsity_changes_nothing(arch: str) -> None:
     model = tiny_model(arch)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    res = engine(model).run(build_method("wanda", {}), lambda i, n: Target(0.0), ["Linear"], ["lm_head"], list(windows().split(3)))
+    res = engine(model).run(build_method("wanda", {}), same_target(Target(0.0)), ["Linear"], ["lm_head"], list(windows().split(3)))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert len(res.layers) == model.config.num_hidden_layers
     assert all(r.zeros == 0 for layer in res.layers for r in layer.linears.values())
@@ -69,7 +69,7 @@ def test_engine_with_zero_sparsity_changes_nothing(arch: str) -> None:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_engine_prunes_every_target_row(arch: str) -> None:
     model = tiny_model(arch)
-    res = engine(model).run(build_method("statprune", {}), lambda i, n: Target(0.5), ["Linear"], ["lm_head"], list(windows().split(3)))
+    res = engine(model).run(build_method("statprune", {}), same_target(Target(0.5)), ["Linear"], ["lm_head"], list(windows().split(3)))
     name, layers = find_decoder_layers(model)
     for i, layer in enumerate(layers):
         lins = target_linears(layer, f"{name}.{i}", ["Linear"], [])
@@ -89,7 +89,7 @@ def test_collected_stats_equal_the_layer_inputs() -> None:
         model(ids)
     for h in hooks:
         h.remove()
-    res = engine(model).run(None, lambda i, n: Target(0.0), ["Linear"], [], [ids])
+    res = engine(model).run(None, None, ["Linear"], [], [ids])
     for key, name in (("down", "model.layers.1.mlp.down_proj"), ("q", "model.layers.1.self_attn.q_proj")):
         ref = ChannelStats.of(seen[key])
         got = res.stats[name]
@@ -119,7 +119,7 @@ def test_channel_stats_of_a_batch_equal_the_float64_formulas(dtype: torch.dtype,
 def test_skip_first_tokens_leaves_the_first_positions_out() -> None:
     model = tiny_model("llama")
     ids = windows()
-    res = engine(model).run(None, lambda i, n: Target(0.0), ["re:.*q_proj"], [], [ids], skip_first=2)
+    res = engine(model).run(None, None, ["re:.*q_proj"], [], [ids], skip_first=2)
     assert all(s.count == ids.shape[0] * (SEQ - 2) for s in res.stats.values())
     assert set(res.stats) == {f"model.layers.{i}.self_attn.q_proj" for i in range(3)}
 
@@ -129,7 +129,7 @@ def test_sequential_uses_pruned_outputs() -> None:
     runs = {}
     for seq in (True, False):
         model = tiny_model("llama")
-        engine(model).run(build_method("wanda", {}), lambda i, n: Target(0.5), ["Linear"], [], ids, sequential=seq)
+        engine(model).run(build_method("wanda", {}), same_target(Target(0.5)), ["Linear"], [], ids, sequential=seq)
         runs[seq] = model.model.layers[2].mlp.down_proj.weight.clone()
     assert not torch.equal(runs[True], runs[False])
 
@@ -137,10 +137,10 @@ def test_sequential_uses_pruned_outputs() -> None:
 def test_one_shot_from_saved_stats_matches_dense_activation_run() -> None:
     ids = list(windows().split(3))
     dense = tiny_model("llama")
-    stats = engine(dense).run(None, lambda i, n: Target(0.0), ["Linear"], [], ids).stats
+    stats = engine(dense).run(None, None, ["Linear"], [], ids).stats
     a, b = tiny_model("llama"), tiny_model("llama")
-    engine(a).run(build_method("wanda", {}), lambda i, n: Target(0.5), ["Linear"], [], None, stats=stats)
-    engine(b).run(build_method("wanda", {}), lambda i, n: Target(0.5), ["Linear"], [], ids, sequential=False)
+    engine(a).run(build_method("wanda", {}), same_target(Target(0.5)), ["Linear"], [], None, stats=stats)
+    engine(b).run(build_method("wanda", {}), same_target(Target(0.5)), ["Linear"], [], ids, sequential=False)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
@@ -164,7 +164,7 @@ def test_compensated_model_reloads_in_transformers(tmp_path: Path) -> None:
     ids = windows()
     name, layers = find_decoder_layers(model)
     enable_biases(model, [n for n, m in model.named_modules() if n.startswith(f"{name}.") and isinstance(m, torch.nn.Linear)])
-    engine(model).run(build_method("statprune", {"compensation": "both"}), lambda i, n: Target(0.5), ["Linear"], [], [ids])
+    engine(model).run(build_method("statprune", {"compensation": "both"}), same_target(Target(0.5)), ["Linear"], [], [ids])
     assert model.model.layers[0].self_attn.q_proj.bias.abs().sum() > 0
     model.save_pretrained(tmp_path)
     again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
@@ -180,7 +180,7 @@ def test_non_finite_weights_stop_with_the_layer_name() -> None:
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(PruneError, match=r"model\.layers\.1\.mlp\.up_proj"):
-        engine(model).run(build_method("magnitude", {}), lambda i, n: Target(0.5), ["Linear"], [], None)
+        engine(model).run(build_method("magnitude", {}), same_target(Target(0.5)), ["Linear"], [], None)
 
 
 @pytest.mark.parametrize("sequential", [True, False])
@@ -189,7 +189,7 @@ def test_measured_compensation_runs_in_the_engine(sequential: bool) -> None:
     name, layers = find_decoder_layers(model)
     enable_biases(model, [n for n, m in model.named_modules() if n.startswith(f"{name}.") and isinstance(m, torch.nn.Linear)])
     method = build_method("statprune", {"compensation": "measured", "measure_tokens": 16})
-    res = engine(model).run(method, lambda i, n: Target(0.5), ["Linear"], [], list(windows().split(3)), sequential=sequential)
+    res = engine(model).run(method, same_target(Target(0.5)), ["Linear"], [], list(windows().split(3)), sequential=sequential)
     for layer in res.layers:
         for r in layer.linears.values():
             assert r.sparsity == 0.5 and r.info["measured_tokens"] == 2 * 16 and r.info["scale_mean"] != 1.0
@@ -203,7 +203,7 @@ def test_non_finite_statistics_stop_with_the_layer_name() -> None:
     with torch.no_grad():
         model.model.embed_tokens.weight.fill_(float("inf"))
     with pytest.raises(PruneError, match=r"non-finite input statistics.*model\.layers\.0\.self_attn\.q_proj"):
-        engine(model).run(build_method("wanda", {}), lambda i, n: Target(0.5), ["Linear"], [], [windows()])
+        engine(model).run(build_method("wanda", {}), same_target(Target(0.5)), ["Linear"], [], [windows()])
 
 
 GROUPS = {
@@ -249,7 +249,7 @@ def test_true_sequential_calibrates_each_linear_on_the_pruned_model_upstream(arc
     orders = []
     for true_sequential in (True, False):
         model = tiny_model(arch)
-        res = engine(model).run(build_method("wanda", {}), lambda i, n: Target(0.5), ["Linear"], [], ids,
+        res = engine(model).run(build_method("wanda", {}), same_target(Target(0.5)), ["Linear"], [], ids,
                                 true_sequential=true_sequential)
         final = input_stats_of_full_forward(model, ids)
         same = {n: torch.allclose(res.stats[n].sumsq, final[n], rtol=1e-5) for n in final}
@@ -270,7 +270,7 @@ def test_true_sequential_with_disk_offload_equals_cpu(tmp_path: Path, monkeypatc
     for offload in (True, "disk"):
         model = tiny_model("llama")
         LayerwiseEngine(model, torch.device("cpu"), offload, UI(quiet=True), activation_dir=tmp_path / str(offload)).run(
-            build_method("wanda", {}), lambda i, n: Target(0.5), ["Linear"], [], ids, true_sequential=True)
+            build_method("wanda", {}), same_target(Target(0.5)), ["Linear"], [], ids, true_sequential=True)
         weights.append(model.state_dict())
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     layers = model.config.num_hidden_layers  # per run: the capture, then per layer the pruned pass (the statistics
@@ -294,7 +294,7 @@ def test_statistics_pass_stops_after_the_last_observed_linear(arch: str) -> None
         eng = engine(model)
         if not stop:
             eng.early_stop.calls_once[type(layers[0])] = False
-        eng.run(build_method("wanda", {}), lambda i, n: Target(0.5), ["Linear"], [], ids)
+        eng.run(build_method("wanda", {}), same_target(Target(0.5)), ["Linear"], [], ids)
         whole = [len(ids)] * len(layers)  # the pass of the pruned layer
         assert calls == ([len(ids) + 1] + whole[1:] if stop else [2 * len(ids)] * len(layers))
         weights.append(model.state_dict())

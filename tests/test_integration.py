@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from statprune_cli.cli import app
+from statprune_cli.masks import pruned_count
 
 pytestmark = pytest.mark.integration
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -31,7 +32,7 @@ def test_smollm2_prunes_reloads_and_beats_magnitude(tmp_path: Path) -> None:
     model_dir.mkdir()
     (model_dir / GGUF).symlink_to(gguf_file())
     files = {"cal": SHARED / "c4" / "c4-train.00000-of-01024.first1000.jsonl", "eval": None}
-    ppl = {}
+    ppl, reports = {}, {}
     for method in ("statprune", "magnitude"):
         cfg = write_config(
             tmp_path / f"{method}.yaml", model_dir, files, tmp_path / method,
@@ -47,12 +48,15 @@ def test_smollm2_prunes_reloads_and_beats_magnitude(tmp_path: Path) -> None:
         ppl[method] = report["perplexity"][0]["perplexity"]
         assert report["perplexity"][0]["windows"] == 16
         assert report["sparsity"]["pruned_linears"]["sparsity"] == pytest.approx(0.5)
+        reports[method] = report
     out = tmp_path / "statprune"
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config and config["num_hidden_layers"] == 30
     model = AutoModelForCausalLM.from_pretrained(out)
-    for layer in model.model.layers:
-        for lin in (layer.self_attn.q_proj, layer.mlp.down_proj):
-            assert ((lin.weight == 0).sum(1) == lin.in_features // 2).all()
+    for i, layer in enumerate(model.model.layers):  # statprune's energy allocation: each linear its own share, per row
+        targets = {n.rsplit(".", 1)[-1]: r["target_sparsity"] for n, r in reports["statprune"]["layers"][i]["linears"].items()}
+        assert len(set(targets.values())) > 1
+        for name, lin in (("q_proj", layer.self_attn.q_proj), ("down_proj", layer.mlp.down_proj)):
+            assert ((lin.weight == 0).sum(1) == pruned_count(lin.in_features, targets[name])).all()
     assert torch.isfinite(torch.tensor(ppl["statprune"]))
     assert ppl["statprune"] < ppl["magnitude"], ppl

@@ -17,7 +17,6 @@ from statprune_cli.cli import app
 from statprune_cli.config import ModelConfig
 from statprune_cli.engine import LayerwiseEngine
 from statprune_cli.layers import find_decoder_layers
-from statprune_cli.methods import Target
 from statprune_cli.streaming import Checkpoint, StreamedLayers, load_skeleton
 from statprune_cli.ui import UI
 
@@ -190,10 +189,10 @@ def test_streamed_layers_run_without_the_embeddings_and_give_the_in_memory_stati
         in_memory_while_layers_run.extend(n for n in outside if not state[n].is_meta)
 
     streamed = LayerwiseEngine(skeleton, torch.device("cpu"), False, UI(quiet=True), io=io)
-    stats = streamed.run(None, lambda i, n: Target(0.0), ["Linear"], [], batches, on_layer_done=on_layer_done).stats
+    stats = streamed.run(None, None, ["Linear"], [], batches, on_layer_done=on_layer_done).stats
     assert outside and in_memory_while_layers_run == []
     reference = LayerwiseEngine(model, torch.device("cpu"), False, UI(quiet=True))
-    expected = reference.run(None, lambda i, n: Target(0.0), ["Linear"], [], batches).stats
+    expected = reference.run(None, None, ["Linear"], [], batches).stats
     assert stats.keys() == expected.keys()
     assert all(torch.equal(stats[k].sumsq, expected[k].sumsq) for k in stats)
     final = streamed.hidden_states(batches[:1])  # capture reads them back

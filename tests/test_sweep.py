@@ -69,17 +69,20 @@ def test_a_failing_cell_is_recorded_and_the_sweep_goes_on(cfg: Path, tmp_path: P
 
 
 def test_method_suffixes_run_as_their_prune_runs_and_are_not_applicable_elsewhere(cfg: Path, tmp_path: Path) -> None:
-    res = runner.invoke(app, ["sweep", str(cfg), "--methods", "wanda+owl(m=3;lam=0.05),ria+realloc", "--sparsities",
+    res = runner.invoke(app, ["sweep", str(cfg), "--methods", "wanda+owl(m=3;lam=0.05),ria+realloc,wanda+alloc", "--sparsities",
                               "70%,2:4", "-o", str(tmp_path / "sw"), "-q", "--json"])
     assert res.exit_code == 0, res.output
     cells = {(c["method"], c["setting"]): c for c in json.loads(res.stdout)["cells"]}
     assert cells[("wanda+owl(m=3;lam=0.05)", "2:4")]["not_applicable"].startswith("pruning.profile: owl spreads")
     assert cells[("ria+realloc", "70%")]["not_applicable"].startswith("pruning.reallocation: channel reallocation")
+    assert cells[("wanda+alloc", "2:4")]["not_applicable"].startswith("pruning.allocation: energy spreads")
     for (name, setting), flags in {("wanda+owl(m=3;lam=0.05)", "70%"): ["pruning.method=wanda", "pruning.sparsity=0.7",
                                                                          "pruning.profile=owl", "pruning.owl.m=3",
                                                                          "pruning.owl.lam=0.05"],
                                    ("ria+realloc", "2:4"): ["pruning.method=ria", "pruning.pattern=2:4",
-                                                            "pruning.reallocation=true"]}.items():
+                                                            "pruning.reallocation=true"],
+                                   ("wanda+alloc", "70%"): ["pruning.method=wanda", "pruning.sparsity=0.7",
+                                                            "pruning.allocation=energy"]}.items():
         run = runner.invoke(app, ["prune", str(cfg), "-q", "--json", "--overwrite", *(a for f in flags for a in ("--set", f))])
         assert run.exit_code == 0, run.output
         assert cells[(name, setting)]["perplexity"][0] == pytest.approx(json.loads(run.stdout)["perplexity"][0]["perplexity"],
@@ -97,6 +100,8 @@ def test_realloc_suffixes_set_the_reallocation_key() -> None:
     assert parse_method("sparsegpt+resperm+lsa") == ("sparsegpt", {"method": "sparsegpt", "residual_permutation": True,
                                                                    "lsa": True})
     assert parse_method("statprune+resperm(off)") == ("statprune", {"method": "statprune", "residual_permutation": False})
+    assert parse_method("wanda+alloc") == ("wanda", {"method": "wanda", "allocation": "energy"})
+    assert parse_method("statprune+alloc(off)") == ("statprune", {"method": "statprune", "allocation": "uniform"})
 
 
 @pytest.mark.parametrize("args,message", [

@@ -108,6 +108,12 @@ class Method:
         return False
 
     @property
+    def allocation(self) -> str:
+        """Unless ``pruning.allocation`` says: how a layer's unstructured sparsity is spread over its linears
+        (``allocation.py``); uniform, as in the baselines' papers."""
+        return "uniform"
+
+    @property
     def owl_m(self) -> float:
         """OWL's outlier threshold M unless ``pruning.owl.m`` says: the OWL paper's 5."""
         return 5.0

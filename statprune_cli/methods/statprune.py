@@ -139,6 +139,10 @@ class StatPrune(Method):
         return not self.one_pass
 
     @property
+    def allocation(self) -> str:
+        return "energy" if self.nm is None else "uniform"  # measured (scripts/ablate.py): see the module's docstring
+
+    @property
     def owl_m(self) -> float:
         return 7.0  # measured (scripts/ablate.py): see the module's docstring
 
