@@ -93,7 +93,7 @@ class PruningConfig:
     # unstructured only: how a layer's sparsity is spread over its linears, uniform or energy (allocation.py);
     # None: the method's choice (Method.allocation)
     allocation: str | None = None
-    allocation_spread: float = 0.05  # energy: each linear within +- this of its layer's sparsity
+    allocation_spread: float = 0.1  # energy: each linear within +- this of its layer's sparsity
     targets: list[str] = field(default_factory=lambda: ["Linear"])
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])
     sequential: bool | None = None  # None: the method's choice (Method.sequential)
