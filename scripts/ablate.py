@@ -25,6 +25,10 @@ REALLOC = "pruning.reallocation=true"
 LSA = "pruning.lsa=true"
 ENERGY = "pruning.options={score: tempered, alpha: 1.0, compensation: energy, beta: 1.0}"
 OWL = ["pruning.profile=owl", "pruning.owl.m=5"]  # the paper's M unless a variant says (statprune's own is 7 since)
+def alloc(spread: float) -> list[str]:
+    return ["pruning.allocation=energy", f"pruning.allocation_spread={spread}"]
+
+
 OWL_GRID = [("", []), ("(l=0.04)", ["pruning.owl.lam=0.04"]), ("(l=0.12)", ["pruning.owl.lam=0.12"]),
             ("(m=3)", ["pruning.owl.m=3"]), ("(m=7)", ["pruning.owl.m=7"])]
 VARIANTS: dict[str, list[str]] = {
@@ -102,8 +106,8 @@ VARIANTS: dict[str, list[str]] = {
     **{f"magnitude(matrix){tag}": ["pruning.method=magnitude", "pruning.granularity=matrix", *owl]
        for tag, owl in (("", []), ("+owl", OWL), ("+owl(m=7)", [*OWL, "pruning.owl.m=7"]))},
     # a layer's sparsity spread over its linears by the share of output energy each loses (pruning.allocation)
-    **{f"wanda+skip1+alloc(s={spread})": [SP, "pruning.options={compensation: none}", SKIP1, "pruning.allocation=energy",
-                                           f"pruning.allocation_spread={spread}"] for spread in (0.05, 0.1, 0.2)},
+    **{f"wanda+skip1+alloc(s={spread})": [SP, "pruning.options={compensation: none}", SKIP1, *alloc(spread)]
+       for spread in (0.05, 0.1, 0.2)},
     # statprune's default below 60% with the OWL profile (statprune's M)
     "wanda+skip1+owl(m=7)": ["pruning.method=wanda", SKIP1, *OWL, "pruning.owl.m=7"],
     **{f"{method}+owl{tag}": [f"pruning.method={method}", *OWL, *owl] for method in ("wanda", "ria", "sparsegpt")
@@ -120,6 +124,9 @@ VARIANTS: dict[str, list[str]] = {
 # ... with the order refined by linear sum assignment (RIA's --lsa)
 VARIANTS.update({f"{name}+lsa": [*VARIANTS[name], LSA] for name in (
     "wanda+realloc", "wanda+energy(m2/b=0.5;mlp)+realloc", "wanda+energy(m2/b=0.5;mlp)+realloc(absorbed)")})
+# statprune's default from 60% with the energy allocation inside each layer
+VARIANTS["wanda+energy(m2/b=0.5;mlp)+skip1+onepass+alloc(s=0.1)"] = [*VARIANTS["wanda+energy(m2/b=0.5;mlp)+skip1+onepass"],
+                                                                    *alloc(0.1)]
 # ... and one permutation of the residual stream for all its readers (pruning.residual_permutation)
 VARIANTS["wanda+energy(m2/b=0.5;mlp)+realloc(absorbed)+lsa+resperm"] = [
     *VARIANTS["wanda+energy(m2/b=0.5;mlp)+realloc(absorbed)+lsa"], "pruning.residual_permutation=true"]

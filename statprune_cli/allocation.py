@@ -7,8 +7,8 @@ Wanda row's comparison is, since each output feeds a norm, a nonlinearity or the
 scale. ``energy`` gives each linear the k (per row) that minimises the sum of R over the layer's linears
 while pruning as many weights as uniform sparsity would, each linear within +-``spread`` of the layer's
 sparsity: a greedy over columns by their loss per pruned weight (each R is convex, so a linear's columns
-come in order; with equal row counts it is the exact optimum). The bound matters: unbounded, the small value projections keep nearly every
-weight and perplexity is worse than uniform (README, Ablation).
+come in order; with equal row counts it is the exact optimum). The bound matters: unbounded, the small
+value projections keep nearly every weight and perplexity is worse than uniform (README, Ablation).
 
 Every method's statistics allow the Wanda score, so this composes with every method, and with OWL (the
 layer's sparsity is OWL's). The curves are per row (Wanda's comparison) for every granularity.
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from statprune_cli.masks import pruned_count
+from statprune_cli.masks import CHUNK_ELEMENTS, pruned_count
 from statprune_cli.stats import ChannelStats
 
 ALLOCATIONS = ("uniform", "energy")
@@ -27,11 +27,16 @@ ALLOCATIONS = ("uniform", "energy")
 
 def column_losses(weight: torch.Tensor, stats: ChannelStats) -> torch.Tensor:
     """Share of the linear's output energy that its k-th pruned column of every row adds (k = 0, 1, ...): the
-    k-th smallest s_ij^2 of each row, summed over rows, over the total; float64, non-decreasing."""
-    w = weight.detach().float()
-    energy = w.abs().mul_(stats.l2.to(w.device, torch.float32)).square_()
-    sorted_cols = energy.sort(dim=1).values.sum(0, dtype=torch.float64).cpu()
-    return sorted_cols / sorted_cols.sum().clamp_min(torch.finfo(torch.float64).tiny)
+    k-th smallest s_ij^2 of each row, summed over rows, over the total; float64 on the CPU, non-decreasing.
+
+    Sorted a chunk of rows at a time, as ``masks.lowest_k`` selects: a sort of a whole large linear would hold
+    its values and int64 indices at once, gigabytes on the device."""
+    norms = stats.l2.to(weight.device, torch.float32)
+    sums = torch.zeros(weight.shape[1], dtype=torch.float64, device=weight.device)
+    for part in weight.detach().split(max(1, CHUNK_ELEMENTS // weight.shape[1])):
+        sums += part.float().abs().mul_(norms).square_().sort(dim=1).values.sum(0, dtype=torch.float64)
+    sums = sums.cpu()
+    return sums / sums.sum().clamp_min(torch.finfo(torch.float64).tiny)
 
 
 def energy_sparsities(linears: dict[str, nn.Linear], stats: dict[str, ChannelStats], sparsity: float,
