@@ -23,17 +23,21 @@ from statprune_cli.masks import CHUNK_ELEMENTS, pruned_count
 from statprune_cli.stats import ChannelStats
 
 ALLOCATIONS = ("uniform", "energy")
+SAMPLED_ROWS = 2048  # rows of a linear that measure its lost-energy curve (column_losses)
 
 
-def column_losses(weight: torch.Tensor, stats: ChannelStats) -> torch.Tensor:
+def column_losses(weight: torch.Tensor, stats: ChannelStats, rows: int = SAMPLED_ROWS) -> torch.Tensor:
     """Share of the linear's output energy that its k-th pruned column of every row adds (k = 0, 1, ...): the
     k-th smallest s_ij^2 of each row, summed over rows, over the total; float64 on the CPU, non-decreasing.
 
-    Sorted a chunk of rows at a time, as ``masks.lowest_k`` selects: a sort of a whole large linear would hold
-    its values and int64 indices at once, gigabytes on the device."""
+    A linear with more than ``rows`` rows is measured on every ceil(out / rows)-th row: the curve is a mean over
+    rows, and sorting all of a 4096 x 11008 linear's rows took longer than choosing its mask (SmolLM2's linears,
+    at most 1,536 rows, are measured whole). Sorted a chunk of rows at a time, as ``masks.lowest_k`` selects: a
+    sort of a whole large linear would hold its values and int64 indices at once, gigabytes on the device."""
     norms = stats.l2.to(weight.device, torch.float32)
     sums = torch.zeros(weight.shape[1], dtype=torch.float64, device=weight.device)
-    for part in weight.detach().split(max(1, CHUNK_ELEMENTS // weight.shape[1])):
+    sampled = weight.detach()[::-(-weight.shape[0] // rows)]
+    for part in sampled.split(max(1, CHUNK_ELEMENTS // weight.shape[1])):
         sums += part.float().abs().mul_(norms).square_().sort(dim=1).values.sum(0, dtype=torch.float64)
     sums = sums.cpu()
     return sums / sums.sum().clamp_min(torch.finfo(torch.float64).tiny)

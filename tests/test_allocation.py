@@ -45,6 +45,16 @@ def test_column_losses_are_the_lost_energy_shares() -> None:
         assert float(losses[:k].sum()) == pytest.approx(lost_share(linears["l0"], stats["l0"], k), rel=1e-5)
 
 
+def test_column_losses_of_a_tall_linear_come_from_evenly_spaced_rows() -> None:
+    linears, stats = layer([(10, 6), (10, 6)], seed=4)
+    tall = linears["l1"]
+    sampled = nn.Linear(6, 4, bias=False)
+    sampled.weight.data = tall.weight.data[::3].clone()  # rows 0, 3, 6, 9: every ceil(10 / 4)-th
+    losses = column_losses(tall.weight, stats["l1"], rows=4)
+    assert torch.allclose(losses, column_losses(sampled.weight, stats["l1"]))
+    assert not torch.allclose(losses, column_losses(tall.weight, stats["l1"]))
+
+
 def test_energy_allocation_is_the_optimum_when_rows_are_equal() -> None:
     """With equal row counts every column costs the same number of weights, and the greedy is exact: it must
     match the brute-force minimum of the summed lost shares over all allocations within the bounds."""
