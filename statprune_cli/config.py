@@ -370,12 +370,16 @@ def allocation_mode(p: PruningConfig, method: Method) -> str:
 
 def validate_allocation(p: PruningConfig, nm: tuple[int, int] | None) -> None:
     from statprune_cli.allocation import ALLOCATIONS
+    from statprune_cli.methods import METHODS
 
     if p.allocation is not None and p.allocation not in ALLOCATIONS:
         raise ConfigError("pruning.allocation", f"expected {' or '.join(ALLOCATIONS)}, got {p.allocation!r}")
     if p.allocation == "energy" and nm is not None:
         raise ConfigError("pruning.allocation", f"energy spreads an unstructured sparsity over a layer's linears; pattern "
                                                 f"{p.pattern} fixes each linear's (use pattern: unstructured, or leave it unset)")
+    if p.allocation == "energy" and not METHODS[p.method].needs_calibration:
+        raise ConfigError("pruning.allocation", f"energy weighs each linear's Wanda scores, which need calibration "
+                                                f"statistics that {p.method} does not collect (use another method, or uniform)")
     if not 0 <= p.allocation_spread < 1:
         raise ConfigError("pruning.allocation_spread", f"expected a number in [0, 1), got {p.allocation_spread}")
 

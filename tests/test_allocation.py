@@ -148,7 +148,8 @@ def test_allocation_is_the_methods_unless_set(method: str, pattern: str, setting
 @pytest.mark.parametrize("setting,message", [
     ({"allocation": "rows"}, "pruning.allocation: expected uniform or energy, got 'rows'"),
     ({"allocation": "energy", "pattern": "2:4"}, "pruning.allocation: energy spreads an unstructured sparsity"),
-    ({"allocation_spread": 1.5}, "pruning.allocation_spread: expected a number in [0, 1), got 1.5")])
+    ({"allocation_spread": 1.5}, "pruning.allocation_spread: expected a number in [0, 1), got 1.5"),
+    ({"allocation": "energy", "method": "magnitude"}, "pruning.allocation: energy weighs each linear's Wanda scores")])
 def test_allocation_config_errors(setting: dict, message: str, tmp_path: Path, tiny_model_dir: Path,
                                   text_files: dict[str, Path]) -> None:
     cfg = write_config(tmp_path / "run.yaml", tiny_model_dir, text_files, tmp_path / "out", pruning=setting)
