@@ -94,3 +94,15 @@ def write_config(path: Path, model_dir: Path, files: dict[str, Path], out: Path,
         cfg.setdefault(section, {}).update(values)
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def prune_report(tmp_path: Path, model_dir: Path, files: dict[str, Path], **pruning) -> dict:
+    """`statprune prune` of the tiny model with these ``pruning`` keys; its --json report (the run must succeed)."""
+    from typer.testing import CliRunner
+
+    from statprune_cli.cli import app
+
+    cfg = write_config(tmp_path / "run.yaml", model_dir, files, tmp_path / "out", pruning=pruning)
+    res = CliRunner().invoke(app, ["prune", str(cfg), "-q", "--json"])
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)

@@ -1,12 +1,11 @@
 """pruning.allocation: a layer's unstructured sparsity spread over its linears by the share of energy each loses."""
 
 import itertools
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_config
+from conftest import prune_report, write_config
 from torch import nn
 from typer.testing import CliRunner
 
@@ -107,12 +106,8 @@ def test_pruned_count_gives_k_back_for_k_over_n() -> None:
 
 
 def test_energy_allocation_through_the_cli(tmp_path: Path, tiny_model_dir: Path, text_files: dict[str, Path]) -> None:
-    cfg = write_config(tmp_path / "run.yaml", tiny_model_dir, text_files, tmp_path / "out",
-                       pruning={"method": "wanda", "sparsity": 0.6, "allocation": "energy", "allocation_spread": 0.15,
-                                "profile": "owl", "owl": {"m": 2.0, "lam": 0.05}})
-    res = runner.invoke(app, ["prune", str(cfg), "-q", "--json"])
-    assert res.exit_code == 0, res.output
-    report = json.loads(res.stdout)
+    report = prune_report(tmp_path, tiny_model_dir, text_files, method="wanda", sparsity=0.6, allocation="energy",
+                          allocation_spread=0.15, profile="owl", owl={"m": 2.0, "lam": 0.05})
     assert report["allocation"] == "energy"
     for row, layer_target in zip(report["layers"], report["layer_target_sparsity"]):
         linears = row["linears"].values()
@@ -135,11 +130,7 @@ def test_energy_allocation_through_the_cli(tmp_path: Path, tiny_model_dir: Path,
     ("sparsegpt", "unstructured", {"allocation": "energy"}, "energy")])
 def test_allocation_is_the_methods_unless_set(method: str, pattern: str, setting: dict, expected: str, tmp_path: Path,
                                               tiny_model_dir: Path, text_files: dict[str, Path]) -> None:
-    cfg = write_config(tmp_path / "run.yaml", tiny_model_dir, text_files, tmp_path / "out",
-                       pruning={"method": method, "pattern": pattern, **setting})
-    res = runner.invoke(app, ["prune", str(cfg), "-q", "--json"])
-    assert res.exit_code == 0, res.output
-    report = json.loads(res.stdout)
+    report = prune_report(tmp_path, tiny_model_dir, text_files, method=method, pattern=pattern, **setting)
     assert report["allocation"] == expected
     targets = {r["target_sparsity"] for row in report["layers"] for r in row["linears"].values()}
     assert (len(targets) > 1) == (expected == "energy")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ARCHS, COMMON, tiny_model, tiny_tokenizer, write_config
+from conftest import ARCHS, COMMON, prune_report, tiny_model, tiny_tokenizer, write_config
 from safetensors.torch import load_file
 from test_masks import kept_score
 from torch import nn
@@ -420,11 +420,7 @@ def test_owl_threshold_is_the_methods_unless_set(method: str, m: float | None, e
 def test_reallocation_lsa_and_residual_permutation_are_the_methods_unless_set(
         method: str, pattern: str, setting: dict, expected: bool | str, lsa: bool, residual: bool, tmp_path: Path,
         tiny_model_dir: Path, text_files: dict[str, Path]) -> None:
-    cfg = write_config(tmp_path / "run.yaml", tiny_model_dir, text_files, tmp_path / "out",
-                       pruning={"method": method, "pattern": pattern, **setting})
-    res = runner.invoke(app, ["prune", str(cfg), "-q", "--json"])
-    assert res.exit_code == 0, res.output
-    report = json.loads(res.stdout)
+    report = prune_report(tmp_path, tiny_model_dir, text_files, method=method, pattern=pattern, **setting)
     assert (report["reallocation"], report["lsa"], report["residual_permutation"]) == (expected, lsa, residual)
     down = report["layers"][0]["linears"]["model.layers.0.mlp.down_proj"]
     assert ("reallocation_kept_score_gain" in down) == bool(expected)
