@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -386,11 +386,6 @@ class Resume:
 LayerDone = Callable[[int, nn.Module, list[torch.Tensor], list[LayerResult]], None]
 # (layer index, a group of linears pruned together, every statistic so far) -> each of those linears' target
 TargetsFor = Callable[[int, dict[str, nn.Linear], dict[str, ChannelStats]], dict[str, Target]]
-
-
-def same_target(target: Target) -> TargetsFor:
-    """Every linear of every layer gets ``target``."""
-    return lambda index, linears, stats: {name: replace(target, name=name) for name in linears}
 
 
 class LayerwiseEngine:

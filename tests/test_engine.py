@@ -1,5 +1,6 @@
 """The layer-wise engine on tiny random models of every supported architecture."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,7 @@ from conftest import ARCHS, tiny_model
 from transformers import AutoModelForCausalLM
 
 from statprune_cli import perplexity
-from statprune_cli.engine import Activations, LayerwiseEngine, same_target
+from statprune_cli.engine import Activations, LayerwiseEngine, TargetsFor
 from statprune_cli.layers import find_decoder_layers, target_linears
 from statprune_cli.load import enable_biases
 from statprune_cli.methods import Target, build_method
@@ -17,6 +18,10 @@ from statprune_cli.ui import UI
 
 SEQ = 24  # longer than the tiny models' sliding window (8), so sliding and global layers differ
 
+
+def same_target(target: Target) -> TargetsFor:
+    """Every linear of every layer gets ``target`` (the engine's ``targets_for``)."""
+    return lambda index, linears, stats: {name: replace(target, name=name) for name in linears}
 
 def windows(n: int = 6, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, 128, (n, SEQ), generator=torch.Generator().manual_seed(seed))
