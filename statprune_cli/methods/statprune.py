@@ -61,7 +61,7 @@ q/k/v and gate/up, stored in the checkpoint (permute.py), on top of the above: -
 allocation inside each layer (unless ``pruning.allocation`` is set): unstructured, ``energy`` (allocation.py): each
 linear's sparsity within +-0.1 of its layer's, chosen so the shares of output energy the layer's linears lose add up to
 the least. At 50% against uniform: -2.6, -4.5 and -3.3% over three validation seeds (chosen on an earlier run: spread
-0.1 -3.1, -4.9, -3.7%; 0.05 -3.9, +2.3%; 0.2 -1.7, -0.9%; 0.35 +1.1%, seed 0); at 60%, SEEDS60.
+0.1 -3.1, -4.9, -3.7%; 0.05 -3.9, +2.3%; 0.2 -1.7, -0.9%; 0.35 +1.1%, seed 0); at 60%, -7.8, -6.7 and -8.1%.
 
 OWL's outlier threshold (unless ``pruning.owl.m`` is set): M 7, not the paper's 5. At 70%, one pass, M 5 moved
 statprune against uniform by -6.3, +31.7 and -5.1% over three validation seeds; M 7 by -18.8, +2.2 and -13.8%, better
