@@ -25,7 +25,10 @@ REALLOC = "pruning.reallocation=true"
 LSA = "pruning.lsa=true"
 ENERGY = "pruning.options={score: tempered, alpha: 1.0, compensation: energy, beta: 1.0}"
 OWL = ["pruning.profile=owl", "pruning.owl.m=5"]  # the paper's M unless a variant says (statprune's own is 7 since)
+
+
 def alloc(spread: float) -> list[str]:
+    """The energy allocation inside each layer, each linear within +-``spread`` of the layer's sparsity."""
     return ["pruning.allocation=energy", f"pruning.allocation_spread={spread}"]
 
 

@@ -129,7 +129,8 @@ def resolved_choices(cfg: Config, method: Method) -> dict[str, Any]:
     would be pruned two ways (e.g. a partial run whose statprune version had another 2:4 reallocation default)."""
     return {"statprune_version": __version__, "options": asdict(method.options),
             "reallocation": reallocation_mode(cfg.pruning, method), "lsa": lsa_mode(cfg.pruning, method),
-            "residual_permutation": residual_mode(cfg.pruning, method), "allocation": allocation_mode(cfg.pruning, method),
+            "residual_permutation": residual_mode(cfg.pruning, method),
+            "allocation": allocation_mode(cfg.pruning, method),
             "sequential": calibrated_sequentially(cfg, method), "skip_first_tokens": statistics_skip(cfg, method)}
 
 
@@ -280,12 +281,13 @@ def prune_model(
         absorbable = blocks is not None and target.nm is not None and blocks[0] % target.nm[1] == 0
         return replace(target, name=name, sparsity=sparsity, reallocation=absorbable, blocks=blocks if absorbable else None)
 
-    def targets_for(index: int, linears: dict[str, torch.nn.Linear], layer_stats: dict[str, ChannelStats]) -> dict[str, Target]:
+    def targets_for(index: int, linears: dict[str, torch.nn.Linear],
+                    layer_stats: dict[str, ChannelStats]) -> dict[str, Target]:
         sparsity = target.sparsity if layer_sparsity is None else layer_sparsity[index]
         if allocation == "uniform":
             return {name: target_for(name, sparsity) for name in linears}
-        spread = energy_sparsities(linears, layer_stats, sparsity, p.allocation_spread)
-        return {name: target_for(name, s) for name, s in spread.items()}
+        sparsities = energy_sparsities(linears, layer_stats, sparsity, p.allocation_spread)
+        return {name: target_for(name, s) for name, s in sparsities.items()}
 
     result = engine.run(method, targets_for, p.targets, p.ignore, batches, stats=stats, sequential=sequential,
                         true_sequential=p.true_sequential, skip_first=skip,
