@@ -34,11 +34,10 @@ def column_losses(weight: torch.Tensor, stats: ChannelStats, rows: int = SAMPLED
     rows, and sorting all of a 4096 x 11008 linear's rows took longer than choosing its mask (SmolLM2's linears,
     at most 1,536 rows, are measured whole). Sorted a chunk of rows at a time, as ``masks.lowest_k`` selects: a
     sort of a whole large linear would hold its values and int64 indices at once, gigabytes on the device."""
-    norms = stats.l2.to(weight.device, torch.float32)
     sums = torch.zeros(weight.shape[1], dtype=torch.float64, device=weight.device)
     sampled = weight.detach()[::-(-weight.shape[0] // rows)]
     for part in sampled.split(max(1, CHUNK_ELEMENTS // weight.shape[1])):
-        sums += part.float().abs().mul_(norms).square_().sort(dim=1).values.sum(0, dtype=torch.float64)
+        sums += stats.wanda_score(part).square_().sort(dim=1).values.sum(0, dtype=torch.float64)
     sums = sums.cpu()
     return sums / sums.sum().clamp_min(torch.finfo(torch.float64).tiny)
 

@@ -22,7 +22,7 @@ def outlier_ratio(linears: dict[str, nn.Linear], stats: dict[str, ChannelStats],
     for name, lin in linears.items():
         if name not in stats:
             raise PruneError(f"no calibration statistics for {name}: the OWL profile needs every target linear's")
-        scores.append(lin.weight.detach().float().abs().mul_(stats[name].l2.to(lin.weight.device, torch.float32)).flatten())
+        scores.append(stats[name].wanda_score(lin.weight.detach()).flatten())
     flat = torch.cat(scores)
     return float((flat > m * flat.mean()).double().mean())
 

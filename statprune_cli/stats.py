@@ -106,6 +106,11 @@ class ChannelStats:
         """||X_j||_2 over every calibration token: Wanda's activation norm."""
         return self.sumsq.sqrt()
 
+    def wanda_score(self, weight: torch.Tensor) -> torch.Tensor:
+        """|W_ij| * ||X_j||_2 as a new float32 tensor on the weight's device (the weight is untouched): Wanda's score,
+        which every method's statistics allow, so OWL, the energy allocation and reallocation orders use it too."""
+        return weight.float().abs().mul_(self.l2.to(weight.device, torch.float32))  # in place: no second temporary
+
     def check_finite(self, name: str) -> None:
         for f in (*FIELDS, "gram"):
             t = getattr(self, f)

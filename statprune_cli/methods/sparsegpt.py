@@ -104,7 +104,7 @@ class SparseGPT(Method):
         weight = linear.weight.data.float().clone()
         info: dict[str, Any] = {}
         if target.reallocation:
-            order = target.channel_order(weight.abs() * stats.l2.to(weight.device, torch.float32))
+            order = target.channel_order(stats.wanda_score(weight))
             weight, stats = weight[:, order], stats.permuted(order)
             info["channel_permutation"] = order.to(torch.int32)
         hinv, dead = inverse_hessian_factor(stats.gram.to(weight.device), stats.count, self.options.percdamp)

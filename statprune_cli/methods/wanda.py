@@ -13,4 +13,4 @@ class Wanda(Method):
 
     def score(self, weight: torch.Tensor, stats: ChannelStats | None) -> torch.Tensor:
         assert stats is not None
-        return weight.abs().mul_(stats.l2.to(weight.device, torch.float32))  # in place: no second matrix-sized temporary
+        return stats.wanda_score(weight)
