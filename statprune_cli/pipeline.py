@@ -535,8 +535,9 @@ class Run:
     def report(self, pruned: Pruned, ppl: list[dict[str, Any]], calibration: str, all_params: dict[str, Any] | None,
                out: Path) -> dict[str, Any]:
         p = self.cfg.pruning
-        rows, totals = layer_summary(pruned.result)
         target = base_target(self.cfg, self.method)
+        owl = pruned.layer_sparsity
+        rows, totals = layer_summary(pruned.result, lambda i: target.sparsity if owl is None else owl[i])
         realloc = reallocation_mode(self.cfg.pruning, self.method)
         versions = package_versions()
         return {

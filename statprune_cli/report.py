@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 import resource
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -60,8 +61,9 @@ def model_sparsity(model: nn.Module) -> dict[str, float | int]:
     return {"zeros": zeros, "parameters": total, "sparsity": zeros / total if total else 0.0}
 
 
-def layer_summary(result: EngineResult) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Per-layer rows and the total over the pruned linears."""
+def layer_summary(result: EngineResult, layer_target: Callable[[int], float]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Per-layer rows and the total over the pruned linears. A row's ``target_sparsity`` is the layer's (OWL's, or
+    the run's), which its linears may share out unevenly (``pruning.allocation``); each linear has its own."""
     rows, zeros, numel = [], 0, 0
     for layer in result.layers:
         lin = {}
@@ -71,9 +73,7 @@ def layer_summary(result: EngineResult) -> tuple[list[dict[str, Any]], dict[str,
             lin[name] = {"shape": list(r.shape), "target_sparsity": r.target, "sparsity": r.sparsity, **r.info}
             lz, ln = lz + r.zeros, ln + n
         zeros, numel = zeros + lz, numel + ln
-        targets = {r.target for r in layer.linears.values()}
-        rows.append({"layer": layer.index, "seconds": round(layer.seconds, 4),
-                     "target_sparsity": targets.pop() if len(targets) == 1 else None,
+        rows.append({"layer": layer.index, "seconds": round(layer.seconds, 4), "target_sparsity": layer_target(layer.index),
                      "sparsity": lz / ln if ln else 0.0, "linears": lin})
     return rows, {"zeros": zeros, "parameters": numel, "sparsity": zeros / numel if numel else 0.0}
 

@@ -1,6 +1,7 @@
 """pruning.allocation: a layer's unstructured sparsity spread over its linears by the share of energy each loses."""
 
 import itertools
+import json
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,7 @@ def test_energy_allocation_through_the_cli(tmp_path: Path, tiny_model_dir: Path,
                           allocation_spread=0.15, profile="owl", owl={"m": 2.0, "lam": 0.05})
     assert report["allocation"] == "energy"
     for row, layer_target in zip(report["layers"], report["layer_target_sparsity"]):
+        assert row["target_sparsity"] == layer_target  # the layer's, which its linears share out unevenly
         linears = row["linears"].values()
         params = sum(r["shape"][0] * r["shape"][1] for r in linears)
         uniform = sum(r["shape"][0] * pruned_count(r["shape"][1], layer_target) for r in linears)
@@ -125,6 +127,19 @@ def test_energy_allocation_through_the_cli(tmp_path: Path, tiny_model_dir: Path,
             assert (pruned_count(cols, layer_target - 0.15) <= pruned_count(cols, r["target_sparsity"])
                     <= pruned_count(cols, layer_target + 0.15))
         assert len({r["target_sparsity"] for r in linears}) > 1
+
+
+def test_terminal_report_shows_each_layers_owl_target_under_the_allocation(tmp_path: Path, tiny_model_dir: Path,
+                                                                            text_files: dict[str, Path]) -> None:
+    cfg = write_config(tmp_path / "run.yaml", tiny_model_dir, text_files, tmp_path / "out",
+                       pruning={"method": "statprune", "sparsity": 0.6, "profile": "owl", "owl": {"m": 2.0, "lam": 0.05}})
+    res = CliRunner().invoke(app, ["prune", str(cfg)])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["allocation"] == "energy" and len(set(report["layer_target_sparsity"])) > 1
+    assert "target" in res.output
+    for target in report["layer_target_sparsity"]:
+        assert f"{target:.1%}" in res.output
 
 
 @pytest.mark.parametrize("method,pattern,setting,expected", [
