@@ -117,9 +117,11 @@ def write_doc(args: argparse.Namespace, key: str) -> None:
 OLD_CMD = {"n8-s512-2:4-before-resperm": "python scripts/bench_cost.py --methods wanda,statprune --models smollm2 --nsamples 8 --seqlen 512 --repeats 3 --setting 2:4"}
 
 READING = """Reading it. statprune runs exactly Wanda's passes (per decoder layer one statistics pass, which stops at
-the last target linear's input, and one pass of the pruned layer) and differs only in which positions feed the statistics, so its cost is Wanda's up to noise;
-on this machine two runs of the same command can differ by up to 25%, which is larger than any difference between
-the two. SparseGPT adds, per linear, the Gram matrix X X^T (as many
+the last target linear's input, and one pass of the pruned layer), differs in which positions feed the statistics,
+and adds its energy allocation inside each layer: one sort of each linear's Wanda scores on a sample of its rows
+(`statprune+alloc(off)` is the run without it; `scripts/bench_allocation.py` times it alone: under a second per
+wide decoder layer). So its cost is Wanda's up to noise; on this machine two runs of the same command can differ by
+up to 25%, which is larger than any difference between the two. SparseGPT adds, per linear, the Gram matrix X X^T (as many
 FLOPs as a forward pass of a square layer per token), a Cholesky factorisation (d^3/3) and the column-by-column
 update (rows x d^2). With 8 windows x 512 tokens on the wide model that is about 2.6 TFLOP per decoder layer on
 top of Wanda's 3.0 TFLOP of forward passes (the statistics pass skips the down projection), which CPU BLAS runs at nearly full speed: SparseGPT costs 3-4.5x Wanda

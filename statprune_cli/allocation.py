@@ -32,12 +32,12 @@ def column_losses(weight: torch.Tensor, stats: ChannelStats, rows: int | None = 
 
     A linear with more than ``rows`` rows (default: as many as fill ``SAMPLED_ELEMENTS``) is measured on every
     ceil(out / rows)-th row. The sort is the allocation's whole cost: 2,048 rows of a 4096-wide model's linears
-    cost 4 s per decoder layer on 2 CPU cores, 0.9 s at this bound (512 rows, 190 of the down projection). The
-    curve is a mean over rows and the optimum is flat: on SmolLM2-135M at 50%, curves from 96-256 rows per
-    linear gave allocations whose summed lost share was within 0.7% of the whole-row optimum's (uniform: 17%
-    above it). SmolLM2's linears (at most 884,736 weights) are measured whole, as validated. Sorted a chunk of
-    rows at a time, as ``masks.lowest_k`` selects: a sort of a whole large linear would hold its values and
-    int64 indices at once, gigabytes on the device."""
+    cost 2.6 s per decoder layer on 2 CPU cores, 0.5 s at this bound (512 rows, 190 of the down projection).
+    The curve is a mean over rows and the optimum is flat: on SmolLM2-135M at 50%, curves from 96-256 rows per
+    linear gave allocations whose summed lost share was 0.6% above the whole-row optimum's (uniform: 17%
+    above it; both figures from scripts/bench_allocation.py). SmolLM2's linears (at most 884,736 weights) are
+    measured whole, as validated. Sorted a chunk of rows at a time, as ``masks.lowest_k`` selects: a sort of a
+    whole large linear would hold its values and int64 indices at once, gigabytes on the device."""
     sums = torch.zeros(weight.shape[1], dtype=torch.float64, device=weight.device)
     rows = max(1, SAMPLED_ELEMENTS // weight.shape[1]) if rows is None else rows
     sampled = weight.detach()[::-(-weight.shape[0] // rows)]
