@@ -128,8 +128,8 @@ VARIANTS: dict[str, list[str]] = {
 VARIANTS.update({f"{name}+lsa": [*VARIANTS[name], LSA] for name in (
     "wanda+realloc", "wanda+energy(m2/b=0.5;mlp)+realloc", "wanda+energy(m2/b=0.5;mlp)+realloc(absorbed)")})
 # statprune's default from 60% with the energy allocation inside each layer
-VARIANTS["wanda+energy(m2/b=0.5;mlp)+skip1+onepass+alloc(s=0.1)"] = [*VARIANTS["wanda+energy(m2/b=0.5;mlp)+skip1+onepass"],
-                                                                    *alloc(0.1)]
+VARIANTS.update({f"wanda+energy(m2/b=0.5;mlp)+skip1+onepass+alloc(s={spread})": [
+    *VARIANTS["wanda+energy(m2/b=0.5;mlp)+skip1+onepass"], *alloc(spread)] for spread in (0.1, 0.2)})
 # ... and one permutation of the residual stream for all its readers (pruning.residual_permutation)
 VARIANTS["wanda+energy(m2/b=0.5;mlp)+realloc(absorbed)+lsa+resperm"] = [
     *VARIANTS["wanda+energy(m2/b=0.5;mlp)+realloc(absorbed)+lsa"], "pruning.residual_permutation=true"]
