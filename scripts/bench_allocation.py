@@ -42,12 +42,6 @@ def seconds(weight: torch.Tensor, stats: ChannelStats, rows: int | None, repeats
     return best
 
 
-def lost_share(layers: list[dict[str, nn.Linear]], stats: dict[str, ChannelStats], sparsities: dict[str, float]) -> float:
-    """The summed lost energy share of these sparsities over every layer's linears, from whole-row curves."""
-    return sum(float(column_losses(lin.weight, stats[name], rows=lin.weight.shape[0])[
-        :pruned_count(lin.weight.shape[1], sparsities[name])].sum()) for linears in layers for name, lin in linears.items())
-
-
 def sample_accuracy(model_dir: str, stats_file: Path, sparsity: float, budgets: list[int]) -> None:
     """Allocations from curves on rows filling each element budget, scored by the exact lost share."""
     from transformers import AutoModelForCausalLM
@@ -56,18 +50,26 @@ def sample_accuracy(model_dir: str, stats_file: Path, sparsity: float, budgets: 
     stats, _ = load_stats(stats_file)
     blocks_name, blocks = find_decoder_layers(model)
     layers = [target_linears(block, f"{blocks_name}.{i}", ["Linear"], []) for i, block in enumerate(blocks)]
+    lost = {name: column_losses(lin.weight, stats[name], rows=lin.weight.shape[0]).cumsum(0)  # whole rows
+            for linears in layers for name, lin in linears.items()}
+    columns = {name: lin.weight.shape[1] for linears in layers for name, lin in linears.items()}
 
-    def allocate(budget: int | None) -> dict[str, float]:
-        allocation.SAMPLED_ELEMENTS = budget or max(lin.weight.numel() for lin in model.modules() if isinstance(lin, nn.Linear))
-        return {k: v for linears in layers for k, v in energy_sparsities(linears, stats, sparsity, PruningConfig.allocation_spread).items()}
+    def share(sparsities: dict[str, float]) -> float:
+        """Summed lost energy share over every layer's linears."""
+        return sum(float(lost[n][k - 1]) for n, s in sparsities.items() if (k := pruned_count(columns[n], s)))
 
-    best = lost_share(layers, stats, allocate(None))
-    uniform = lost_share(layers, stats, {name: sparsity for linears in layers for name in linears})
+    def allocate(budget: int) -> dict[str, float]:
+        allocation.SAMPLED_ELEMENTS = budget
+        return {k: v for linears in layers for k, v in
+                energy_sparsities(linears, stats, sparsity, PruningConfig.allocation_spread).items()}
+
+    best = share(allocate(max(lin.weight.numel() for linears in layers for lin in linears.values())))
+    uniform = share({name: sparsity for name in lost})
     print(f"\n{model_dir} at {sparsity:g}: summed lost share {best:.4f} with whole rows, uniform {uniform / best - 1:+.1%}")
     print("| weights per linear | lost share | against whole rows |\n|---:|---:|---:|")
     for budget in budgets:
-        share = lost_share(layers, stats, allocate(budget))
-        print(f"| {budget:,} | {share:.4f} | {share / best - 1:+.2%} |")
+        got = share(allocate(budget))
+        print(f"| {budget:,} | {got:.4f} | {got / best - 1:+.2%} |")
 
 
 def main() -> None:
