@@ -118,6 +118,11 @@ class Pruned:
     residual_permuted: bool = False  # the residual stream was permuted (``residual_stream_order``)
 
 
+def layer_target(base: float, owl: list[float] | None, index: int) -> float:
+    """Decoder layer ``index``'s sparsity: OWL's where the profile gave one, else the run's (``base``)."""
+    return base if owl is None else owl[index]
+
+
 def config_method(cfg: Config) -> Method:
     """The method ``pruning`` asks for, its ``auto`` options settled by the pattern and sparsity."""
     p = cfg.pruning
@@ -283,7 +288,7 @@ def prune_model(
 
     def targets_for(index: int, linears: dict[str, torch.nn.Linear],
                     layer_stats: dict[str, ChannelStats]) -> dict[str, Target]:
-        sparsity = target.sparsity if layer_sparsity is None else layer_sparsity[index]
+        sparsity = layer_target(target.sparsity, layer_sparsity, index)
         if allocation == "uniform":
             return {name: target_for(name, sparsity) for name in linears}
         sparsities = energy_sparsities(linears, layer_stats, sparsity, p.allocation_spread)
@@ -536,8 +541,7 @@ class Run:
                out: Path) -> dict[str, Any]:
         p = self.cfg.pruning
         target = base_target(self.cfg, self.method)
-        owl = pruned.layer_sparsity
-        rows, totals = layer_summary(pruned.result, lambda i: target.sparsity if owl is None else owl[i])
+        rows, totals = layer_summary(pruned.result, lambda i: layer_target(target.sparsity, pruned.layer_sparsity, i))
         realloc = reallocation_mode(self.cfg.pruning, self.method)
         versions = package_versions()
         return {

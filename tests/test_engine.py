@@ -23,6 +23,7 @@ def same_target(target: Target) -> TargetsFor:
     """Every linear of every layer gets ``target`` (the engine's ``targets_for``)."""
     return lambda index, linears, stats: {name: replace(target, name=name) for name in linears}
 
+
 def windows(n: int = 6, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, 128, (n, SEQ), generator=torch.Generator().manual_seed(seed))
 
