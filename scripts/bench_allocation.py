@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from statprune_cli import allocation
 from statprune_cli.allocation import SAMPLED_ELEMENTS, column_losses, energy_sparsities
 from statprune_cli.config import PruningConfig
 from statprune_cli.layers import find_decoder_layers, target_linears
@@ -32,12 +31,12 @@ from statprune_cli.stats import ChannelStats, load_stats
 LAYER = {"q/k/v/o_proj": ((4096, 4096), 4), "gate/up_proj": ((11008, 4096), 2), "down_proj": ((4096, 11008), 1)}
 
 
-def seconds(weight: torch.Tensor, stats: ChannelStats, rows: int | None, repeats: int) -> float:
-    """Fastest of ``repeats`` calls."""
+def seconds(weight: torch.Tensor, stats: ChannelStats, elements: int, repeats: int) -> float:
+    """Fastest of ``repeats`` calls on ``elements`` weights' rows."""
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        column_losses(weight, stats, rows=rows)
+        column_losses(weight, stats, elements)
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -50,7 +49,7 @@ def sample_accuracy(model_dir: str, stats_file: Path, sparsity: float, budgets: 
     stats, _ = load_stats(stats_file)
     blocks_name, blocks = find_decoder_layers(model)
     layers = [target_linears(block, f"{blocks_name}.{i}", ["Linear"], []) for i, block in enumerate(blocks)]
-    lost = {name: column_losses(lin.weight, stats[name], rows=lin.weight.shape[0]).cumsum(0)  # whole rows
+    lost = {name: column_losses(lin.weight, stats[name], lin.weight.numel()).cumsum(0)  # whole rows
             for linears in layers for name, lin in linears.items()}
     columns = {name: lin.weight.shape[1] for linears in layers for name, lin in linears.items()}
 
@@ -59,9 +58,8 @@ def sample_accuracy(model_dir: str, stats_file: Path, sparsity: float, budgets: 
         return sum(float(lost[n][k - 1]) for n, s in sparsities.items() if (k := pruned_count(columns[n], s)))
 
     def allocate(budget: int) -> dict[str, float]:
-        allocation.SAMPLED_ELEMENTS = budget
         return {k: v for linears in layers for k, v in
-                energy_sparsities(linears, stats, sparsity, PruningConfig.allocation_spread).items()}
+                energy_sparsities(linears, stats, sparsity, PruningConfig.allocation_spread, budget).items()}
 
     best = share(allocate(max(lin.weight.numel() for linears in layers for lin in linears.values())))
     uniform = share({name: sparsity for name in lost})
@@ -88,7 +86,7 @@ def main() -> None:
     totals = [0.0, 0.0]
     for name, (shape, count) in LAYER.items():
         weight, stats = torch.randn(shape), ChannelStats.of(torch.randn(64, shape[1]))
-        times = [seconds(weight, stats, rows, args.repeats) for rows in (args.rows, None)]
+        times = [seconds(weight, stats, elements, args.repeats) for elements in (args.rows * shape[1], SAMPLED_ELEMENTS)]
         totals = [t + count * s for t, s in zip(totals, times)]
         print(f"| {name} | {shape[0]} x {shape[1]} | {count} | {times[0]:.3f} | {times[1]:.3f} |")
     print(f"| per decoder layer | | | {totals[0]:.2f} | {totals[1]:.2f} |")

@@ -26,12 +26,12 @@ ALLOCATIONS = ("uniform", "energy")
 SAMPLED_ELEMENTS = 2**21  # weights of a linear that measure its lost-energy curve (column_losses)
 
 
-def column_losses(weight: torch.Tensor, stats: ChannelStats, rows: int | None = None) -> torch.Tensor:
+def column_losses(weight: torch.Tensor, stats: ChannelStats, elements: int = SAMPLED_ELEMENTS) -> torch.Tensor:
     """Share of the linear's output energy that its k-th pruned column of every row adds (k = 0, 1, ...): the
     k-th smallest s_ij^2 of each row, summed over rows, over the total; float64 on the CPU, non-decreasing.
 
-    A linear with more than ``rows`` rows (default: as many as fill ``SAMPLED_ELEMENTS``) is measured on every
-    ceil(out / rows)-th row. The sort is the allocation's whole cost: 2,048 rows of a 4096-wide model's linears
+    A linear of more than ``elements`` weights is measured on every ceil(out / rows)-th row, rows = as many as fill
+    ``elements``. The sort is the allocation's whole cost: 2,048 rows of a 4096-wide model's linears
     cost 2.6 s per decoder layer on 2 CPU cores, 0.5 s at this bound (512 rows, 190 of the down projection).
     The curve is a mean over rows and the optimum is flat: on SmolLM2-135M at 50%, curves from 96-256 rows per
     linear gave allocations whose summed lost share was 0.6% above the whole-row optimum's (uniform: 17%
@@ -39,7 +39,7 @@ def column_losses(weight: torch.Tensor, stats: ChannelStats, rows: int | None = 
     measured whole, as validated. Sorted a chunk of rows at a time, as ``masks.lowest_k`` selects: a sort of a
     whole large linear would hold its values and int64 indices at once, gigabytes on the device."""
     sums = torch.zeros(weight.shape[1], dtype=torch.float64, device=weight.device)
-    rows = max(1, SAMPLED_ELEMENTS // weight.shape[1]) if rows is None else rows
+    rows = max(1, elements // weight.shape[1])
     sampled = weight.detach()[::-(-weight.shape[0] // rows)]
     for part in sampled.split(max(1, CHUNK_ELEMENTS // weight.shape[1])):
         sums += stats.wanda_score(part).square_().sort(dim=1).values.sum(0, dtype=torch.float64)
@@ -48,17 +48,17 @@ def column_losses(weight: torch.Tensor, stats: ChannelStats, rows: int | None = 
 
 
 def energy_sparsities(linears: dict[str, nn.Linear], stats: dict[str, ChannelStats], sparsity: float,
-                      spread: float) -> dict[str, float]:
+                      spread: float, elements: int = SAMPLED_ELEMENTS) -> dict[str, float]:
     """Each linear's sparsity (k / in_features) for layer sparsity ``sparsity``: the smallest sum of lost energy
     shares, pruning as many weights as uniform sparsity would (``masks.pruned_count`` per row of every linear;
     where the row counts cannot add up to that, fewer by less than one column of one linear), each linear
-    within ``[sparsity - spread, sparsity + spread]``."""
+    within ``[sparsity - spread, sparsity + spread]``; each curve from ``elements`` weights (``column_losses``)."""
     values, sizes, owners = [], [], []
     budget = 0
     for index, (name, lin) in enumerate(linears.items()):
         rows, cols = lin.weight.shape
         budget += rows * pruned_count(cols, sparsity)
-        loss = column_losses(lin.weight, stats[name]) / rows  # per pruned weight
+        loss = column_losses(lin.weight, stats[name], elements) / rows  # per pruned weight
         lo = pruned_count(cols, max(0.0, sparsity - spread))
         hi = pruned_count(cols, min(1.0, sparsity + spread))
         loss[:lo] = -1.0  # the lower bound's columns go first, whatever their loss

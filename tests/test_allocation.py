@@ -10,7 +10,6 @@ from conftest import prune_report, write_config
 from torch import nn
 from typer.testing import CliRunner
 
-from statprune_cli import allocation
 from statprune_cli.allocation import column_losses, energy_sparsities
 from statprune_cli.cli import app
 from statprune_cli.masks import pruned_count, unstructured_mask
@@ -46,16 +45,15 @@ def test_column_losses_are_the_lost_energy_shares() -> None:
         assert float(losses[:k].sum()) == pytest.approx(lost_share(linears["l0"], stats["l0"], k), rel=1e-5)
 
 
-def test_column_losses_of_a_tall_linear_come_from_evenly_spaced_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_column_losses_of_a_tall_linear_come_from_evenly_spaced_rows() -> None:
     linears, stats = layer([(10, 6), (10, 6)], seed=4)
     tall = linears["l1"]
     sampled = nn.Linear(6, 4, bias=False)
     sampled.weight.data = tall.weight.data[::3].clone()  # rows 0, 3, 6, 9: every ceil(10 / 4)-th
-    losses = column_losses(tall.weight, stats["l1"], rows=4)
+    losses = column_losses(tall.weight, stats["l1"], elements=24)  # as many rows as fill 24 weights: 24 / 6
     assert torch.allclose(losses, column_losses(sampled.weight, stats["l1"]))
     assert not torch.allclose(losses, column_losses(tall.weight, stats["l1"]))
-    monkeypatch.setattr(allocation, "SAMPLED_ELEMENTS", 24)  # by default, as many rows as fill the bound: 24 / 6
-    assert torch.equal(column_losses(tall.weight, stats["l1"]), losses)
+    assert torch.equal(column_losses(tall.weight, stats["l1"], elements=29), losses)  # 29 weights fill 4 whole rows
 
 
 def test_energy_allocation_is_the_optimum_when_rows_are_equal() -> None:
