@@ -323,8 +323,7 @@ def residual_stream_order(engine: LayerwiseEngine, plan: ResidualPlan, stats: di
             if names:
                 with engine.layer(i):
                     for n in names:
-                        weight = engine.model.get_submodule(n).weight.detach().float()
-                        yield weight.abs() * stats[n].m2.to(engine.device).sqrt()
+                        yield stats[n].wanda_score(engine.model.get_submodule(n).weight.detach())
 
     t0 = time.perf_counter()
     order, sampled, gain = residual_order(scores(), total, *target.nm, target.lsa, rows)
