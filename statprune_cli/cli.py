@@ -18,6 +18,7 @@ import typer
 from statprune_cli import __version__
 from statprune_cli.errors import InputError
 
+# Help texts are rich markup: "\\[eval]" prints "[eval]"; a bare "[eval]" would vanish as a tag.
 app = typer.Typer(
     name="statprune",
     help="Prune LLMs after training with statistically corrected magnitude pruning. No retraining, no gradients.",
@@ -152,7 +153,7 @@ def calibrate(
             table.add_row(f"{layer}: {names}", str(row["tokens"]), str(row["top_channels"]), f"{row['top_share']:.1%}",
                           f"{row['max_abs_mean']:.3g}")
         ui.console.print(table)
-        ui.console.print(f"statistics: {summary['stats_file']}; summary: {summary['summary_file']}")
+        ui.console.print(f"statistics: {summary['stats_file']}; summary: {summary['summary_file']}", markup=False)
 
     _emit(summary, as_json, render)
 
@@ -164,7 +165,7 @@ def sweep(
     methods: Annotated[str, typer.Option(help="Comma-separated methods; a suffix +owl, +owl(m=7;lam=0.04), +realloc, +realloc(absorbed), +realloc(off), +lsa or +lsa(off) sets OWL, N:M channel reallocation or its LSA refinement for that row.")] = "magnitude,wanda,sparsegpt,ria,statprune",
     sparsities: Annotated[str, typer.Option(help="Comma-separated settings: 0.5 or 50% (unstructured), or N:M such as 2:4.")] = "0.5,0.6,0.7,2:4,4:8",
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Folder for sweep.json, sweep.md and sweep.png (default: output.dir + '-sweep').")] = None,
-    zeroshot: Annotated[bool, typer.Option("--zeroshot", help="Also the mean zero-shot accuracy per cell (tasks from eval.zeroshot; needs statprune[eval]).")] = False,
+    zeroshot: Annotated[bool, typer.Option("--zeroshot", help="Also the mean zero-shot accuracy per cell (tasks from eval.zeroshot; needs statprune\\[eval]).")] = False,
     set_: SetOpt = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
@@ -278,7 +279,7 @@ def eval_zeroshot(
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Zero-shot accuracy (acc, acc_norm) with lm-evaluation-harness's stock 0-shot tasks; needs `pip install 'statprune[eval]'`.
+    """Zero-shot accuracy (acc, acc_norm) with lm-evaluation-harness's stock 0-shot tasks; needs `pip install 'statprune\\[eval]'`.
 
     A folder written by `prune` also gets the result in its report.json.
     Example: statprune eval-zeroshot out/smollm2-50 --data-dir ../shared/data/zeroshot --tasks boolq,piqa --limit 100

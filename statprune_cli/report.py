@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from torch import nn
 
@@ -102,7 +103,7 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
     console.print(f"sparsity: {s['pruned_linears']['sparsity']:.2%} over the pruned linears "
                   f"({s['pruned_linears']['parameters']:,} weights), {s['all_parameters']['sparsity']:.2%} over all "
                   f"{s['all_parameters']['parameters']:,} parameters")
-    console.print(f"mode: {report['mode']}; calibration: {report['calibration']['description']}")
+    console.print(f"mode: {report['mode']}; calibration: {report['calibration']['description']}", markup=False)
     t = report["timings"]
     console.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
     m = report["memory"]
@@ -110,14 +111,14 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
     console.print(f"peak RSS {m['peak_rss_mib']:.0f} MiB{cuda}")
     for ppl in report.get("perplexity", []):
         limit = f", max_tokens={ppl['max_tokens']}" if ppl["max_tokens"] else ""
-        console.print(f"[bold]{ppl['dataset']} perplexity {ppl['perplexity']:.4f}[/bold] (seqlen {ppl['seqlen']}, "
+        console.print(f"[bold]{escape(ppl['dataset'])} perplexity {ppl['perplexity']:.4f}[/bold] (seqlen {ppl['seqlen']}, "
                       f"{ppl['windows']} windows, {ppl['tokens']} tokens{limit}, {ppl['dtype']})")
     if report.get("zeroshot"):
         print_zeroshot(report["zeroshot"], console)
     for note in report.get("notes", []):
-        console.print(f"[yellow]note:[/yellow] {note}")
+        console.print(f"[yellow]note:[/yellow] {escape(note)}")  # notes name paths and patterns: "[" is text
     if report.get("output_dir"):
-        console.print(f"output: {report['output_dir']}")
+        console.print(f"output: {report['output_dir']}", markup=False)
 
 
 def print_zeroshot(z: dict[str, Any], console: Console) -> None:
@@ -129,16 +130,16 @@ def print_zeroshot(z: dict[str, Any], console: Console) -> None:
     for col in ("task", "acc", "± stderr", "acc_norm", "± stderr", "n"):
         table.add_column(col, justify="left" if col == "task" else "right")
     for t in z["tasks"]:
-        table.add_row(t["task"] + (" *" if t["caveat"] else ""), pct(t["acc"]), pct(t["acc_stderr"]), pct(t["acc_norm"]),
+        table.add_row(escape(t["task"]) + (" *" if t["caveat"] else ""), pct(t["acc"]), pct(t["acc_stderr"]), pct(t["acc_norm"]),
                       pct(t["acc_norm_stderr"]), str(t["n"]))
     norms = sum(t["acc_norm"] is not None for t in z["tasks"])
     table.add_row(f"mean ({len(z['tasks'])} tasks)", pct(z["mean_acc"]), "", pct(z["mean_acc_norm"]),
                   f"({norms} tasks)" if norms else "", "", style="bold")
     console.print(table)
     limit = f", the first {z['limit']} examples of each task" if z["limit"] else ""
-    console.print(f"0-shot, lm-eval {z['lm_eval_version']}{limit}; data: {z['source']}")
+    console.print(f"0-shot, lm-eval {z['lm_eval_version']}{limit}; data: {z['source']}", markup=False)
     for t in z["tasks"]:
         if t["caveat"]:
-            console.print(f"* {t['task']}: {t['caveat']}")
+            console.print(f"* {t['task']}: {t['caveat']}", markup=False)
     for task, why in z["skipped"].items():
-        console.print(f"[yellow]skipped:[/yellow] {task}: {why}")
+        console.print(f"[yellow]skipped:[/yellow] {escape(task)}: {escape(why)}")

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 
@@ -27,7 +28,7 @@ class UI:
         if self.quiet:
             return
         if self.interactive:
-            self.console.print(f"[dim]statprune[/dim] {message}")
+            self.console.print(f"[dim]statprune[/dim] {escape(message)}")  # a path or an error may hold "[/..."
         else:
             print(f"[statprune {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 

@@ -1,3 +1,10 @@
+import io
+
+from rich.console import Console
+from typer.testing import CliRunner
+
+from statprune_cli.cli import app
+from statprune_cli.report import print_report
 from statprune_cli.ui import UI
 
 
@@ -31,3 +38,31 @@ def test_quiet_prints_nothing(capsys) -> None:
     with ui.progress("x", 3) as advance:
         advance()
     assert capsys.readouterr().err == ""
+
+
+BRACKETS = "wrote [/tmp/run] with statprune[eval] and [bold]"  # a closing tag, a tag, a style name: all text here
+
+
+def test_log_lines_on_a_terminal_print_brackets_as_text(capsys) -> None:
+    """Rich markup would drop "[eval]" and raise on "[/tmp/run]" (a closing tag without an opening one)."""
+    UI(interactive=True).log(BRACKETS)
+    assert BRACKETS in capsys.readouterr().err
+
+
+def test_terminal_report_prints_notes_and_paths_as_text() -> None:
+    console = Console(file=io.StringIO(), width=400)
+    print_report({"method": "wanda", "pattern_label": "50% unstructured (per row)", "layers": [],
+                  "sparsity": {"pruned_linears": {"sparsity": 0.5, "parameters": 8},
+                               "all_parameters": {"sparsity": 0.4, "parameters": 10}},
+                  "mode": BRACKETS, "calibration": {"description": BRACKETS}, "timings": {"prune": 1.0},
+                  "memory": {"peak_rss_mib": 1.0, "cuda_max_allocated_mib": None},
+                  "perplexity": [{"dataset": "text:[/data]", "perplexity": 12.0, "seqlen": 8, "windows": 1, "tokens": 8,
+                                  "max_tokens": None, "dtype": "float32"}],
+                  "notes": [BRACKETS], "output_dir": "out/[/run]"}, console)
+    text = console.file.getvalue()
+    assert text.count(BRACKETS) == 3 and "text:[/data] perplexity" in text and "output: out/[/run]" in text
+
+
+def test_help_shows_the_extras_in_brackets() -> None:
+    assert "statprune[eval]" in CliRunner().invoke(app, ["eval-zeroshot", "--help"], terminal_width=200).output
+    assert "statprune[eval]" in CliRunner().invoke(app, ["sweep", "--help"], terminal_width=200).output
