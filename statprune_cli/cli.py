@@ -313,7 +313,7 @@ def eval_zeroshot(
 def export(
     pruned_dir: Annotated[Path, typer.Argument(help="A folder written by `statprune prune`.")],
     format: Annotated[str, typer.Option("--format", help="dense (Hugging Face folder) or bitmask (nonzero values + packed bit mask).")] = "bitmask",
-    output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write.")] = Path("exported"),
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Folder to write (default: PRUNED_DIR-FORMAT beside it).")] = None,
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -327,6 +327,7 @@ def export(
         raise InputError(f"--format: expected dense or bitmask, got {format!r}")
     if not pruned_dir.is_dir():
         raise InputError(f"PRUNED_DIR: {pruned_dir} is not a folder")
+    output = output or pruned_dir.resolve().with_name(f"{pruned_dir.resolve().name}-{format}")
     sizes = (export_dense if format == "dense" else export_bitmask)(pruned_dir, output, overwrite=overwrite)
     result = {"format": format, "output": str(output), **sizes}
     _emit(result, as_json, lambda: print(

@@ -37,7 +37,14 @@ def _input_error(mc: ModelConfig, what: str, e: Exception) -> InputError:
     return InputError(f"model.name_or_path: cannot load the {what} of {where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
 
 
+def looks_local(name_or_path: str) -> bool:
+    """A path, not a hub id (``owner/name``): transformers would report a missing folder as a malformed repo id."""
+    return name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1
+
+
 def load_model_config(mc: ModelConfig) -> PretrainedConfig:
+    if looks_local(mc.name_or_path) and not Path(mc.name_or_path).expanduser().exists():
+        raise ConfigError("model.name_or_path", f"no folder {mc.name_or_path} (a hub id is owner/name)")
     if mc.gguf_file and Path(mc.name_or_path).is_dir() and not (Path(mc.name_or_path) / mc.gguf_file).is_file():
         raise ConfigError("model.gguf_file", f"no file {mc.gguf_file} in {mc.name_or_path}")
     try:

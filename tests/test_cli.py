@@ -145,6 +145,9 @@ def test_export_bitmask_and_back_to_dense(cfg: Path, tmp_path: Path) -> None:
     with torch.no_grad():
         assert torch.equal(a(ids).logits, b(ids).logits)
     assert run("export", str(tmp_path / "out"), "--format", "zip", "-o", str(tmp_path / "z")).exit_code == 2
+    res = run("export", str(tmp_path / "out"), "--json")  # by default beside the source, named by the format
+    assert res.exit_code == 0 and json.loads(res.stdout)["output"] == str(tmp_path / "out-bitmask"), res.output
+    assert (tmp_path / "out-bitmask" / "model.bitmask.safetensors").is_file()
 
 
 def test_a_failed_run_leaves_no_output(tmp_path: Path, text_files: dict[str, Path]) -> None:
@@ -192,7 +195,7 @@ ERRORS = [
     (["--set", "calibration.dataset=pile"], "calibration.dataset: expected c4, wikitext2"),
     (["--set", "calibration.nsamples=40000", "--set", "calibration.seqlen=256"], "fewer than nsamples x seqlen"),
     (["--set", "model.dtype=int8"], "model.dtype: expected one of float32, bfloat16, float16, auto"),
-    (["--set", "model.name_or_path=/no/such/model"], "model.name_or_path: cannot load the config of /no/such/model"),
+    (["--set", "model.name_or_path=/no/such/model"], "model.name_or_path: no folder /no/such/model (a hub id is owner/name)"),
     (["--set", "runtime.dist_timeout_minutes=0"], "runtime.dist_timeout_minutes: expected a number of minutes > 0, got 0"),
     (["--set", "pruning.method=statprune", "--set", "pruning.options={balance_cycles: -2}"],
      "pruning.options.balance_cycles: expected an integer >= 0, got -2"),
