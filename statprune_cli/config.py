@@ -309,6 +309,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return cfg
 
 
+def from_here(path: Path) -> str:
+    """For a relative path not found: where it was looked for (the working folder, not the config file's)."""
+    return "" if path.is_absolute() else f" (relative paths are read from the working folder, {Path.cwd()})"
+
+
 def validate_data(d: DataConfig, key: str) -> None:
     name = d.dataset
     if name not in BUILTIN_DATASETS and not name.startswith(DATASET_PREFIXES):
@@ -316,10 +321,10 @@ def validate_data(d: DataConfig, key: str) -> None:
     if name.startswith(("text:", "jsonl:")):
         p = Path(name.split(":", 1)[1])
         if not p.is_file():
-            raise ConfigError(f"{key}.dataset", f"file not found: {p}")
+            raise ConfigError(f"{key}.dataset", f"file not found: {p}{from_here(p)}")
     if d.data_files is not None and name in BUILTIN_DATASETS and not d.data_files.startswith(("hf:", "en/")):
         if not Path(d.data_files).exists():
-            raise ConfigError(f"{key}.data_files", f"file not found: {d.data_files}")
+            raise ConfigError(f"{key}.data_files", f"file not found: {d.data_files}{from_here(Path(d.data_files))}")
 
 
 def check_zeroshot_tasks(tasks: list[str], key: str) -> None:

@@ -192,6 +192,8 @@ ERRORS = [
     (["--set", "calibration.seqlen=512"], "calibration.seqlen: expected at most the model's context (256 tokens), got 512"),
     (["--set", "calibration.nsamples=0"], "calibration.nsamples: expected an integer >= 1"),
     (["--set", "calibration.dataset=jsonl:/no/such.jsonl"], "calibration.dataset: file not found: /no/such.jsonl"),
+    (["--set", "calibration.dataset=jsonl:no/such.jsonl"],
+     f"calibration.dataset: file not found: no/such.jsonl (relative paths are read from the working folder, {Path.cwd()})"),
     (["--set", "calibration.dataset=pile"], "calibration.dataset: expected c4, wikitext2"),
     (["--set", "calibration.nsamples=40000", "--set", "calibration.seqlen=256"], "fewer than nsamples x seqlen"),
     (["--set", "model.dtype=int8"], "model.dtype: expected one of float32, bfloat16, float16, auto"),
