@@ -108,9 +108,13 @@ VARIANTS: dict[str, list[str]] = {
     # magnitude as the Wanda and OWL reference code prune it: one threshold per matrix, not per row
     **{f"magnitude(matrix){tag}": ["pruning.method=magnitude", "pruning.granularity=matrix", *owl]
        for tag, owl in (("", []), ("+owl", OWL), ("+owl(m=7)", [*OWL, "pruning.owl.m=7"]))},
+    # RIA compared within each row instead of over the whole matrix (its paper's), uniform and with OWL
+    **{f"ria(row){tag}": ["pruning.method=ria", "pruning.granularity=row", *owl] for tag, owl in (("", []), ("+owl", OWL))},
     # a layer's sparsity spread over its linears by the share of output energy each loses (pruning.allocation)
     **{f"wanda+skip1+alloc(s={spread})": [SP, "pruning.options={compensation: none}", SKIP1, *alloc(spread)]
        for spread in (0.05, 0.1, 0.2)},
+    # the same (statprune's default below 60%) on the dense model's statistics: one pass per layer instead of two
+    "wanda+skip1+onepass+alloc(s=0.1)": [SP, "pruning.options={compensation: none}", SKIP1, ONEPASS, *alloc(0.1)],
     # statprune's default below 60% with the OWL profile (statprune's M)
     "wanda+skip1+owl(m=7)": ["pruning.method=wanda", SKIP1, *OWL, "pruning.owl.m=7"],
     **{f"{method}+owl{tag}": [f"pruning.method={method}", *OWL, *owl] for method in ("wanda", "ria", "sparsegpt")

@@ -60,7 +60,7 @@ class Cell:
 
 
 SUFFIXES = ("+owl, +owl(key=value;...), +realloc, +realloc(absorbed), +realloc(off), +resperm, +resperm(off), +lsa, "
-            "+lsa(off), +alloc or +alloc(off)")
+            "+lsa(off), +alloc, +alloc(off), +onepass or +onepass(off)")
 REALLOC_SUFFIXES: dict[str, bool | str] = {"realloc": True, "realloc(absorbed)": "absorbed", "realloc(off)": False}
 # keys valid for some patterns only: n/a cells elsewhere
 PATTERN_BOUND = ("pruning.profile", "pruning.reallocation", "pruning.residual_permutation", "pruning.lsa", "pruning.allocation")
@@ -73,7 +73,9 @@ def parse_method(text: str) -> tuple[str, dict[str, Any]]:
     '+resperm' permutes the residual stream for its readers' N:M groups (``pruning.residual_permutation``),
     '+resperm(off)' does not (statprune does at N:M); '+lsa' refines the reallocation orders by linear sum assignment
     (``pruning.lsa``), '+lsa(off)' does not (statprune does at N:M); '+alloc' spreads each layer's unstructured
-    sparsity over its linears by lost energy (``pruning.allocation: energy``), '+alloc(off)' keeps it uniform."""
+    sparsity over its linears by lost energy (``pruning.allocation: energy``), '+alloc(off)' keeps it uniform; '+onepass'
+    calibrates every layer on the dense model's activations (``pruning.sequential: false``), '+onepass(off)' on the
+    pruned layers' outputs."""
     method, *extras = text.strip().split("+")
     if method not in METHODS:
         raise ConfigError("--methods", f"unknown method {method!r} in {text!r}; expected some of {', '.join(sorted(METHODS))}")
@@ -96,6 +98,8 @@ def parse_method(text: str) -> tuple[str, dict[str, Any]]:
             overrides["lsa"] = extra == "lsa"
         elif extra in ("alloc", "alloc(off)"):
             overrides["allocation"] = "energy" if extra == "alloc" else "uniform"
+        elif extra in ("onepass", "onepass(off)"):
+            overrides["sequential"] = extra == "onepass(off)"
         else:
             raise ConfigError("--methods", f"unknown suffix +{extra} in {text!r}; expected {SUFFIXES}")
     return method, overrides

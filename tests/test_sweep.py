@@ -102,6 +102,8 @@ def test_realloc_suffixes_set_the_reallocation_key() -> None:
     assert parse_method("statprune+resperm(off)") == ("statprune", {"method": "statprune", "residual_permutation": False})
     assert parse_method("wanda+alloc") == ("wanda", {"method": "wanda", "allocation": "energy"})
     assert parse_method("statprune+alloc(off)") == ("statprune", {"method": "statprune", "allocation": "uniform"})
+    assert parse_method("statprune+onepass") == ("statprune", {"method": "statprune", "sequential": False})
+    assert parse_method("statprune+onepass(off)") == ("statprune", {"method": "statprune", "sequential": True})
 
 
 @pytest.mark.parametrize("args,message", [
