@@ -269,7 +269,7 @@ def test_statprune_leaves_the_attention_sink_out_of_its_statistics_by_default(cf
     assert forced["calibration"]["statistics_skip_first_tokens"] == 3
 
 
-def test_statprune_calibrates_on_dense_activations_from_60_percent_unless_told(cfg: Path) -> None:
+def test_statprune_calibrates_unstructured_on_dense_activations_unless_told(cfg: Path) -> None:
     def prune(*sets: str) -> dict:
         args = ["--set", "pruning.method=statprune", "--set", "pruning.sparsity=0.7", *[a for s in sets for a in ("--set", s)]]
         res = run("prune", str(cfg), "-q", "--json", "--overwrite", *args)
@@ -279,7 +279,8 @@ def test_statprune_calibrates_on_dense_activations_from_60_percent_unless_told(c
     auto, dense, seq = prune(), prune("pruning.sequential=false"), prune("pruning.sequential=true")
     assert auto["mode"].startswith("dense-activation") and seq["mode"].startswith("sequential")
     assert auto["perplexity"] == dense["perplexity"] != seq["perplexity"]
-    assert prune("pruning.sparsity=0.5")["mode"].startswith("sequential")
+    assert prune("pruning.sparsity=0.5")["mode"].startswith("dense-activation")
+    assert prune("pruning.pattern=2:4")["mode"].startswith("sequential")
 
 
 def test_one_pass_with_owl_prunes_from_the_owl_pass_statistics(cfg: Path, monkeypatch: pytest.MonkeyPatch) -> None:
