@@ -113,9 +113,9 @@ VARIANTS: dict[str, list[str]] = {
     # a layer's sparsity spread over its linears by the share of output energy each loses (pruning.allocation)
     **{f"wanda+skip1+alloc(s={spread})": [SP, "pruning.options={compensation: none}", SKIP1, *alloc(spread)]
        for spread in (0.05, 0.1, 0.2)},
-    # the same (statprune's default below 60%) on the dense model's statistics: one pass per layer instead of two
+    # the same (statprune's 50% default until session 23) on the dense model's statistics: one pass per layer (its default since)
     "wanda+skip1+onepass+alloc(s=0.1)": [SP, "pruning.options={compensation: none}", SKIP1, ONEPASS, *alloc(0.1)],
-    # statprune's default below 60% with the OWL profile (statprune's M)
+    # statprune's former 50% default (sequential) with the OWL profile (statprune's M)
     "wanda+skip1+owl(m=7)": ["pruning.method=wanda", SKIP1, *OWL, "pruning.owl.m=7"],
     **{f"{method}+owl{tag}": [f"pruning.method={method}", *OWL, *owl] for method in ("wanda", "ria", "sparsegpt")
        for tag, owl in OWL_GRID if tag in ("", "(m=7)")},

@@ -74,7 +74,7 @@ def write_doc(args: argparse.Namespace, key: str) -> None:
         f"Made by `{cmd}` (cells accumulate in docs/results/data/bench.jsonl across runs) on 2 CPU cores, float32. Calibration: "
         f"{args.nsamples} windows x {args.seqlen} tokens of the C4 sample, seed 0, the same windows for every method, "
         "each method calibrating as it does by default (sequential: each layer on the outputs of the pruned layers before "
-        "it; statprune from 60%: on the dense model's activations, one pass per layer; each statprune cell's mode is listed "
+        "it; statprune unstructured: on the dense model's activations, one pass per layer; each statprune cell's mode is listed "
         f"below the tables). Perplexity: first {args.max_tokens} tokens of the WikiText-2 **test** split, seqlen {args.seqlen}. "
         "Sparsity is over the pruned linears (every decoder linear; embeddings, norms and the tied head stay dense). "
         "`+owl`: the OWL layer profile (M the method's: 5, statprune 7; lambda 0.08; a parenthesis sets them). "

@@ -108,7 +108,7 @@ def write_doc(args: argparse.Namespace, key: str) -> None:
                                                      for m in models if (m, "sparsegpt") in best and (m, "wanda") in best) + "."]
     # the windows the residual order's dense pass reads, by the rule a prune uses (shapes only: meta tensors)
     used = sum(len(b) for b in first_windows([torch.empty(args.nsamples, args.seqlen, device="meta")], RESIDUAL_TOKENS))
-    out += ["", READING_NM.format(used=used, windows=args.nsamples) if ":" in args.setting else READING_ONE_PASS if modes == ["dense-activation"] else READING]
+    out += ["", READING_NM.format(used=used, windows=args.nsamples) if ":" in args.setting else READING]
     section = "cost" + ("" if not at else "-" + args.setting.replace(":", "of").replace("%", "pct"))
     write_section(section + ("" if args.nsamples == 8 else f"-n{args.nsamples}"), "\n".join(out) + "\n")
 
@@ -116,26 +116,20 @@ def write_doc(args: argparse.Namespace, key: str) -> None:
 # rows written before the command was recorded with each row
 OLD_CMD = {"n8-s512-2:4-before-resperm": "python scripts/bench_cost.py --methods wanda,statprune --models smollm2 --nsamples 8 --seqlen 512 --repeats 3 --setting 2:4"}
 
-READING = """Reading it. statprune runs exactly Wanda's passes (per decoder layer one statistics pass, which stops at
-the last target linear's input, and one pass of the pruned layer), differs in which positions feed the statistics,
-and adds its energy allocation inside each layer: one sort of each linear's Wanda scores on a sample of its rows
-(`statprune+alloc(off)` is the run without it; `scripts/bench_allocation.py` times it alone: under a second per
-wide decoder layer). So its cost is Wanda's up to noise; on this machine two runs of the same command can differ by
-up to 25%, which is larger than any difference between the two. SparseGPT adds, per linear, the Gram matrix X X^T (as many
-FLOPs as a forward pass of a square layer per token), a Cholesky factorisation (d^3/3) and the column-by-column
-update (rows x d^2). With 8 windows x 512 tokens on the wide model that is about 2.6 TFLOP per decoder layer on
-top of Wanda's 3.0 TFLOP of forward passes (the statistics pass skips the down projection), which CPU BLAS runs at nearly full speed: SparseGPT costs 3-4.5x Wanda
-here (above, and in the runs of earlier commits), not the 5x or more that the baselines issue expects, so "statprune <= 1/5 of SparseGPT" cannot hold for
-any method that runs Wanda's two passes on this hardware at this calibration size; what holds is "statprune
-costs what Wanda costs". The gap grows with width (d^3 and rows x d^2 against the forward's rows x d per token)
-and with the column loop's launch overhead on a GPU, which this CPU measurement does not show."""
-
-
-READING_ONE_PASS = """Reading it. From 60% unstructured statprune calibrates each decoder layer on the dense model's
-activations: one pass per layer gives both its statistics and the next layer's inputs, where Wanda and SparseGPT run
-two (the statistics, then the pruned layer's outputs for the next layer). Its cost is therefore about half of Wanda's,
-plus the energy compensation's elementwise work; SparseGPT adds its Gram matrices, Cholesky factorisations and
-column-by-column updates on top of Wanda's two passes (see the 50% section)."""
+READING = """Reading it. Unstructured, statprune calibrates each decoder layer on the dense model's activations: one
+pass per layer gives both its statistics and the next layer's inputs, where Wanda and SparseGPT run two (the
+statistics pass, which stops at the last target linear's input, then the pruned layer's outputs for the next layer).
+Its cost is therefore about half of Wanda's, plus its energy allocation (one sort of each linear's Wanda scores on a
+sample of its rows; `scripts/bench_allocation.py` times it alone: under a second per wide decoder layer) and, from
+60%, the energy compensation's elementwise work. `statprune+onepass(off)` is statprune with Wanda's two passes (its
+50% default before session 23), which costs what Wanda costs up to noise; on this machine two runs of the same
+command can differ by up to 25%. SparseGPT adds, per linear, the Gram matrix X X^T (as many FLOPs as a forward pass
+of a square layer per token), a Cholesky factorisation (d^3/3) and the column-by-column update (rows x d^2). With 8
+windows x 512 tokens on the wide model that is about 2.6 TFLOP per decoder layer on top of Wanda's 3.0 TFLOP of
+forward passes, which CPU BLAS runs at nearly full speed: SparseGPT costs 3-4.5x Wanda here, not the 5x or more that
+the baselines issue expects, so "statprune <= 1/5 of SparseGPT" holds only for a method that runs fewer passes
+than Wanda. The gap grows with width (d^3 and rows x d^2 against the forward's rows x d per token) and with the
+column loop's launch overhead on a GPU, which this CPU measurement does not show."""
 
 
 READING_NM = """At an N:M pattern statprune adds to Wanda's passes its energy compensation (per linear, two products of

@@ -126,7 +126,7 @@ def layer_target(base: float, owl: list[float] | None, index: int) -> float:
 def config_method(cfg: Config) -> Method:
     """The method ``pruning`` asks for, its ``auto`` options settled by the pattern and sparsity."""
     p = cfg.pruning
-    return build_method(p.method, p.options, p.pattern, p.sparsity)
+    return build_method(p.method, p.options, p.pattern)
 
 
 def resolved_choices(cfg: Config, method: Method) -> dict[str, Any]:

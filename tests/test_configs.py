@@ -99,7 +99,7 @@ def test_raw_yaml_quotes_patterns_and_omits_options(path: Path) -> None:
 @pytest.mark.parametrize("path", CONFIGS, ids=_id)
 def test_shipped_configs_leave_the_calibration_mode_and_reallocation_to_the_method(path: Path) -> None:
     """A pinned ``sequential`` or ``reallocation`` would silently override statprune's measured choices (one pass
-    from 60%, reallocated down projections at 2:4). Read as plain YAML: the demo config's data files are relative
+    for unstructured, reallocated down projections at 2:4). Read as plain YAML: the demo config's data files are relative
     to the project's parent, which a clone elsewhere does not have."""
     pruning = yaml.safe_load(path.read_text())["pruning"]
     assert pruning.get("sequential") is None and pruning.get("reallocation") is None

@@ -34,7 +34,7 @@ def test_sweep_runs_every_cell_and_writes_table_and_plot(cfg: Path, tmp_path: Pa
         assert c["sparsity"] == pytest.approx(expected, abs=0.02) and c["perplexity"][0] > 1
     assert json.loads((out / "sweep.json").read_text())["cells"] == result["cells"]
     shared = {(c["method"], c["setting"]) for c in result["cells"] if c["shared_dense_statistics"]}
-    # statprune from 60% is calibrated on the dense activations; at N:M its residual order is chosen on them
+    # statprune unstructured is calibrated on the dense activations; at N:M its residual order is chosen on them
     assert shared == {("statprune", "70%"), ("statprune", "2:4")}
     assert result["shared_dense_seconds"] > 0
     table = (out / "sweep.md").read_text().splitlines()

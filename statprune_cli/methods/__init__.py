@@ -13,11 +13,10 @@ from statprune_cli.methods.wanda import Wanda
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Magnitude, Wanda, SparseGPT, RIA, StatPrune)}
 
 
-def build_method(name: str, options: dict, pattern: str = "unstructured", sparsity: float = 0.5) -> Method:
-    """``pattern`` and ``sparsity`` (pruning.pattern, pruning.sparsity) settle the options a method leaves to them
-    (statprune's ``auto``)."""
+def build_method(name: str, options: dict, pattern: str = "unstructured") -> Method:
+    """``pattern`` (pruning.pattern) settles the options a method leaves to it (statprune's statistics and passes)."""
     cls = METHODS[name]
-    return cls(cls.Options.from_dict(options), parse_pattern(pattern), sparsity)
+    return cls(cls.Options.from_dict(options), parse_pattern(pattern))
 
 
 __all__ = ["METHODS", "Method", "Options", "Refiner", "Target", "build_method"]

@@ -73,9 +73,8 @@ class Method:
     granularity: ClassVar[str] = "row"  # the comparison group when ``pruning.granularity`` is not set
     Options: ClassVar[type[Options]] = Options
 
-    def __init__(self, options: Options | None = None, nm: tuple[int, int] | None = None, sparsity: float = 0.5) -> None:
-        """``nm`` and ``sparsity``: the run's N:M pattern (None: unstructured) and target sparsity, for methods whose
-        defaults depend on them."""
+    def __init__(self, options: Options | None = None, nm: tuple[int, int] | None = None) -> None:
+        """``nm``: the run's N:M pattern (None: unstructured), for methods whose defaults depend on it."""
         self.options = options if options is not None else self.Options()
 
     @property

@@ -27,15 +27,12 @@ mask correction (``balance_cycles`` > 0): the mask's mean shift, e_i = sum_prune
   when it shrinks |e_i|, so each row keeps its count and every N:M group stays valid. This is the
   training-free mask update of DSnoT (Zhang et al., ICLR 2024) on our channel statistics.
 
-defaults (``auto``, chosen by scripts/ablate.py on the validation split): N:M patterns add half the
-energy restoration on full statistics (compensation energy, beta 0.5, skip_first_tokens 0: against
-Wanda over three calibration seeds, -6.6% at 2:4 and -4.0% at 4:8, every seed; full restoration,
-beta 1, gave -2.7% at 2:4 and +0.8% at 4:8). Unstructured from 60% (ENERGY_FROM) does the same on
-sink-free statistics (compensation energy, beta 0.5, skip_first_tokens 1: against Wanda at 60%, -10.0,
--15.5 and -9.1% over three seeds); below it keeps Wanda's score on sink-free statistics (compensation
-none, skip_first_tokens 1), where a row loses too little energy for the scaling to pay (the same
-energy compensation was +1.9% at 50%; on the MLP alone +4.2%, with beta 0.25 +5.1%; a sharper score, alpha 1.25,
-+4.0%: validation, seed 0, 64 windows).
+defaults (chosen by scripts/ablate.py on the validation split): half the energy restoration (compensation
+energy, beta 0.5) everywhere. N:M patterns on full statistics (skip_first_tokens 0: against Wanda over three
+calibration seeds, -6.6% at 2:4 and -4.0% at 4:8, every seed; full restoration, beta 1, gave -2.7% at 2:4 and +0.8% at
+4:8); unstructured on sink-free statistics (skip_first_tokens 1: against Wanda at 60%, -10.0, -15.5 and -9.1% over
+three seeds). At 50% the restoration pays only on the dense model's statistics (below): there, against the same
+without it, -0.9, -1.7 and -1.0% over three seeds; with sequential statistics it was +1.9% (seed 0).
 
 energy only outside attention (``energy_targets``): restoring the attention linears' energy does not pay (alone,
 it is worse than Wanda: 2:4 149.95 and 60% 117.76 against 144.39 and 116.33, seed 0), restoring the MLP's alone is
@@ -43,10 +40,11 @@ better than restoring every linear at 2:4 (-3.1, -1.8, -5.1% over three seeds) a
 -0.3, -1.0, 0.0%; 4:8: +0.9, +1.8, 0.0%).
 
 calibration (unless ``pruning.sequential`` is set): unstructured, on the dense model's activations, one pass per
-layer instead of Wanda's two, which halves the pruning time. From 60% it is also better (against the sequential
-default at 60%, -4.8, +0.2 and -3.7% over three seeds); at 50% it costs +0.9, +3.1 and -1.1% (+1.0% on average,
-with the energy allocation) for half the time, which keeps statprune within a fifth of SparseGPT's cost at realistic
-width. Sequential for N:M, where one pass lost (+4.0% at 2:4, +3.0% at 4:8 on average over the same seeds).
+layer instead of Wanda's two, which halves the pruning time and keeps statprune within a fifth of SparseGPT's cost at
+realistic width. From 60% it is also better (against the sequential default at 60%, -4.8, +0.2 and -3.7% over three
+seeds); at 50%, with the energy restoration, it is on a par with the sequential default without it (-0.0, +1.4 and
+-2.1%; one pass without the restoration: +0.9, +3.1 and -1.1%). Sequential for N:M, where one pass lost (+4.0% at
+2:4, +3.0% at 4:8 on average over the same seeds).
 
 channel reallocation (unless ``pruning.reallocation`` is set): at N:M, ``absorbed``, the MLP down projections' input
 channels dealt out by score with the gate/up rows reordered to match, and the attention output projections' within
@@ -88,15 +86,14 @@ from statprune_cli.methods.base import Method, Options, Target
 from statprune_cli.stats import ChannelStats
 
 SCORES = ("variance", "tempered", "first_order", "magnitude")
-COMPENSATIONS = ("auto", "none", "mean", "energy", "both", "measured", "measured_scale")
-ENERGY_FROM = 0.6  # unstructured sparsity from which ``auto`` restores energy (50% lost with it, 60% gained)
+COMPENSATIONS = ("none", "mean", "energy", "both", "measured", "measured_scale")
 
 
 @dataclass
 class StatPruneOptions(Options):
     score: str = "tempered"
     alpha: float = 1.0
-    compensation: str = "auto"  # energy for N:M patterns and unstructured from ENERGY_FROM, none below
+    compensation: str = "energy"  # measured: see the module docstring
     beta: float = 0.5  # half the energy back: between least squares (no scaling) and full restoration
     energy_stat: str = "m2"
     measure_tokens: int = 256
@@ -132,11 +129,9 @@ class StatPrune(Method):
     name = "statprune"
     Options = StatPruneOptions
 
-    def __init__(self, options: StatPruneOptions | None = None, nm: tuple[int, int] | None = None, sparsity: float = 0.5) -> None:
+    def __init__(self, options: StatPruneOptions | None = None, nm: tuple[int, int] | None = None) -> None:
         o = options if options is not None else StatPruneOptions()
-        energy = nm is not None or sparsity >= ENERGY_FROM  # measured (scripts/ablate.py): see the module's docstring
-        self.options = replace(o, compensation=("energy" if energy else "none") if o.compensation == "auto" else o.compensation,
-                               skip_first_tokens=(0 if nm else 1) if o.skip_first_tokens is None else o.skip_first_tokens)
+        self.options = replace(o, skip_first_tokens=(0 if nm else 1) if o.skip_first_tokens is None else o.skip_first_tokens)
         self.one_pass = nm is None  # measured (scripts/ablate.py): see the module's docstring
         self.nm = nm
 
