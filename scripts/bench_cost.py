@@ -120,10 +120,10 @@ READING = """Reading it. Unstructured, statprune calibrates each decoder layer o
 pass per layer gives both its statistics and the next layer's inputs, where Wanda and SparseGPT run two (the
 statistics pass, which stops at the last target linear's input, then the pruned layer's outputs for the next layer).
 Its cost is therefore about half of Wanda's, plus its energy allocation (one sort of each linear's Wanda scores on a
-sample of its rows; `scripts/bench_allocation.py` times it alone: under a second per wide decoder layer) and, from
-60%, the energy compensation's elementwise work. `statprune+onepass(off)` is statprune with Wanda's two passes (its
-50% default before session 23), which costs what Wanda costs up to noise; on this machine two runs of the same
-command can differ by up to 25%. SparseGPT adds, per linear, the Gram matrix X X^T (as many FLOPs as a forward pass
+sample of its rows; `scripts/bench_allocation.py` times it alone: under a second per wide decoder layer) and the
+energy compensation's elementwise work. `statprune+onepass(off)` is statprune with Wanda's two passes (at 50% the
+default before session 23 ran them, without the compensation), which costs about what Wanda costs; on this machine
+two runs of the same command can differ by up to 25%. SparseGPT adds, per linear, the Gram matrix X X^T (as many FLOPs as a forward pass
 of a square layer per token), a Cholesky factorisation (d^3/3) and the column-by-column update (rows x d^2). With 8
 windows x 512 tokens on the wide model that is about 2.6 TFLOP per decoder layer on top of Wanda's 3.0 TFLOP of
 forward passes, which CPU BLAS runs at nearly full speed: SparseGPT costs 3-4.5x Wanda here, not the 5x or more that
