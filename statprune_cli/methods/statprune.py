@@ -132,12 +132,11 @@ class StatPrune(Method):
     def __init__(self, options: StatPruneOptions | None = None, nm: tuple[int, int] | None = None) -> None:
         o = options if options is not None else StatPruneOptions()
         self.options = replace(o, skip_first_tokens=(0 if nm else 1) if o.skip_first_tokens is None else o.skip_first_tokens)
-        self.one_pass = nm is None  # measured (scripts/ablate.py): see the module's docstring
         self.nm = nm
 
     @property
     def sequential(self) -> bool:
-        return not self.one_pass
+        return self.nm is not None  # measured (scripts/ablate.py): see the module's docstring
 
     @property
     def allocation(self) -> str:
