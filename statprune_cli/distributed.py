@@ -78,18 +78,20 @@ class Communicator:
         if self.world_size > 1:
             self._collective("waiting for the other processes", dist.barrier)
 
-    def merge_stats(self, local: list[dict[str, ChannelStats]], grams: dict[str, torch.Tensor]) -> dict[str, ChannelStats]:
+    def merge_stats(self, local: list[dict[str, ChannelStats]], grams: dict[str, torch.Tensor],
+                    sketches: dict[str, torch.Tensor] | None = None) -> dict[str, ChannelStats]:
         """Each linear's statistics over every rank's batches.
 
         ``local``: this rank's per-batch sums (no Gram matrices), gathered from every rank in one
-        collective and added in global batch order. ``grams``: this rank's Gram matrices, summed in
-        its batch order, all-reduced in place. Every rank must hold at least one batch (the pipeline
+        collective and added in global batch order. ``grams`` and ``sketches``: this rank's Gram matrices and
+        sketches, summed in its batch order, all-reduced in place. Every rank must hold at least one batch (the pipeline
         checks it), or the all-reduces would not match.
         """
         ordered = self.gather_ordered(local)
         merged = {name: ChannelStats.total([batch[name] for batch in ordered]) for name in ordered[0]}
-        for name, g in grams.items():
-            merged[name].gram = self.all_reduce_sum(g)
+        for field, summed in (("gram", grams), ("sketch", sketches or {})):
+            for name, t in summed.items():
+                setattr(merged[name], field, self.all_reduce_sum(t))
         return merged
 
     def _collective(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:

@@ -457,6 +457,7 @@ class LayerwiseEngine:
         true_sequential: bool = False,
         skip_first: int = 0,
         gram: bool | None = None,
+        sketch: int | None = None,
         resume: Resume | None = None,
         on_layer_done: LayerDone | None = None,
     ) -> EngineResult:
@@ -466,7 +467,7 @@ class LayerwiseEngine:
         together (a layer's, or with ``true_sequential`` one group's), once their statistics are in; it may
         look at all of them (``allocation``). None only when ``method`` is None. ``stats`` given: no
         forward pass at all, masks come from those statistics ("one-shot"). ``gram``: also collect
-        sum x x^T per linear (default: when the method asks for it). ``batches`` are all of them:
+        sum x x^T per linear, ``sketch``: a sketch of it with that many probes (default: what the method asks for). ``batches`` are all of them:
         this process runs its share (``comm.shard``). ``resume`` starts at a later layer with this
         process's saved activations; ``on_layer_done(i, layer, next inputs, results)`` runs after
         each layer, while its weights are still on the device (streaming writes them out there).
@@ -475,6 +476,7 @@ class LayerwiseEngine:
         """
         collect = stats is None and (method is None or method.needs_calibration)
         gram = bool(method is not None and method.needs_gram) if gram is None else gram
+        sketch = (method.sketch_rank if method is not None else 0) if sketch is None else sketch
         if collect and not batches:
             raise ValueError("calibration batches are needed to collect statistics")
         hidden, args = self.capture(self.comm.shard(batches)) if collect else ([], [])
@@ -490,7 +492,7 @@ class LayerwiseEngine:
                 t0 = time.perf_counter()
                 with self.layer(i) as layer:
                     hidden = self._layer_pass(i, layer, method, targets_for, targets, ignore, hidden, args, all_stats,
-                                              collect, sequential, true_sequential, skip_first, gram, results)
+                                              collect, sequential, true_sequential, skip_first, gram, sketch, results)
                     results[-1].seconds = time.perf_counter() - t0
                     if on_layer_done is not None:
                         on_layer_done(i, layer, hidden, results)
@@ -500,7 +502,8 @@ class LayerwiseEngine:
     def _layer_pass(
         self, i: int, layer: nn.Module, method: Method | None, targets_for: TargetsFor | None, targets: list[str],
         ignore: list[str], hidden: list[torch.Tensor], args: list[LayerArgs], all_stats: dict[str, ChannelStats],
-        collect: bool, sequential: bool, true_sequential: bool, skip_first: int, gram: bool, results: list[LayerResult],
+        collect: bool, sequential: bool, true_sequential: bool, skip_first: int, gram: bool, sketch: int,
+        results: list[LayerResult],
     ) -> list[torch.Tensor]:
         """Collect layer i's statistics, prune its linears, and return the inputs of layer i + 1."""
         linears = self.linears(i, targets, ignore)
@@ -516,7 +519,7 @@ class LayerwiseEngine:
             if collect:  # the first pass prunes nothing yet: its outputs are the dense layer's
                 dense_outputs_read = outputs is None and (method is None or not sequential)
                 layer_stats, group_outputs = self._collect(layer, {n: linears[n] for n in group}, hidden, args[i],
-                                                           skip_first, gram, keep_outputs=dense_outputs_read)
+                                                           skip_first, gram, sketch, keep_outputs=dense_outputs_read)
                 outputs = group_outputs if outputs is None else outputs
                 all_stats.update(layer_stats)
             if method is None:
@@ -529,7 +532,7 @@ class LayerwiseEngine:
                 if refiner is not None:
                     refiners[name] = refiner
             for s in layer_stats.values():  # a Gram matrix is in_features^2: keep only the current group's
-                s.gram = None
+                s.gram = s.sketch = None
         result.linears = {n: result.linears[n] for n in linears}  # the layer's order, whatever the groups' order
         if collect and (sequential or refiners):
             observers = {linears[n]: r.observe for n, r in refiners.items()}
@@ -580,28 +583,30 @@ class LayerwiseEngine:
 
     def _collect(
         self, layer: nn.Module, linears: dict[str, nn.Linear], hidden: list[torch.Tensor], args: LayerArgs, skip_first: int,
-        gram: bool, keep_outputs: bool = True,
+        gram: bool, sketch: int = 0, keep_outputs: bool = True,
     ) -> tuple[dict[str, ChannelStats], list[torch.Tensor]]:
         """One pass through ``layer`` that gives each target linear's input statistics, merged over processes.
 
         The per-channel sums are kept per batch and added in global batch order by ``comm.merge_stats``,
         so the totals do not depend on how the batches were spread over processes. Gram matrices are too
-        large to keep per batch: they are summed as the batches come. Linears that read the same tensor
+        large to keep per batch: they are summed as the batches come, and so are sketches. Linears that read the same tensor
         (q/k/v, gate/up) share one computation of its statistics.
         """
         per_batch: list[dict[str, ChannelStats]] = []
-        grams: dict[str, torch.Tensor] = {}
+        summed: dict[str, dict[str, torch.Tensor]] = {"gram": {}, "sketch": {}}
         memo: dict[str, Any] = {"x": None, "stats": None, "vectors": None}
 
         def observer(name: str) -> Callable[[torch.Tensor], None]:
             def fn(x: torch.Tensor) -> None:
                 if memo["x"] is not x:
-                    stats = ChannelStats.of(x, gram)
+                    stats = ChannelStats.of(x, gram, sketch)
                     memo.update(x=x, stats=stats, vectors=stats.vectors_on_cpu())
-                batch, g = per_batch[-1], memo["stats"].gram
+                batch = per_batch[-1]
                 batch[name] = ChannelStats.total([batch[name], memo["vectors"]]) if name in batch else memo["vectors"]
-                if g is not None:
-                    grams[name] = grams[name].add_(g) if name in grams else g.clone()
+                for field, sums in summed.items():
+                    t = getattr(memo["stats"], field)
+                    if t is not None:
+                        sums[name] = sums[name].add_(t) if name in sums else t.clone()
 
             return fn
 
@@ -611,7 +616,7 @@ class LayerwiseEngine:
             outputs = self._forward_observed(layer, observers, hidden, args, skip_first, keep_outputs)
         finally:
             new_batch.remove()
-        return self.comm.merge_stats(per_batch, grams), outputs
+        return self.comm.merge_stats(per_batch, summed["gram"], summed["sketch"]), outputs
 
     @staticmethod
     def _prune_one(

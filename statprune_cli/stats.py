@@ -2,8 +2,9 @@
 
 Per input channel j we keep count, sum x_j, sum x_j^2 and sum |x_j| in float64. Every method's
 activation term is a function of these (Wanda's ||X_j||_2 is sqrt(sumsq)). Methods that need the
-full second-moment matrix (SparseGPT's Hessian) also get ``gram`` = sum x x^T in float32, which is a
-sum as well and merges the same way.
+full second-moment matrix (SparseGPT's Hessian) also get ``gram`` = sum x x^T in float32, and statprune's
+least-squares update a ``sketch`` of it, sum x (x^T Omega) for a fixed probe Omega (sketch.py), in float32:
+sums as well, which merge the same way.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from statprune_cli.errors import InputError, PruneError
+from statprune_cli.sketch import probe
 
 FIELDS = ("sum", "sumsq", "sumabs")
 CHUNK_ELEMENTS = 1 << 20  # a batch's sums are taken over float64 copies of this many values at a time
@@ -28,6 +30,7 @@ class ChannelStats:
     sumsq: torch.Tensor
     sumabs: torch.Tensor
     gram: torch.Tensor | None = None
+    sketch: torch.Tensor | None = None  # sum x (x^T Omega), Omega = sketch.probe(channels, its columns)
 
     @classmethod
     def empty(cls, channels: int) -> ChannelStats:
@@ -35,8 +38,9 @@ class ChannelStats:
         return cls(0, z.clone(), z.clone(), z.clone())
 
     @classmethod
-    def of(cls, x: torch.Tensor, gram: bool = False) -> ChannelStats:
-        """Statistics of one batch of inputs, shape (..., channels); ``gram`` adds sum x x^T (float32)."""
+    def of(cls, x: torch.Tensor, gram: bool = False, sketch: int = 0) -> ChannelStats:
+        """Statistics of one batch of inputs, shape (..., channels); ``gram`` adds sum x x^T (float32), ``sketch``
+        sum x (x^T Omega) with that many probes (float32)."""
         channels = x.shape[-1]
         # A window's positions after the skipped ones (x[:, k:]) are contiguous per window but not as a whole:
         # taking the windows one by one avoids reshape's copy of the batch.
@@ -45,6 +49,10 @@ class ChannelStats:
         g = None
         if gram:
             g = sum(p32.T @ p32 for p32 in (piece.float() for piece in pieces))  # one float32 view or copy per piece
+        y = None
+        if sketch:
+            omega = probe(channels, sketch, x.device)
+            y = sum(p32.T @ (p32 @ omega) for p32 in (piece.float() for piece in pieces))
         z = torch.zeros(channels, dtype=torch.float64, device=x.device)
         total, squares, absolute = z, z.clone(), z.clone()
         # Column sums as products with a vector of ones: BLAS's gemv is 1.3-3x faster than torch's sum over the
@@ -57,7 +65,7 @@ class ChannelStats:
                 total += (ones @ p)[0]
                 absolute += (ones @ p.abs_())[0]
                 squares += (ones @ p.mul_(p))[0]
-        return cls(sum(piece.shape[0] for piece in pieces), total, squares, absolute, g)
+        return cls(sum(piece.shape[0] for piece in pieces), total, squares, absolute, g, y)
 
     @classmethod
     def total(cls, parts: list[ChannelStats]) -> ChannelStats:
@@ -68,23 +76,36 @@ class ChannelStats:
         return out
 
     def vectors_on_cpu(self) -> ChannelStats:
-        """The per-channel sums alone, in CPU memory: what is kept per batch and exchanged (the Gram matrix is summed apart)."""
+        """The per-channel sums alone, in CPU memory: what is kept per batch and exchanged (the Gram matrix and the
+        sketch are summed apart)."""
         return ChannelStats(self.count, *(getattr(self, f).cpu() for f in FIELDS))
 
     def add(self, other: ChannelStats) -> None:
         self.count += other.count
         for f in FIELDS:
             getattr(self, f).add_(getattr(other, f).to(getattr(self, f).device))
-        if other.gram is not None:  # stays on the device it was computed on: it can be large
-            self.gram = other.gram.clone() if self.gram is None else self.gram.add_(other.gram.to(self.gram.device))
+        for f in ("gram", "sketch"):  # stay on the device they were computed on: they can be large
+            mine, theirs = getattr(self, f), getattr(other, f)
+            if theirs is not None:
+                setattr(self, f, theirs.clone() if mine is None else mine.add_(theirs.to(mine.device)))
 
     def permuted(self, order: torch.Tensor) -> ChannelStats:
-        """The statistics of the same input with its channels reordered: channel p of the result is ``order[p]``."""
+        """The statistics of the same input with its channels reordered: channel p of the result is ``order[p]``.
+        Without the sketch: its probe is not reordered with it."""
         vectors = (getattr(self, f)[order.to(getattr(self, f).device)] for f in FIELDS)
         gram = None if self.gram is None else self.gram[order.to(self.gram.device)][:, order.to(self.gram.device)]
         return ChannelStats(self.count, *vectors, gram)
 
     # the moments every method uses
+    def probed(self, k: int) -> torch.Tensor | None:
+        """H Omega with Omega = ``sketch.probe(channels, k)``: the sketch of ``k`` probes, or from the full Gram matrix;
+        None without either."""
+        if self.sketch is not None and self.sketch.shape[1] == k:
+            return self.sketch
+        if self.gram is not None:
+            return self.gram @ probe(self.gram.shape[0], k, self.gram.device)
+        return None
+
     @property
     def mean(self) -> torch.Tensor:
         return self.sum / self.count
@@ -112,7 +133,7 @@ class ChannelStats:
         return weight.float().abs().mul_(self.l2.to(weight.device, torch.float32))  # in place: no second temporary
 
     def check_finite(self, name: str) -> None:
-        for f in (*FIELDS, "gram"):
+        for f in (*FIELDS, "gram", "sketch"):
             t = getattr(self, f)
             if t is not None and not all_finite(t):
                 raise PruneError(f"non-finite input statistics ({f}) in {name}: the model produced inf/nan activations")
@@ -131,8 +152,9 @@ def save_stats(stats: dict[str, ChannelStats], path: Path, metadata: dict[str, s
         for f in FIELDS:
             tensors[f"{name}.{f}"] = getattr(s, f).contiguous()
         tensors[f"{name}.count"] = torch.tensor([s.count], dtype=torch.int64)
-        if s.gram is not None:
-            tensors[f"{name}.gram"] = s.gram.contiguous()
+        for f in ("gram", "sketch"):
+            if getattr(s, f) is not None:
+                tensors[f"{name}.{f}"] = getattr(s, f).contiguous()
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
     tmp.replace(path)
@@ -152,7 +174,7 @@ def load_stats(path: Path) -> tuple[dict[str, ChannelStats], int | None]:
     try:
         return {
             n: ChannelStats(int(tensors[f"{n}.count"][0]), tensors[f"{n}.sum"], tensors[f"{n}.sumsq"], tensors[f"{n}.sumabs"],
-                            tensors.get(f"{n}.gram"))
+                            tensors.get(f"{n}.gram"), tensors.get(f"{n}.sketch"))
             for n in names
         }, None if skip is None else int(skip)
     except KeyError as e:

@@ -78,6 +78,11 @@ class Method:
         self.options = options if options is not None else self.Options()
 
     @property
+    def sketch_rank(self) -> int:
+        """Probes of the sketch of sum x x^T the statistics must carry (``sketch.py``); 0: none."""
+        return 0
+
+    @property
     def wants_bias(self) -> bool:
         """True when the update writes into the bias, so the engine adds zero biases first."""
         return False

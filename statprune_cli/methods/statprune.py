@@ -19,6 +19,11 @@ compensation (after the mask, closed form, per output row i)
           least-squares affine map from the pruned output y' to the dense output y on (a sample of)
           the calibration tokens: c = Cov(y, y') / Var(y'), b += E[y] - c E[y'] (no bias: c = E[y y'] / E[y'^2])
   measured_scale: the same without the intercept, c = E[y y'] / E[y'^2], for every architecture
+  sketch: the kept weights of each row take their least-squares update, delta_K = H_KK^-1 H_KP w_P, with the
+          input second moments H = sum x x^T known as their exact diagonal plus a rank-``sketch_rank`` Nystrom
+          sketch (sketch.py): the statistics then also hold sum x (x^T Omega) for a fixed probe Omega, tokens x in x k
+          to collect and rows x in x k^2 to apply, where SparseGPT's full H costs tokens x in^2 and in^3
+  sketch+energy: that update, then the energy restoration (gamma against the updated row)
 
 mask correction (``balance_cycles`` > 0): the mask's mean shift, e_i = sum_pruned W_ij mu_j, is driven
   towards 0 by swapping, per row, a pruned weight whose W_ij mu_j has the sign of e_i (largest
@@ -83,10 +88,12 @@ from torch import nn
 from statprune_cli.errors import ConfigError
 from statprune_cli.layers import name_matches
 from statprune_cli.methods.base import Method, Options, Target
+from statprune_cli.sketch import least_squares_update, nystrom, probe
 from statprune_cli.stats import ChannelStats
 
+SKETCH_DAMP = 0.01  # SparseGPT's percdamp: the least-squares update's H gets this share of its mean diagonal added
 SCORES = ("variance", "tempered", "first_order", "magnitude")
-COMPENSATIONS = ("none", "mean", "energy", "both", "measured", "measured_scale")
+COMPENSATIONS = ("none", "mean", "energy", "both", "measured", "measured_scale", "sketch", "sketch+energy")
 
 
 @dataclass
@@ -97,6 +104,7 @@ class StatPruneOptions(Options):
     beta: float = 0.5  # half the energy back: between least squares (no scaling) and full restoration
     energy_stat: str = "m2"
     measure_tokens: int = 256
+    sketch_rank: int = 64
     skip_first_tokens: int | None = None  # None: 0 for N:M patterns, 1 for unstructured
     balance_cycles: int = 0
     balance_var_power: float = 1.0
@@ -115,6 +123,8 @@ class StatPruneOptions(Options):
             raise ConfigError("pruning.options.beta", f"expected a number in [0, 1], got {self.beta}")
         if self.skip_first_tokens is not None and self.skip_first_tokens < 0:
             raise ConfigError("pruning.options.skip_first_tokens", f"expected an integer >= 0, got {self.skip_first_tokens}")
+        if self.sketch_rank < 1:
+            raise ConfigError("pruning.options.sketch_rank", f"expected an integer >= 1, got {self.sketch_rank}")
         if self.measure_tokens < 1:
             raise ConfigError("pruning.options.measure_tokens", f"expected an integer >= 1, got {self.measure_tokens}")
         if self.balance_cycles < 0:
@@ -168,6 +178,10 @@ class StatPrune(Method):
         return self.options.skip_first_tokens
 
     @property
+    def sketch_rank(self) -> int:
+        return self.options.sketch_rank if self.options.compensation.startswith("sketch") else 0
+
+    @property
     def needs_output_pass(self) -> bool:
         return self.options.compensation in ("measured", "measured_scale")
 
@@ -208,18 +222,25 @@ class StatPrune(Method):
         mu = stats.mean.to(weight.device) if self.wants_bias and linear.bias is not None else None
         dense_mean = weight.double() @ mu if mu is not None and o.compensation in ("mean", "both") else None
         info: dict[str, Any] = {}
-        gamma = None
-        if o.compensation in ("energy", "both") and o.beta > 0 and any(name_matches(p, target.name) for p in o.energy_targets):
+        energy = (o.compensation in ("energy", "both", "sketch+energy") and o.beta > 0
+                  and any(name_matches(p, target.name) for p in o.energy_targets))
+        if energy:
             v = (stats.m2 if o.energy_stat == "m2" else stats.var).to(weight.device)
-            squares = weight.double().square_()
-            dense_energy = squares @ v
-            kept_energy = squares.masked_fill_(mask, 0.0) @ v
-            del squares
+            dense_energy = weight.double().square_() @ v
+        if o.compensation.startswith("sketch"):
+            y = stats.probed(o.sketch_rank)
+            assert y is not None  # the engine collects the sketch this method asks for (``sketch_rank``)
+            u, lam = nystrom(y.to(weight.device), probe(weight.shape[1], o.sketch_rank, weight.device))
+            least_squares_update(weight, mask, stats.sumsq.to(weight.device), u, lam, SKETCH_DAMP)
+            info["sketch_rank"] = o.sketch_rank
+        else:
+            weight.masked_fill_(mask, 0.0)
+        gamma = None
+        if energy:
+            kept_energy = weight.double().square_() @ v
             ratio = torch.where(kept_energy > 0, dense_energy / kept_energy.clamp_min(1e-300), torch.ones_like(kept_energy))
             gamma = ratio.pow(o.beta / 2)
             info["gamma_mean"] = float(gamma.mean())
-        weight.masked_fill_(mask, 0.0)
-        if gamma is not None:
             weight.mul_(gamma.to(weight.dtype)[:, None])
         linear.weight.data.copy_(weight)  # a no-op for float32 weights: ``weight`` is their storage
         if self.wants_bias and not self.needs_output_pass:

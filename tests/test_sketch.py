@@ -1,0 +1,117 @@
+"""The sketched least-squares update (sketch.py): its formula, its statistics and its path through the CLI."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model, write_config
+from test_baselines import correlated_layer, output_error
+from test_engine import engine, same_target, windows
+from typer.testing import CliRunner
+
+from statprune_cli.cli import app
+from statprune_cli.masks import nm_mask
+from statprune_cli.methods import Target, build_method
+from statprune_cli.sketch import least_squares_update, nystrom, probe
+from statprune_cli.stats import ChannelStats, load_stats, save_stats
+
+runner = CliRunner()
+
+
+def reference_update(w: torch.Tensor, mask: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Row by row: w_K += H_KK^-1 H_KP w_P, w_P = 0 (the textbook least-squares update of the kept weights)."""
+    out = w.double().clone()
+    for r in range(w.shape[0]):
+        k, p = (~mask[r]).nonzero()[:, 0], mask[r].nonzero()[:, 0]
+        out[r, k] += torch.linalg.solve(h[k][:, k], h[k][:, p] @ out[r, p])
+        out[r, p] = 0.0
+    return out
+
+
+def test_a_full_rank_sketch_gives_the_exact_least_squares_update() -> None:
+    lin, x = correlated_layer(rows=12, cols=16)
+    h = x.double().T @ x.double()
+    mask = nm_mask(torch.randn(12, 16, generator=torch.Generator().manual_seed(1)), 2, 4)
+    u, lam = nystrom(h @ probe(16, 16).double(), probe(16, 16))
+    w = lin.weight.detach().double().clone()
+    least_squares_update(w, mask, h.diagonal(), u, lam, damp=0.01)
+    damped = h + 0.01 * h.diagonal().mean() * torch.eye(16, dtype=torch.float64)
+    assert torch.allclose(w, reference_update(lin.weight.detach(), mask, damped), rtol=1e-6, atol=1e-8)
+    assert bool((w[mask] == 0).all())
+
+
+def test_nystrom_of_a_low_rank_matrix_is_exact_and_leaves_a_psd_residual() -> None:
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(40, 5, generator=g, dtype=torch.float64)
+    h = a @ a.T + torch.diag(torch.rand(40, generator=g, dtype=torch.float64))
+    u, lam = nystrom(h @ probe(40, 8).double(), probe(40, 8))
+    assert torch.allclose(u.T @ u, torch.eye(8, dtype=torch.float64), atol=1e-8)
+    assert torch.linalg.eigvalsh(h - (u * lam) @ u.T).min() > -1e-9 * float(lam.max())  # rounding only
+    low = a @ a.T  # rank 5 <= 8 probes: recovered exactly
+    u, lam = nystrom(low @ probe(40, 8).double(), probe(40, 8))
+    assert torch.allclose((u * lam) @ u.T, low, atol=1e-6)
+
+
+def test_the_sketch_is_a_sum_that_merges_across_batches_and_round_trips(tmp_path: Path) -> None:
+    _, x = correlated_layer(cols=32, tokens=300)
+    merged = ChannelStats.empty(32)
+    for part in x.split(70):
+        merged.add(ChannelStats.of(part, sketch=8))
+    expected = (x.T @ x) @ probe(32, 8)
+    assert torch.allclose(merged.sketch, expected, rtol=1e-4, atol=1e-3)
+    assert torch.allclose(ChannelStats.of(x, gram=True).probed(8), expected, rtol=1e-4, atol=1e-3)
+    assert ChannelStats.of(x).sketch is None and ChannelStats.of(x).probed(8) is None
+    save_stats({"lin": merged}, tmp_path / "s.safetensors", {})
+    loaded, _ = load_stats(tmp_path / "s.safetensors")
+    assert torch.equal(loaded["lin"].sketch, merged.sketch) and loaded["lin"].probed(8) is loaded["lin"].sketch
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_the_sketch_update_cuts_the_output_error_of_the_same_mask(nm: tuple[int, int] | None) -> None:
+    lin, x = correlated_layer(rows=16, cols=32, tokens=600)
+    dense = lin.weight.detach().clone()
+    errors = {}
+    for comp in ("none", "sketch"):
+        pruned = torch.nn.Linear(32, 16, bias=False)
+        pruned.weight.data.copy_(dense)
+        stats = ChannelStats.of(x, sketch=16)
+        pattern = "unstructured" if nm is None else f"{nm[0]}:{nm[1]}"
+        build_method("statprune", {"compensation": comp, "sketch_rank": 16, "skip_first_tokens": 0}, pattern).prune(
+            pruned, stats, Target(0.5, nm))
+        errors[comp] = output_error(dense, pruned.weight.detach(), x)
+        assert (pruned.weight == 0).sum() == 16 * 16  # the update moves kept weights, never the mask
+    assert errors["sketch"] < 0.8 * errors["none"]
+
+
+def test_the_engine_collects_the_sketch_the_method_asks_for() -> None:
+    model, ids = tiny_model("llama"), windows()
+    method = build_method("statprune", {"compensation": "sketch+energy", "sketch_rank": 4}, "2:4")
+    assert method.sketch_rank == 4 and build_method("statprune", {}, "2:4").sketch_rank == 0
+    res = engine(model).run(method, same_target(Target(0.5, (2, 4))), ["Linear"], [], [ids])
+    infos = [r.info for layer in res.layers for r in layer.linears.values()]
+    assert infos and all(i["sketch_rank"] == 4 for i in infos)
+    for layer in model.model.layers:
+        w = layer.mlp.down_proj.weight
+        assert ((w.reshape(w.shape[0], -1, 4) == 0).sum(-1) >= 2).all()  # still 2:4
+
+
+def test_one_shot_from_stats_without_the_sketch_is_refused(tmp_path: Path, tiny_model_dir: Path,
+                                                            text_files: dict[str, Path]) -> None:
+    cfg = write_config(tmp_path / "run.yaml", tiny_model_dir, text_files, tmp_path / "out")
+    sketched = ["--set", "pruning.method=statprune", "--set", "pruning.options.compensation=sketch",
+                "--set", "pruning.options.sketch_rank=4"]
+    plain = tmp_path / "plain.stats.safetensors"
+    assert runner.invoke(app, ["calibrate", str(cfg), "-q", "-o", str(plain)]).exit_code == 0
+    res = runner.invoke(app, ["prune", str(cfg), "-q", "--stats", str(plain), *sketched])
+    assert res.exit_code == 2 and "has no 4-probe sketch" in res.stderr and "pruning.options.compensation" in res.stderr
+    with_sketch = tmp_path / "sketch.stats.safetensors"
+    assert runner.invoke(app, ["calibrate", str(cfg), "-q", "-o", str(with_sketch), *sketched]).exit_code == 0
+    res = runner.invoke(app, ["prune", str(cfg), "-q", "--json", "--stats", str(with_sketch), *sketched])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["sparsity"]["pruned_linears"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_sketch_rank_must_be_positive() -> None:
+    with pytest.raises(Exception, match="pruning.options.sketch_rank"):
+        build_method("statprune", {"sketch_rank": 0})
