@@ -140,6 +140,9 @@ VARIANTS["wanda+energy(m2/b=0.5;mlp)+realloc(absorbed)+lsa+resperm"] = [
 # the least-squares update of the kept weights from a rank-k sketch of the inputs' second moments (sketch.py)
 VARIANTS.update({f"statprune+sketch(k={k}){tag}": [SP, f"pruning.options={{compensation: sketch{tag}, sketch_rank: {k}}}"]
                  for k in (16, 32, 64, 128) for tag in ("", "+energy")})
+# ... with one k x k system for all rows (each row's kept share of U^T D^-1 U), which affords a larger k
+VARIANTS.update({f"statprune+sketch(k={k};shared)+energy": [
+    SP, f"pruning.options={{compensation: sketch+energy, sketch_rank: {k}, sketch_per_row: false}}"] for k in (64, 128, 256, 512)})
 
 
 def main() -> None:

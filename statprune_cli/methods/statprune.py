@@ -105,6 +105,7 @@ class StatPruneOptions(Options):
     energy_stat: str = "m2"
     measure_tokens: int = 256
     sketch_rank: int = 64
+    sketch_per_row: bool = True  # each row's own k x k system (exact under the sketch), else one shared by all rows
     skip_first_tokens: int | None = None  # None: 0 for N:M patterns, 1 for unstructured
     balance_cycles: int = 0
     balance_var_power: float = 1.0
@@ -231,7 +232,7 @@ class StatPrune(Method):
             y = stats.probed(o.sketch_rank)
             assert y is not None  # the engine collects the sketch this method asks for (``sketch_rank``)
             u, lam = nystrom(y.to(weight.device), probe(weight.shape[1], o.sketch_rank, weight.device))
-            least_squares_update(weight, mask, stats.sumsq.to(weight.device), u, lam, SKETCH_DAMP)
+            least_squares_update(weight, mask, stats.sumsq.to(weight.device), u, lam, SKETCH_DAMP, o.sketch_per_row)
             info["sketch_rank"] = o.sketch_rank
         else:
             weight.masked_fill_(mask, 0.0)
