@@ -60,7 +60,7 @@ class Cell:
 
 
 SUFFIXES = ("+owl, +owl(key=value;...), +realloc, +realloc(absorbed), +realloc(off), +resperm, +resperm(off), +lsa, "
-            "+lsa(off), +alloc, +alloc(off), +onepass or +onepass(off)")
+            "+lsa(off), +alloc, +alloc(off), +onepass, +onepass(off), +sketch or +sketch(off)")
 REALLOC_SUFFIXES: dict[str, bool | str] = {"realloc": True, "realloc(absorbed)": "absorbed", "realloc(off)": False}
 # keys valid for some patterns only: n/a cells elsewhere
 PATTERN_BOUND = ("pruning.profile", "pruning.reallocation", "pruning.residual_permutation", "pruning.lsa", "pruning.allocation")
@@ -75,7 +75,8 @@ def parse_method(text: str) -> tuple[str, dict[str, Any]]:
     (``pruning.lsa``), '+lsa(off)' does not (statprune does at N:M); '+alloc' spreads each layer's unstructured
     sparsity over its linears by lost energy (``pruning.allocation: energy``), '+alloc(off)' keeps it uniform; '+onepass'
     calibrates every layer on the dense model's activations (``pruning.sequential: false``), '+onepass(off)' on the
-    pruned layers' outputs."""
+    pruned layers' outputs; statprune's '+sketch' updates the kept weights from a sketch of the input Hessian before
+    its energy restoration (``pruning.options.compensation: sketch+energy``), '+sketch(off)' only restores the energy."""
     method, *extras = text.strip().split("+")
     if method not in METHODS:
         raise ConfigError("--methods", f"unknown method {method!r} in {text!r}; expected some of {', '.join(sorted(METHODS))}")
@@ -100,6 +101,8 @@ def parse_method(text: str) -> tuple[str, dict[str, Any]]:
             overrides["allocation"] = "energy" if extra == "alloc" else "uniform"
         elif extra in ("onepass", "onepass(off)"):
             overrides["sequential"] = extra == "onepass(off)"
+        elif extra in ("sketch", "sketch(off)"):
+            overrides["options"] = {"compensation": "sketch+energy" if extra == "sketch" else "energy"}
         else:
             raise ConfigError("--methods", f"unknown suffix +{extra} in {text!r}; expected {SUFFIXES}")
     return method, overrides
@@ -132,10 +135,11 @@ def plan_cells(cfg: Config, methods: list[str], settings: list[str]) -> list[Cel
         for m in methods:
             method, overrides = parsed[m]
             data = cfg.to_dict()
-            data["pruning"].update(pattern, **{k: v for k, v in overrides.items() if k != "owl"})
-            data["pruning"]["owl"].update(overrides.get("owl", {}))
             if method != cfg.pruning.method:
                 data["pruning"]["options"] = {}  # options belong to the config's own method
+            data["pruning"].update(pattern, **{k: v for k, v in overrides.items() if k not in ("owl", "options")})
+            data["pruning"]["owl"].update(overrides.get("owl", {}))
+            data["pruning"]["options"].update(overrides.get("options", {}))
             cell_cfg = _build(Config, data, "")
             cell = Cell(m, label, cell_cfg)
             try:

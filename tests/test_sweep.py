@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 from statprune_cli.cli import app
 from statprune_cli.config import load_config
 from statprune_cli.methods import METHODS
-from statprune_cli.sweep import parse_method, run_sweep
+from statprune_cli.errors import ConfigError
+from statprune_cli.sweep import parse_method, plan_cells, run_sweep
 from statprune_cli.ui import UI
 
 runner = CliRunner()
@@ -104,6 +105,14 @@ def test_realloc_suffixes_set_the_reallocation_key() -> None:
     assert parse_method("statprune+alloc(off)") == ("statprune", {"method": "statprune", "allocation": "uniform"})
     assert parse_method("statprune+onepass") == ("statprune", {"method": "statprune", "sequential": False})
     assert parse_method("statprune+onepass(off)") == ("statprune", {"method": "statprune", "sequential": True})
+    assert parse_method("statprune+sketch(off)") == ("statprune", {"method": "statprune", "options": {"compensation": "energy"}})
+
+
+def test_the_sketch_suffix_sets_statprunes_compensation_whatever_the_configs_method(cfg: Path) -> None:
+    cells = plan_cells(load_config(cfg), ["statprune+sketch", "statprune+sketch(off)"], ["2:4"])
+    assert [c.cfg.pruning.options["compensation"] for c in cells] == ["sketch+energy", "energy"]
+    with pytest.raises(ConfigError, match="pruning.options"):  # the config's method is not statprune's: refused
+        plan_cells(load_config(cfg), ["wanda+sketch"], ["2:4"])
 
 
 @pytest.mark.parametrize("args,message", [
