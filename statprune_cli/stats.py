@@ -51,7 +51,7 @@ class ChannelStats:
             g = sum(p32.T @ p32 for p32 in (piece.float() for piece in pieces))  # one float32 view or copy per piece
         y = None
         if sketch:
-            omega = probe(channels, sketch, x.device)
+            omega = probe(channels, min(sketch, channels), x.device)  # more probes than channels: the Gram itself
             y = sum(p32.T @ (p32 @ omega) for p32 in (piece.float() for piece in pieces))
         z = torch.zeros(channels, dtype=torch.float64, device=x.device)
         total, squares, absolute = z, z.clone(), z.clone()
@@ -98,8 +98,9 @@ class ChannelStats:
 
     # the moments every method uses
     def probed(self, k: int) -> torch.Tensor | None:
-        """H Omega with Omega = ``sketch.probe(channels, k)``: the sketch of ``k`` probes, or from the full Gram matrix;
-        None without either."""
+        """H Omega with Omega = ``sketch.probe(channels, k)`` (k at most the channels): the sketch of ``k`` probes, or
+        from the full Gram matrix; None without either."""
+        k = min(k, self.sum.numel())
         if self.sketch is not None and self.sketch.shape[1] == k:
             return self.sketch
         if self.gram is not None:

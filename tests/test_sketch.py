@@ -46,7 +46,7 @@ def test_nystrom_of_a_low_rank_matrix_is_exact_and_leaves_a_psd_residual() -> No
     a = torch.randn(40, 5, generator=g, dtype=torch.float64)
     h = a @ a.T + torch.diag(torch.rand(40, generator=g, dtype=torch.float64))
     u, lam = nystrom(h @ probe(40, 8).double(), probe(40, 8))
-    assert torch.allclose(u.T @ u, torch.eye(8, dtype=torch.float64), atol=1e-8)
+    assert torch.allclose(u.T @ u, torch.eye(8, dtype=torch.float64), atol=1e-8)  # full rank: every direction kept
     assert torch.linalg.eigvalsh(h - (u * lam) @ u.T).min() > -1e-9 * float(lam.max())  # rounding only
     low = a @ a.T  # rank 5 <= 8 probes: recovered exactly
     u, lam = nystrom(low @ probe(40, 8).double(), probe(40, 8))
@@ -134,3 +134,16 @@ def test_the_shared_solve_follows_its_formula_and_still_cuts_the_error() -> None
         expected = (w0[r] + (u @ t) / d) * ~mask[r]
         assert torch.allclose(w[r], expected, rtol=1e-4, atol=1e-5), r
     assert output_error(w0, w, x) < 0.9 * output_error(w0, w0.masked_fill(mask, 0.0), x)
+
+
+def test_more_probes_than_channels_sketch_the_gram_itself() -> None:
+    lin, x = correlated_layer(rows=8, cols=16)
+    stats = ChannelStats.of(x, sketch=64)
+    assert stats.sketch.shape == (16, 16) and stats.probed(64) is stats.sketch
+    w, exact = lin.weight.detach().double().clone(), lin.weight.detach().double().clone()
+    mask = nm_mask(w.abs(), 2, 4)
+    u, lam = nystrom(stats.probed(64), probe(16, 16))
+    least_squares_update(w, mask, stats.sumsq, u, lam, damp=0.01, per_row=True)
+    h = x.double().T @ x.double()
+    damped = h + 0.01 * h.diagonal().mean() * torch.eye(16, dtype=torch.float64)
+    assert torch.allclose(w, reference_update(exact, mask, damped), rtol=1e-3, atol=1e-4)

@@ -231,7 +231,7 @@ class StatPrune(Method):
         if o.compensation.startswith("sketch"):
             y = stats.probed(o.sketch_rank)
             assert y is not None  # the engine collects the sketch this method asks for (``sketch_rank``)
-            u, lam = nystrom(y.to(weight.device), probe(weight.shape[1], o.sketch_rank, weight.device))
+            u, lam = nystrom(y.to(weight.device), probe(weight.shape[1], y.shape[1], weight.device))
             least_squares_update(weight, mask, stats.sumsq.to(weight.device), u, lam, SKETCH_DAMP, o.sketch_per_row)
             info["sketch_rank"] = o.sketch_rank
         else:
