@@ -19,6 +19,8 @@ from functools import lru_cache
 
 import torch
 
+from statprune_cli.errors import PruneError
+
 SEED = 0  # one probe per width, the same in every process and run: sketches of one input merge by addition
 
 
@@ -36,11 +38,20 @@ def nystrom(y: torch.Tensor, omega: torch.Tensor) -> tuple[torch.Tensor, torch.T
     B = Y C^-T (C C^T = Omega^T Y) factors as U Sigma V^T; V and Sigma^2 come from the k x k matrix B^T B, 5x faster
     than an SVD of B at k = 256. Directions whose Sigma^2 is below 1e-10 of the largest are dropped (U's column and
     lam zero): B V / Sigma would only amplify rounding there."""
-    y, omega = y.double(), omega.double().to(y.device)
-    nu = 1e-10 * float(y.norm())  # a shift that keeps the k x k core positive definite
-    y = y + nu * omega
-    core = omega.T @ y
-    chol = torch.linalg.cholesky(0.5 * (core + core.T))
+    omega = omega.double().to(y.device)
+    # a shift that keeps the k x k core positive definite: the sketch is summed in float32, so its rounding is ~1e-7
+    # of its norm; a rank-deficient H (fewer tokens than channels, dead channels) may need a larger one
+    nu = 1e-6 * float(y.double().norm())
+    for _ in range(6):
+        shifted = y.double() + nu * omega
+        core = omega.T @ shifted
+        chol, info = torch.linalg.cholesky_ex(0.5 * (core + core.T))
+        if int(info) == 0:
+            break
+        nu *= 10.0
+    else:
+        raise PruneError("the input Hessian's sketch is not positive semidefinite: non-finite or corrupt statistics")
+    y = shifted
     b = torch.linalg.solve_triangular(chol, y.T, upper=False).T  # y chol^-T
     sigma2, v = torch.linalg.eigh(b.T @ b)
     kept = sigma2 > 1e-10 * sigma2.max().clamp_min(1e-300)

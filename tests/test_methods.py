@@ -5,6 +5,8 @@ import torch
 from torch import nn
 
 from statprune_cli.methods import METHODS, Target, build_method
+from statprune_cli.methods.statprune import SKETCH_DAMP
+from statprune_cli.sketch import least_squares_update, nystrom, probe
 from statprune_cli.stats import ChannelStats
 
 
@@ -110,10 +112,10 @@ def test_energy_compensation_scales_kept_weights_by_gamma() -> None:
 
 
 @pytest.mark.parametrize("options,nm,name,scaled", [
-    ({}, (2, 4), "model.layers.0.self_attn.k_proj", False),  # the default: every linear outside attention
-    ({}, (2, 4), "model.decoder.layers.0.attention.dense", False),
-    ({}, (2, 4), "model.layers.0.mlp.down_proj", True),
-    ({}, (2, 4), "model.decoder.layers.0.fc1", True),
+    ({"compensation": "energy"}, (2, 4), "model.layers.0.self_attn.k_proj", False),  # the default: outside attention
+    ({"compensation": "energy"}, (2, 4), "model.decoder.layers.0.attention.dense", False),
+    ({"compensation": "energy"}, (2, 4), "model.layers.0.mlp.down_proj", True),
+    ({"compensation": "energy"}, (2, 4), "model.decoder.layers.0.fc1", True),
     ({"compensation": "energy", "energy_targets": ["re:.*self_attn"]}, None, "model.layers.0.self_attn.q_proj", True),
     ({"compensation": "energy", "energy_targets": ["re:.*self_attn"]}, None, "model.layers.0.mlp.up_proj", False),
 ])
@@ -128,9 +130,9 @@ def test_energy_targets_choose_the_linears_whose_energy_is_restored(options: dic
 
 @pytest.mark.parametrize("pattern,options,compensation,skip,sequential", [
     ("unstructured", {}, "energy", 1, False),
-    ("2:4", {}, "energy", 0, True),
-    ("1:4", {}, "energy", 0, True),
-    ("4:8", {}, "energy", 0, True),
+    ("2:4", {}, "sketch+energy", 0, True),
+    ("1:4", {}, "sketch+energy", 0, True),
+    ("4:8", {}, "sketch+energy", 0, True),
     ("2:4", {"compensation": "none"}, "none", 0, True),
     ("unstructured", {"compensation": "none"}, "none", 1, False),
     ("unstructured", {"compensation": "mean", "skip_first_tokens": 3}, "mean", 3, False),
@@ -155,14 +157,19 @@ def test_statprune_default_unstructured_restores_half_the_energy(sparsity: float
 
 
 @pytest.mark.parametrize("n,m", [(2, 4), (4, 8)])
-def test_statprune_default_for_nm_restores_half_the_energy(n: int, m: int) -> None:
+def test_statprune_default_for_nm_updates_from_the_sketch_then_restores_half_the_energy(n: int, m: int) -> None:
     lin, x = layer_and_inputs()
     w = lin.weight.detach().double().clone()
-    stats = ChannelStats.of(x)
+    stats = ChannelStats.of(x, sketch=256)
     build_method("statprune", {}, f"{n}:{m}").prune(lin, stats, Target(n / m, (n, m)))
-    kept = w.masked_fill(lin.weight == 0, 0)
-    gamma = (((w * w) @ stats.m2) / ((kept * kept) @ stats.m2)) ** 0.25  # beta 0.5: the square root of full restoration
-    assert torch.allclose(lin.weight.double(), kept * gamma[:, None], rtol=1e-6)
+    mask = lin.weight == 0
+    updated = w.clone()
+    k = stats.sketch.shape[1]
+    u, lam = nystrom(stats.sketch, probe(w.shape[1], k))
+    least_squares_update(updated, mask, stats.sumsq, u, lam, SKETCH_DAMP, per_row=False)
+    gamma = (((w * w) @ stats.m2) / ((updated * updated) @ stats.m2)) ** 0.25  # beta 0.5, against the updated row
+    assert torch.allclose(lin.weight.double(), updated * gamma[:, None], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(updated, w.masked_fill(mask, 0.0))  # the update moved the kept weights
     assert (lin.weight.reshape(lin.weight.shape[0], -1, m) == 0).sum(-1).eq(n).all()
 
 

@@ -100,12 +100,12 @@ COMPENSATIONS = ("none", "mean", "energy", "both", "measured", "measured_scale",
 class StatPruneOptions(Options):
     score: str = "tempered"
     alpha: float = 1.0
-    compensation: str = "energy"  # measured: see the module docstring
+    compensation: str | None = None  # None: sketch+energy for N:M patterns, energy for unstructured (measured: docstring)
     beta: float = 0.5  # half the energy back: between least squares (no scaling) and full restoration
     energy_stat: str = "m2"
     measure_tokens: int = 256
-    sketch_rank: int = 64
-    sketch_per_row: bool = True  # each row's own k x k system (exact under the sketch), else one shared by all rows
+    sketch_rank: int = 256
+    sketch_per_row: bool = False  # each row's own k x k system (exact under the sketch: rows x in x k^2 work), else one shared
     skip_first_tokens: int | None = None  # None: 0 for N:M patterns, 1 for unstructured
     balance_cycles: int = 0
     balance_var_power: float = 1.0
@@ -116,7 +116,7 @@ class StatPruneOptions(Options):
     def __post_init__(self) -> None:
         if self.score not in SCORES:
             raise ConfigError("pruning.options.score", f"expected one of {', '.join(SCORES)}, got {self.score!r}")
-        if self.compensation not in COMPENSATIONS:
+        if self.compensation is not None and self.compensation not in COMPENSATIONS:
             raise ConfigError("pruning.options.compensation", f"expected one of {', '.join(COMPENSATIONS)}, got {self.compensation!r}")
         if not 0.0 <= self.alpha <= 2.0:  # above 1 the activations weigh more than in Wanda
             raise ConfigError("pruning.options.alpha", f"expected a number in [0, 2], got {self.alpha}")
@@ -142,7 +142,8 @@ class StatPrune(Method):
 
     def __init__(self, options: StatPruneOptions | None = None, nm: tuple[int, int] | None = None) -> None:
         o = options if options is not None else StatPruneOptions()
-        self.options = replace(o, skip_first_tokens=(0 if nm else 1) if o.skip_first_tokens is None else o.skip_first_tokens)
+        self.options = replace(o, skip_first_tokens=(0 if nm else 1) if o.skip_first_tokens is None else o.skip_first_tokens,
+                               compensation=("sketch+energy" if nm else "energy") if o.compensation is None else o.compensation)
         self.nm = nm
 
     @property
