@@ -50,7 +50,7 @@ def test_nystrom_of_a_low_rank_matrix_is_exact_and_leaves_a_psd_residual() -> No
     assert torch.linalg.eigvalsh(h - (u * lam) @ u.T).min() > -1e-5 * float(lam.max())  # the shift for float32 sketches
     low = a @ a.T  # rank 5 <= 8 probes: recovered exactly
     u, lam = nystrom(low @ probe(40, 8).double(), probe(40, 8))
-    assert torch.allclose((u * lam) @ u.T, low, atol=1e-6)
+    assert torch.allclose((u * lam) @ u.T, low, atol=1e-4 * float(lam.max()))  # up to the shift
 
 
 def test_the_sketch_is_a_sum_that_merges_across_batches_and_round_trips(tmp_path: Path) -> None:
