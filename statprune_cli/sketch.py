@@ -39,9 +39,9 @@ def nystrom(y: torch.Tensor, omega: torch.Tensor) -> tuple[torch.Tensor, torch.T
     than an SVD of B at k = 256. Directions whose Sigma^2 is below 1e-10 of the largest are dropped (U's column and
     lam zero): B V / Sigma would only amplify rounding there."""
     omega = omega.double().to(y.device)
-    # a shift that keeps the k x k core positive definite: the sketch is summed in float32, so its rounding is ~1e-7
-    # of its norm; a rank-deficient H (fewer tokens than channels, dead channels) may need a larger one
-    nu = 1e-6 * float(y.double().norm())
+    # a shift that keeps the k x k core positive definite, at the rounding level of the sketch's dtype (Tropp et al.);
+    # a rank-deficient H (fewer tokens than channels, dead channels) may need a larger one
+    nu = torch.finfo(y.dtype).eps * float(y.double().norm())
     for _ in range(6):
         shifted = y.double() + nu * omega
         core = omega.T @ shifted
