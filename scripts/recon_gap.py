@@ -11,6 +11,10 @@ of the benchmark: C4 sample, seed 0) and measures each linear's output error tr(
 - ``block OBS`` (N:M only): exact Optimal Brain Surgeon inside every group of M channels, i.e. the best mask
   and update of each group given the group's own M x M block of H (an extension of the channel statistics to
   block statistics, at a cost close to Wanda's),
+- ``LS, full H``: Wanda's mask, each row's kept weights moved by their exact least-squares update
+  H_KK^-1 H_KP w_P (1% damping): the best any update of that mask can do,
+- ``sketch k=64 (per row)`` / ``sketch k=256 (shared)``: the same update under statprune's sketched H
+  (``compensation: sketch``, sketch.py; each row's own k x k system, or one shared by all rows, the default),
 - ``sparsegpt``: statprune's SparseGPT (percdamp 0.01, blocksize 128),
 - ``sparsegpt, H in blocks of B``: the same on the block-diagonal part of H (blocks of B consecutive channels,
   B = 32 and 128): block statistics cost tokens x in x B to collect, not in^2, and no error crosses a block.
@@ -36,6 +40,8 @@ from statprune_cli.data import calibration_windows, load_documents  # noqa: E402
 from statprune_cli.masks import nm_mask, unstructured_mask  # noqa: E402
 from statprune_cli.methods.base import Target  # noqa: E402
 from statprune_cli.methods.sparsegpt import inverse_hessian_factor, sparsegpt_prune  # noqa: E402
+from statprune_cli.methods.statprune import SKETCH_DAMP  # noqa: E402
+from statprune_cli.sketch import least_squares_update, nystrom, probe  # noqa: E402
 
 SETTINGS = {"50%": None, "2:4": (2, 4), "4:8": (4, 8)}
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -82,6 +88,26 @@ def block_obs(w: torch.Tensor, h: torch.Tensor, n: int, m: int) -> torch.Tensor:
         best = torch.where(take, e, best)
         out = torch.where(take[..., None], cand, out)
     return out.reshape(rows, cols).float()
+
+
+def exact_update(w: torch.Tensor, mask: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Each row's kept weights moved by H_KK^-1 H_KP w_P (H damped as the sketch's D is), pruned ones zero."""
+    hd = h + SKETCH_DAMP * h.diagonal().mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    out = w.double().clone()
+    for r in range(w.shape[0]):
+        k, p = (~mask[r]).nonzero()[:, 0], mask[r].nonzero()[:, 0]
+        out[r, k] += torch.linalg.solve(hd[k][:, k], hd[k][:, p] @ out[r, p])
+        out[r, p] = 0.0
+    return out
+
+
+def sketched_update(w: torch.Tensor, mask: torch.Tensor, h: torch.Tensor, k: int, per_row: bool) -> torch.Tensor:
+    """statprune's sketched least-squares update of ``w`` under ``mask`` (the sketch made from the exact H)."""
+    k = min(k, h.shape[0])
+    u, lam = nystrom(h @ probe(h.shape[0], k).double(), probe(h.shape[0], k))
+    out = w.double().clone()
+    least_squares_update(out, mask, h.diagonal(), u, lam, SKETCH_DAMP, per_row)
+    return out
 
 
 def block_diagonal(h: torch.Tensor, size: int) -> torch.Tensor:
@@ -150,7 +176,10 @@ def main() -> None:
             base = float(error(w, wanda, h).sum())
             target = Target(0.5, nm, "matrix" if nm is None else "row")
             found = {"row scale": row_scale_error(w, wanda, h, None, ntok),
-                     "scale+bias": row_scale_error(w, wanda, h, s / ntok, ntok)}
+                     "scale+bias": row_scale_error(w, wanda, h, s / ntok, ntok),
+                     "LS, full H": float(error(w, exact_update(w, mask, h), h).sum()),
+                     "sketch k=64 (per row)": float(error(w, sketched_update(w, mask, h, 64, True), h).sum()),
+                     "sketch k=256 (shared)": float(error(w, sketched_update(w, mask, h, 256, False), h).sum())}
             for col, (factor, blocksize) in factors.items():
                 found[col] = float(error(w, sparsegpt_weights(w, factor, target, blocksize), h).sum())
             if nm:
@@ -160,7 +189,8 @@ def main() -> None:
                 cells.setdefault((kind, setting, col), []).append(e / base)
         print(f"done {name}", flush=True)
 
-    cols = ("row scale", "scale+bias", "block OBS", *BLOCK_COLUMNS, "sparsegpt")
+    cols = ("row scale", "scale+bias", "block OBS", *BLOCK_COLUMNS, "sketch k=64 (per row)", "sketch k=256 (shared)",
+            "LS, full H", "sparsegpt")
     lines = ["## How much of SparseGPT's lead is within reach of channel statistics\n",
              f"Made by: `python scripts/recon_gap.py --nsamples {args.nsamples} --seqlen {args.seqlen} --layers {args.layers}` "
              f"(SmolLM2-135M, dense inputs of layers {args.layers}, C4 sample, seed 0). Each cell: a linear's output "
@@ -169,7 +199,9 @@ def main() -> None:
              "(and intercept), the best any row-wise compensation from channel statistics can do; `block OBS`: exact "
              "OBS inside each N:M group from the group's own block of H; `sparsegpt, H in blocks of B`: SparseGPT on "
              "the block-diagonal part of H (blocks of B consecutive channels, statistics that cost tokens x in x B); "
-             "`sparsegpt`: the full Hessian.\n"]
+             "`sketch k=..`: Wanda's mask with statprune's sketched least-squares update (`compensation: sketch`, "
+             "each row's own system or one shared by all rows, statprune's default); `LS, full H`: the exact "
+             "least-squares update of Wanda's mask; `sparsegpt`: the full Hessian.\n"]
     for setting in SETTINGS:
         shown = [c for c in cols if (KINDS[0], setting, c) in cells]
         lines += [f"\n**{setting}**\n", "| linear | " + " | ".join(shown) + " |", "|---|" + "---:|" * len(shown)]

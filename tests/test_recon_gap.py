@@ -10,7 +10,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from recon_gap import block_diagonal, block_obs, error, row_scale_error, sparsegpt_weights  # noqa: E402
+from recon_gap import (block_diagonal, block_obs, error, exact_update, row_scale_error, sketched_update,  # noqa: E402
+                       sparsegpt_weights)
 
 from statprune_cli.methods.base import Target  # noqa: E402
 from statprune_cli.methods.sparsegpt import inverse_hessian_factor  # noqa: E402
@@ -74,3 +75,14 @@ def test_sparsegpt_on_block_diagonal_h_keeps_each_block_to_itself(nm: tuple[int,
     a, b = sparsegpt_weights(w, local, target, 8), sparsegpt_weights(moved, local, target, 8)
     assert torch.equal(a[:, 8:], b[:, 8:])
     assert not torch.equal(sparsegpt_weights(w, full, target, 8)[:, 8:], sparsegpt_weights(moved, full, target, 8)[:, 8:])
+
+
+def test_the_exact_update_is_the_floor_that_the_sketched_ones_approach() -> None:
+    torch.manual_seed(0)
+    h, w = correlated(16), torch.randn(6, 16)
+    mask = torch.rand(6, 16).argsort(1) < 8  # half of each row
+    base = float(error(w, w.masked_fill(mask, 0.0), h).sum())
+    exact = float(error(w, exact_update(w, mask, h), h).sum())
+    full_sketch = float(error(w, sketched_update(w, mask, h, 16, True), h).sum())  # k = in: the sketch is exact
+    shared = float(error(w, sketched_update(w, mask, h, 4, False), h).sum())
+    assert exact == pytest.approx(full_sketch, rel=1e-6) and exact < shared < base
