@@ -144,6 +144,12 @@ VARIANTS.update({f"statprune+sketch(k={k}){tag}": [SP, f"pruning.options={{compe
 VARIANTS.update({f"statprune+sketch(k={k};shared)+energy": [
     SP, f"pruning.options={{compensation: sketch+energy, sketch_rank: {k}, sketch_per_row: false}}"] for k in (64, 128, 256, 512)})
 
+# ... and on the whole N:M default (absorbed reallocation, LSA, residual permutation), restoring energy on the MLP
+# only (the default's energy_targets) or on every linear
+VARIANTS.update({f"statprune+sketch(k=256;shared)+energy({tag})+realloc(absorbed)+lsa+resperm": [
+    SP, f"pruning.options={{compensation: sketch+energy, sketch_rank: 256, sketch_per_row: false, energy_targets: ['{rx}']}}",
+    "pruning.reallocation=absorbed", LSA, "pruning.residual_permutation=true"] for tag, rx in (("mlp", "re:.*mlp"), ("all", "re:.*"))})
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

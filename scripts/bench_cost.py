@@ -132,7 +132,11 @@ than Wanda. The gap grows with width (d^3 and rows x d^2 against the forward's r
 column loop's launch overhead on a GPU, which this CPU measurement does not show."""
 
 
-READING_NM = """At an N:M pattern statprune adds to Wanda's passes its energy compensation (per linear, two products of
+READING_NM = """At an N:M pattern statprune adds to Wanda's passes its sketched least-squares update (since session 24:
+collecting a 256-probe sketch of each distinct linear input's second moments, tokens x in x 256 multiply-adds, then per
+linear a Nystrom factorisation and two products of the weight with a 256-column basis, as many as a forward pass over
+512 tokens; `statprune+sketch(off)` is the run without it, and the rows of the run before it are under key
+`n8-s512-2:4-before-sketch` in docs/results/data/cost.jsonl), its energy compensation (per linear, two products of
 the squared weights with the channels' second moments and one scaling of the kept weights) and the LSA-refined
 reallocation of each MLP down projection: per position of the groups and block of 256 groups, a rows x 256 x 256
 elementwise gain matrix and one assignment solved by scipy, 6-8 s for a 4096 x 11008 down projection on these 2 cores
