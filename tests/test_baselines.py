@@ -162,11 +162,12 @@ def test_reallocation_gives_the_method_mask_of_the_permuted_layer_mapped_back(me
     permuted = nn.Linear(32, 16, bias=False)
     with torch.no_grad():
         permuted.weight.copy_(w[:, order])
-    m.prune(permuted, ChannelStats.of(x[:, order]), Target(0.5, (2, 4)))  # the same rule on the permuted layer
-    info, _ = m.prune(lin, ChannelStats.of(x), Target(0.5, (2, 4), reallocation=True))
+    # statprune's N:M default updates from a sketch: with as many probes as inputs it is exact in either channel order
+    m.prune(permuted, ChannelStats.of(x[:, order], sketch=32), Target(0.5, (2, 4)))  # the same rule on the permuted layer
+    info, _ = m.prune(lin, ChannelStats.of(x, sketch=32), Target(0.5, (2, 4), reallocation=True))
     assert torch.equal(info["channel_permutation"].long(), order)  # saved by the engine in pruning_extras.safetensors
     assert torch.equal(lin.weight.detach()[:, order] == 0, permuted.weight.detach() == 0)
-    assert torch.allclose(lin.weight.detach()[:, order], permuted.weight.detach())  # statprune's energy: sums reordered
+    assert torch.allclose(lin.weight.detach()[:, order], permuted.weight.detach(), rtol=1e-3, atol=1e-4)  # sums reordered
     assert ((lin.weight.detach()[:, order].reshape(16, -1, 4) == 0).sum(-1) == 2).all()  # N:M in that order
     assert "reallocation_kept_score_gain" in info
 
@@ -176,9 +177,10 @@ def test_lsa_prunes_n_m_in_the_refined_order_and_keeps_more_score(method: str) -
     lin, x = correlated_layer()
     w = lin.weight.detach().clone()
     m = build_method(method, {}, "2:4")
-    score = m.score(w, ChannelStats.of(x))
-    heuristic, _ = m.prune(correlated_layer()[0], ChannelStats.of(x), Target(0.5, (2, 4), reallocation=True))
-    info, _ = m.prune(lin, ChannelStats.of(x), Target(0.5, (2, 4), reallocation=True, lsa=True))
+    stats = ChannelStats.of(x, sketch=8)  # statprune's N:M update reads a sketch; the scores do not
+    score = m.score(w, stats)
+    heuristic, _ = m.prune(correlated_layer()[0], stats, Target(0.5, (2, 4), reallocation=True))
+    info, _ = m.prune(lin, stats, Target(0.5, (2, 4), reallocation=True, lsa=True))
     order = refine_order(score, reallocation_order(score, 4), 2, 4)
     assert torch.equal(info["channel_permutation"].long(), order)
     assert ((lin.weight.detach()[:, order].reshape(16, -1, 4) == 0).sum(-1) == 2).all()
