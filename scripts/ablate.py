@@ -137,8 +137,9 @@ VARIANTS.update({f"wanda+energy(m2/b=0.5;mlp)+skip1+onepass+alloc(s={spread})": 
 # ... and one permutation of the residual stream for all its readers (pruning.residual_permutation)
 VARIANTS["wanda+energy(m2/b=0.5;mlp)+realloc(absorbed)+lsa+resperm"] = [
     *VARIANTS["wanda+energy(m2/b=0.5;mlp)+realloc(absorbed)+lsa"], "pruning.residual_permutation=true"]
-# the least-squares update of the kept weights from a rank-k sketch of the inputs' second moments (sketch.py)
-VARIANTS.update({f"statprune+sketch(k={k}){tag}": [SP, f"pruning.options={{compensation: sketch{tag}, sketch_rank: {k}}}"]
+# the least-squares update of the kept weights from a rank-k sketch of the inputs' second moments (sketch.py), each row
+# solving its own k x k system
+VARIANTS.update({f"statprune+sketch(k={k}){tag}": [SP, f"pruning.options={{compensation: sketch{tag}, sketch_rank: {k}, sketch_per_row: true}}"]
                  for k in (16, 32, 64, 128) for tag in ("", "+energy")})
 # ... with one k x k system for all rows (each row's kept share of U^T D^-1 U), which affords a larger k
 VARIANTS.update({f"statprune+sketch(k={k};shared)+energy": [
