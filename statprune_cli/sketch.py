@@ -10,7 +10,8 @@ H ~ D + U diag(lam) U^T with U, lam from Y and D the diagonal H keeps beyond the
 
 With that H, each row's best update of its kept weights K given its pruned ones P (minimise
 ||(W - W') X||^2) is delta_K = H_KK^-1 H_KP w_P. D has no off-diagonal part, so H_KP w_P = U_K lam (U_P^T w_P)
-and Woodbury's identity inverts H_KK = D_K + U_K lam U_K^T with one k x k system per row: rows x in x k^2 work.
+and Woodbury's identity inverts H_KK = D_K + U_K lam U_K^T with one k x k system per row (rows x in x k^2 work), or
+with one system shared by every row (rows x in x k; ``least_squares_update``).
 """
 
 from __future__ import annotations

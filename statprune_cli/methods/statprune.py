@@ -22,7 +22,8 @@ compensation (after the mask, closed form, per output row i)
   sketch: the kept weights of each row take their least-squares update, delta_K = H_KK^-1 H_KP w_P, with the
           input second moments H = sum x x^T known as their exact diagonal plus a rank-``sketch_rank`` Nystrom
           sketch (sketch.py): the statistics then also hold sum x (x^T Omega) for a fixed probe Omega, tokens x in x k
-          to collect and rows x in x k^2 to apply, where SparseGPT's full H costs tokens x in^2 and in^3
+          to collect and rows x in x k to apply with one solve shared by the rows (rows x in x k^2 with
+          ``sketch_per_row``), where SparseGPT's full H costs tokens x in^2 and in^3
   sketch+energy: that update, then the energy restoration (gamma against the updated row)
 
 mask correction (``balance_cycles`` > 0): the mask's mean shift, e_i = sum_pruned W_ij mu_j, is driven
@@ -237,7 +238,7 @@ class StatPrune(Method):
         if energy:
             v = (stats.m2 if o.energy_stat == "m2" else stats.var).to(weight.device)
             dense_energy = weight.double().square_() @ v
-        if o.compensation.startswith("sketch"):
+        if self.sketch_rank:
             y = stats.probed(o.sketch_rank)
             assert y is not None  # the engine collects the sketch this method asks for (``sketch_rank``)
             u, lam = nystrom(y.to(weight.device), probe(weight.shape[1], y.shape[1], weight.device))
