@@ -106,7 +106,7 @@ def dense_ppl(model: Path, seqlen: int, eval_tokens: int, split: str) -> float:
 
 
 SECTIONS = ROOT / "docs" / "results"
-SECTION_ORDER = ("bench", "recon-gap", "owl", "realloc", "realloc-absorbed", "realloc-lsa", "peer", "cost", "cost-60pct", "cost-2of4", "cost-2of4-n64", "residual-budget", "memory", "zeroshot", "distributed")
+SECTION_ORDER = ("bench", "recon-gap", "owl", "realloc", "realloc-absorbed", "realloc-lsa", "peer", "cost", "cost-60pct", "cost-2of4", "cost-2of4-n64", "residual-budget", "memory", "zeroshot", "distributed", "gpu")
 
 
 def write_section(name: str, markdown: str) -> None:
