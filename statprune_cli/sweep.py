@@ -10,7 +10,9 @@ the sweep goes on.
 
 Outputs, written together into one folder: ``sweep.json``, ``sweep.md`` (rows methods, columns
 settings: perplexity and prune wall time) and ``sweep.png`` (perplexity per setting, one line per
-method, log scale, dense as a horizontal line) when matplotlib is installed.
+method, log scale, dense as a horizontal line) when matplotlib is installed. Until then each finished cell
+is kept in ``OUTPUT.partial.json`` (same layout as sweep.json), so a sweep cut short by a time limit loses
+only the cell it was in.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from statprune_cli.config import Config, _build, validate
 from statprune_cli.distributed import launched_world_size
 from statprune_cli.engine import LayerwiseEngine
 from statprune_cli.errors import ConfigError, InputError
-from statprune_cli.export import atomic_dir, check_output_dir
+from statprune_cli.export import atomic_dir, check_output_dir, write_json_atomic
 from statprune_cli.load import check_against_model, load_model, load_model_config, load_tokenizer
 from statprune_cli.methods import METHODS
 from statprune_cli.pipeline import (DenseStats, calibration_batches, config_method, eval_sets, needs_batches, perplexities,
@@ -194,6 +196,25 @@ def run_sweep(cfg: Config, methods: list[str], settings: list[str], output: Path
     dense_ppl = perplexities(cfg, LayerwiseEngine(dense_model, device, cfg.runtime.offload_activations, ui), evals, ui)
     dense_model.to("cpu")
     dense_zeroshot = accuracy(dense_model)
+
+    def summary() -> dict[str, Any]:
+        return {
+            "model": cfg.model.name_or_path,
+            "calibration": calibration,
+            "sequential": cfg.pruning.sequential,
+            "profile": cfg.pruning.profile,
+            "datasets": [es.name for es in evals],
+            "dense": [r["perplexity"] for r in dense_ppl],
+            "dense_zeroshot_mean_acc": dense_zeroshot,
+            "shared_dense_seconds": round(dense.seconds, 3),
+            "methods": methods,
+            "settings": [c.setting for c in cells[:: len(methods)]],
+            "cells": [c.to_dict() for c in cells],
+            "versions": package_versions(),
+        }
+
+    partial = output.with_name(output.name + ".partial.json")
+    partial.parent.mkdir(parents=True, exist_ok=True)
     with ui.progress("sweep cells", len(cells_to_run)) as advance:
         for c in cells_to_run:
             ui.log(f"{c.method} at {c.setting}")
@@ -210,30 +231,21 @@ def run_sweep(cfg: Config, methods: list[str], settings: list[str], output: Path
                 numel = sum(r.shape[0] * r.shape[1] for layer in pruned.result.layers for r in layer.linears.values())
                 c.sparsity = zeros / numel if numel else 0.0
                 c.zeroshot_mean = accuracy(model)
+                ui.log(f"{c.method} at {c.setting}: perplexity " + ", ".join(f"{p:.2f}" for p in c.perplexity)
+                       + f" ({c.prune_seconds:.1f} s)")
             except Exception as e:  # one failing cell must not lose the others
                 c.error = f"{type(e).__name__}: {e}"
                 ui.log(f"{c.method} at {c.setting} failed: {c.error}")
             del model
+            write_json_atomic(partial, summary())  # a sweep cut short keeps its finished cells
             advance()
 
-    result = {
-        "model": cfg.model.name_or_path,
-        "calibration": calibration,
-        "sequential": cfg.pruning.sequential,
-        "profile": cfg.pruning.profile,
-        "datasets": [es.name for es in evals],
-        "dense": [r["perplexity"] for r in dense_ppl],
-        "dense_zeroshot_mean_acc": dense_zeroshot,
-        "shared_dense_seconds": round(dense.seconds, 3),
-        "methods": methods,
-        "settings": [c.setting for c in cells[:: len(methods)]],
-        "cells": [c.to_dict() for c in cells],
-        "versions": package_versions(),
-    }
+    result = summary()
     with atomic_dir(output, overwrite, "--output") as tmp:
         (tmp / "sweep.json").write_text(json.dumps(result, indent=2))
         (tmp / "sweep.md").write_text(sweep_table(result))
         result["plot"] = write_plot(result, tmp / "sweep.png")
+    partial.unlink(missing_ok=True)
     result["output_dir"] = str(output)
     return result
 

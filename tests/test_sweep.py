@@ -69,6 +69,23 @@ def test_a_failing_cell_is_recorded_and_the_sweep_goes_on(cfg: Path, tmp_path: P
     assert "failed: RuntimeError: boom" in (tmp_path / "sw" / "sweep.md").read_text()
 
 
+def test_a_sweep_cut_short_keeps_its_finished_cells(cfg: Path, tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "sw"
+    run_sweep(load_config(cfg), ["wanda"], ["0.5"], out, ui=UI(quiet=True))
+    assert not (tmp_path / "sw.partial.json").exists()  # a finished sweep leaves only its folder
+
+    def killed(self, linear, stats, target):  # a time limit's signal: not an error the sweep records
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(METHODS["ria"], "prune", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(load_config(cfg), ["wanda", "ria"], ["0.5"], tmp_path / "cut", ui=UI(quiet=True))
+    assert not (tmp_path / "cut").exists()
+    partial = json.loads((tmp_path / "cut.partial.json").read_text())
+    cells = {c["method"]: c for c in partial["cells"]}
+    assert cells["wanda"]["perplexity"] and cells["wanda"]["error"] is None and not cells["ria"]["perplexity"]
+
+
 def test_method_suffixes_run_as_their_prune_runs_and_are_not_applicable_elsewhere(cfg: Path, tmp_path: Path) -> None:
     res = runner.invoke(app, ["sweep", str(cfg), "--methods", "wanda+owl(m=3;lam=0.05),ria+realloc,wanda+alloc", "--sparsities",
                               "70%,2:4", "-o", str(tmp_path / "sw"), "-q", "--json"])
