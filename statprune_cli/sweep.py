@@ -53,12 +53,13 @@ class Cell:
     error: str | None = None
     not_applicable: str | None = None  # the method's suffix does not apply to this setting (owl at 2:4): not run
     shared_stats: bool = False  # used the dense statistics the cells share (their pass is not in prune_seconds)
+    layer_sparsity: list[float] | None = None  # each decoder layer's target where OWL set one
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "setting": self.setting, "perplexity": self.perplexity,
                 "prune_seconds": self.prune_seconds, "shared_dense_statistics": self.shared_stats,
                 "sparsity": self.sparsity, "zeroshot_mean_acc": self.zeroshot_mean, "error": self.error,
-                "not_applicable": self.not_applicable}
+                "not_applicable": self.not_applicable, "layer_target_sparsity": self.layer_sparsity}
 
 
 SUFFIXES = ("+owl, +owl(key=value;...), +realloc, +realloc(absorbed), +realloc(off), +resperm, +resperm(off), +lsa, "
@@ -226,6 +227,7 @@ def run_sweep(cfg: Config, methods: list[str], settings: list[str], output: Path
                                      shared=True)
                 c.prune_seconds = round(time.perf_counter() - t0 - (dense.seconds - shared_before), 3)
                 c.shared_stats = pruned.from_shared_stats
+                c.layer_sparsity = pruned.layer_sparsity
                 c.perplexity = [r["perplexity"] for r in perplexities(c.cfg, pruned.engine, evals, ui)]
                 zeros = sum(r.zeros for layer in pruned.result.layers for r in layer.linears.values())
                 numel = sum(r.shape[0] * r.shape[1] for layer in pruned.result.layers for r in layer.linears.values())

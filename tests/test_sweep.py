@@ -103,8 +103,10 @@ def test_method_suffixes_run_as_their_prune_runs_and_are_not_applicable_elsewher
                                                             "pruning.allocation=energy"]}.items():
         run = runner.invoke(app, ["prune", str(cfg), "-q", "--json", "--overwrite", *(a for f in flags for a in ("--set", f))])
         assert run.exit_code == 0, run.output
-        assert cells[(name, setting)]["perplexity"][0] == pytest.approx(json.loads(run.stdout)["perplexity"][0]["perplexity"],
-                                                                      rel=1e-5)
+        report = json.loads(run.stdout)
+        assert cells[(name, setting)]["perplexity"][0] == pytest.approx(report["perplexity"][0]["perplexity"], rel=1e-5)
+        assert cells[(name, setting)]["layer_target_sparsity"] == report["layer_target_sparsity"]
+    assert len(set(cells[("wanda+owl(m=3;lam=0.05)", "70%")]["layer_target_sparsity"])) > 1
     table = (tmp_path / "sw" / "sweep.md").read_text()
     assert "| ria+realloc | n/a |" in table and "n/a: the method's suffix does not apply" in table
 
