@@ -63,7 +63,7 @@ class Cell:
 
 
 SUFFIXES = ("+owl, +owl(key=value;...), +realloc, +realloc(absorbed), +realloc(off), +resperm, +resperm(off), +lsa, "
-            "+lsa(off), +alloc, +alloc(off), +onepass, +onepass(off), +sketch or +sketch(off)")
+            "+lsa(off), +alloc, +alloc(off), +onepass, +onepass(off), +sketch, +sketch(off), +row or +matrix")
 REALLOC_SUFFIXES: dict[str, bool | str] = {"realloc": True, "realloc(absorbed)": "absorbed", "realloc(off)": False}
 # keys valid for some patterns only: n/a cells elsewhere
 PATTERN_BOUND = ("pruning.profile", "pruning.reallocation", "pruning.residual_permutation", "pruning.lsa", "pruning.allocation")
@@ -79,7 +79,8 @@ def parse_method(text: str) -> tuple[str, dict[str, Any]]:
     sparsity over its linears by lost energy (``pruning.allocation: energy``), '+alloc(off)' keeps it uniform; '+onepass'
     calibrates every layer on the dense model's activations (``pruning.sequential: false``), '+onepass(off)' on the
     pruned layers' outputs; statprune's '+sketch' updates the kept weights from a sketch of the input Hessian before
-    its energy restoration (``pruning.options.compensation: sketch+energy``), '+sketch(off)' only restores the energy."""
+    its energy restoration (``pruning.options.compensation: sketch+energy``), '+sketch(off)' only restores the energy;
+    '+row' / '+matrix' compare unstructured scores within each row / over the whole matrix (``pruning.granularity``)."""
     method, *extras = text.strip().split("+")
     if method not in METHODS:
         raise ConfigError("--methods", f"unknown method {method!r} in {text!r}; expected some of {', '.join(sorted(METHODS))}")
@@ -104,6 +105,8 @@ def parse_method(text: str) -> tuple[str, dict[str, Any]]:
             overrides["allocation"] = "energy" if extra == "alloc" else "uniform"
         elif extra in ("onepass", "onepass(off)"):
             overrides["sequential"] = extra == "onepass(off)"
+        elif extra in ("row", "matrix"):
+            overrides["granularity"] = extra
         elif extra in ("sketch", "sketch(off)"):
             overrides["options"] = {"compensation": "sketch+energy" if extra == "sketch" else "energy"}
         else:

@@ -141,6 +141,28 @@ def test_ria_unstructured_compares_over_the_whole_matrix() -> None:
     assert len(set(zeros.sum(1).tolist())) > 1  # rows lose different counts: not a per-row rule
 
 
+@pytest.mark.parametrize("granularity", [None, "row"])
+def test_magnitude_compares_over_the_whole_matrix_unless_granularity_says_row(granularity: str | None) -> None:
+    """The papers' magnitude baseline (Wanda's, SparseGPT's, OWL's code) takes one threshold per matrix."""
+    from statprune_cli.config import Config
+    from statprune_cli.pipeline import base_target
+
+    cfg = Config()
+    cfg.pruning.method, cfg.pruning.granularity = "magnitude", granularity
+    method = build_method("magnitude", {})
+    target = base_target(cfg, method)
+    lin, _ = correlated_layer()
+    w = lin.weight.detach().clone()
+    method.prune(lin, None, target)
+    zeros = lin.weight == 0
+    assert int(zeros.sum()) == w.numel() // 2
+    if granularity is None:
+        assert target.granularity == "matrix" and w.abs()[zeros].max() <= w.abs()[~zeros].min()
+        assert len(set(zeros.sum(1).tolist())) > 1
+    else:
+        assert zeros.sum(1).tolist() == [w.shape[1] // 2] * w.shape[0]
+
+
 def test_reallocation_order_keeps_the_function_and_spreads_each_tier_over_the_groups() -> None:
     lin, x = correlated_layer()
     w = lin.weight.detach().clone()

@@ -125,6 +125,9 @@ def test_realloc_suffixes_set_the_reallocation_key() -> None:
     assert parse_method("statprune+onepass") == ("statprune", {"method": "statprune", "sequential": False})
     assert parse_method("statprune+onepass(off)") == ("statprune", {"method": "statprune", "sequential": True})
     assert parse_method("statprune+sketch(off)") == ("statprune", {"method": "statprune", "options": {"compensation": "energy"}})
+    assert parse_method("magnitude+row+owl") == ("magnitude", {"method": "magnitude", "granularity": "row", "profile": "owl",
+                                                               "owl": {}})
+    assert parse_method("wanda+matrix") == ("wanda", {"method": "wanda", "granularity": "matrix"})
 
 
 def test_the_sketch_suffix_sets_statprunes_compensation_whatever_the_configs_method(cfg: Path) -> None:

@@ -1,4 +1,10 @@
-"""Magnitude pruning: score |W_ij|, no calibration data."""
+"""Magnitude pruning: score |W_ij|, no calibration data.
+
+Unstructured, the lowest |W_ij| of the whole matrix go (one threshold per matrix), as the Wanda, SparseGPT and OWL
+papers' magnitude baseline prunes, so that the baseline's figures compare with theirs. ``pruning.granularity: row``
+compares within each row instead: on SmolLM2-135M that is the stronger baseline (docs/results.md), but OWL's layer
+profile does not help it.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from statprune_cli.stats import ChannelStats
 class Magnitude(Method):
     name = "magnitude"
     needs_calibration = False
+    granularity = "matrix"
 
     def score(self, weight: torch.Tensor, stats: ChannelStats | None) -> torch.Tensor:
         return weight.abs()
