@@ -35,7 +35,7 @@ def alloc(spread: float) -> list[str]:
 OWL_GRID = [("", []), ("(l=0.04)", ["pruning.owl.lam=0.04"]), ("(l=0.12)", ["pruning.owl.lam=0.12"]),
             ("(m=3)", ["pruning.owl.m=3"]), ("(m=7)", ["pruning.owl.m=7"])]
 VARIANTS: dict[str, list[str]] = {
-    "magnitude": ["pruning.method=magnitude"],
+    "magnitude": ["pruning.method=magnitude", "pruning.granularity=row"],  # per row: magnitude's default until session 25
     "wanda": ["pruning.method=wanda"],
     "ria": ["pruning.method=ria"],
     "sparsegpt": ["pruning.method=sparsegpt"],
@@ -104,8 +104,8 @@ VARIANTS: dict[str, list[str]] = {
     **{f"wanda+energy(m2/b=0.5;mlp)+skip1+onepass+owl{tag}": [
         SP, ENERGY.replace("beta: 1.0", "beta: 0.5, energy_targets: ['re:.*mlp']"), SKIP1, ONEPASS, *OWL, *owl]
        for tag, owl in OWL_GRID},
-    **{f"magnitude+owl{tag}": ["pruning.method=magnitude", *OWL, *owl] for tag, owl in OWL_GRID},
-    # magnitude as the Wanda and OWL reference code prune it: one threshold per matrix, not per row
+    **{f"magnitude+owl{tag}": ["pruning.method=magnitude", "pruning.granularity=row", *OWL, *owl] for tag, owl in OWL_GRID},
+    # magnitude as the Wanda and OWL reference code prune it (its default since session 25): one threshold per matrix
     **{f"magnitude(matrix){tag}": ["pruning.method=magnitude", "pruning.granularity=matrix", *owl]
        for tag, owl in (("", []), ("+owl", OWL), ("+owl(m=7)", [*OWL, "pruning.owl.m=7"]))},
     # RIA compared within each row instead of over the whole matrix (its paper's), uniform and with OWL
