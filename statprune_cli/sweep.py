@@ -219,6 +219,7 @@ def run_sweep(cfg: Config, methods: list[str], settings: list[str], output: Path
 
     partial = output.with_name(output.name + ".partial.json")
     partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.unlink(missing_ok=True)  # an earlier sweep's, cut short
     with ui.progress("sweep cells", len(cells_to_run)) as advance:
         for c in cells_to_run:
             ui.log(f"{c.method} at {c.setting}")

@@ -2,8 +2,7 @@
 
 Unstructured, the lowest |W_ij| of the whole matrix go (one threshold per matrix), as the Wanda, SparseGPT and OWL
 papers' magnitude baseline prunes, so that the baseline's figures compare with theirs. ``pruning.granularity: row``
-compares within each row instead: on SmolLM2-135M that is the stronger baseline (docs/results.md), but OWL's layer
-profile does not help it.
+compares within each row instead: on SmolLM2-135M that is the stronger baseline (docs/results.md).
 """
 
 from __future__ import annotations
