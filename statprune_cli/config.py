@@ -340,7 +340,7 @@ def check_zeroshot_data_dir(path: str | Path, key: str) -> None:
 
 def validate_zeroshot(z: ZeroShotConfig) -> None:
     check_zeroshot_tasks(z.tasks, "eval.zeroshot.tasks")
-    if z.data_dir is not None:
+    if z.data_dir is not None and z.tasks:  # without tasks the folder is never read: a config copied elsewhere still runs
         check_zeroshot_data_dir(z.data_dir, "eval.zeroshot.data_dir")
     for key, val in (("limit", z.limit), ("batch_size", z.batch_size)):
         if val is not None and val < 1:

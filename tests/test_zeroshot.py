@@ -204,6 +204,15 @@ def test_bad_config_keys_stop_prune_before_loading(tmp_path: Path, tiny_model_di
     assert not (tmp_path / "out").exists()
 
 
+def test_a_missing_task_folder_stops_nothing_without_tasks(tmp_path: Path, tiny_model_dir: Path,
+                                                          text_files: dict[str, Path]) -> None:
+    cfg = write_config(tmp_path / "run.yaml", tiny_model_dir, text_files, tmp_path / "out",
+                       eval={"zeroshot": {"tasks": [], "data_dir": "/no/such/dir"}})
+    res = run("prune", str(cfg), "-q")
+    assert res.exit_code == 0, res.stderr
+    assert (tmp_path / "out" / "report.json").exists()
+
+
 def test_without_lm_eval_the_error_says_what_to_install(tiny_model_dir: Path, task_dir: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed: find_spec gives None
