@@ -29,6 +29,7 @@ IFS=, read -r WH WI WL <<< "${WIDE:-4096,11008,4}"
 WIDE_MODEL=models/synthetic-llama-h$WH-l$WL
 mkdir -p "$OUT"
 CONFIG=configs/smollm2-135m-statprune-50.yaml
+C4="calibration.data_files=$DATA/c4/c4-train.00000-of-01024.first1000.jsonl"
 EVAL_TEST="eval.datasets=[{dataset: wikitext2, data_files: '$DATA/wikitext-2-raw', split: test}]"
 
 run() {  # name model method extra-overrides...: prune, keep the report as $OUT/name.json, print one line
@@ -37,7 +38,7 @@ run() {  # name model method extra-overrides...: prune, keep the report as $OUT/
   $PY -m statprune_cli prune $CONFIG --overwrite -o "$OUT/$name" --json --quiet \
     --set model.name_or_path="$model" --set model.gguf_file=null --set model.dtype="$DTYPE" --set runtime.device="$DEVICE" \
     --set pruning.method="$method" --set calibration.nsamples="$NSAMPLES" --set calibration.seqlen="$SEQLEN" \
-    --set calibration.data_files="$DATA/c4/c4-train.00000-of-01024.first1000.jsonl" --set eval.seqlen="$SEQLEN" \
+    --set "$C4" --set eval.seqlen="$SEQLEN" \
     --set "$EVAL_TEST" "$@" > "$OUT/$name.json"
   $PY -c "import json,sys; r=json.load(open(sys.argv[1])); p=r['perplexity'][0]['perplexity'] if r['perplexity'] else None; \
 m=r['memory']; print(f\"{sys.argv[2]:<30} prune {r['timings']['prune']:8.1f}s  process {int(sys.argv[3]):4d}s  cuda max \
@@ -59,10 +60,13 @@ def tensors(folder):
     return out
 
 a, b = tensors(sys.argv[1]), tensors(sys.argv[2])
-worst = max(((x - b[k]).abs().max().item(), k) for k, x in a.items()) if a.keys() == b.keys() else (float("inf"), "keys differ")
-masks = sum(int(((x == 0) != (b[k] == 0)).sum()) for k, x in a.items()) if a.keys() == b.keys() else -1
-print(f"  {Path(sys.argv[2]).name} vs {Path(sys.argv[1]).name}: max |diff| {worst[0]:.3g} ({worst[1]}), "
-      f"zeros placed differently: {masks}")
+pair = f"{Path(sys.argv[2]).name} vs {Path(sys.argv[1]).name}"
+if a.keys() != b.keys():
+    sys.exit(f"  {pair}: the checkpoints hold different tensors")
+diff = {k: (x - b[k]).abs().max().item() for k, x in a.items()}
+worst = max(diff, key=diff.get)
+moved = sum(int(((x == 0) != (b[k] == 0)).sum()) for k, x in a.items())
+print(f"  {pair}: max |diff| {diff[worst]:.3g}" + (f" ({worst})" if diff[worst] else "") + f", zeros placed differently: {moved}")
 PY
 }
 
@@ -99,7 +103,7 @@ phase_owl() {  # float32, the benchmark's protocol (64 x 512 windows, 65536 toke
   $PY -m statprune_cli sweep $CONFIG --methods "${methods%,}" --sparsities 0.7 -o "$OUT/owl-sweep" --overwrite --quiet \
     --set model.name_or_path="$SMOL" --set model.gguf_file=null --set model.dtype=float32 --set runtime.device="$DEVICE" \
     --set calibration.nsamples=64 --set calibration.seqlen=512 --set eval.seqlen=512 --set eval.max_tokens=65536 \
-    --set calibration.data_files="$DATA/c4/c4-train.00000-of-01024.first1000.jsonl" \
+    --set "$C4" \
     --set "eval.datasets=[{dataset: wikitext2, data_files: '$DATA/wikitext-2-raw', split: validation}, \
 {dataset: wikitext2, data_files: '$DATA/wikitext-2-raw', split: test}]"
   $PY - "$OUT/owl-sweep/sweep.json" <<'PY'

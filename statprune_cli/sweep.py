@@ -201,6 +201,8 @@ def run_sweep(cfg: Config, methods: list[str], settings: list[str], output: Path
     dense_model.to("cpu")
     dense_zeroshot = accuracy(dense_model)
 
+    versions = package_versions()
+
     def summary() -> dict[str, Any]:
         return {
             "model": cfg.model.name_or_path,
@@ -214,7 +216,7 @@ def run_sweep(cfg: Config, methods: list[str], settings: list[str], output: Path
             "methods": methods,
             "settings": [c.setting for c in cells[:: len(methods)]],
             "cells": [c.to_dict() for c in cells],
-            "versions": package_versions(),
+            "versions": versions,
         }
 
     partial = output.with_name(output.name + ".partial.json")
