@@ -6,13 +6,15 @@
 #   smollm2  SmolLM2-135M on CUDA in bfloat16: wanda, sparsegpt and statprune in memory, statprune and sparsegpt with activations
 #            offloaded (pinned memory, copy stream) and streamed; the weights of each variant compared with the
 #            in-memory run's; statprune at 2:4 (the sketched update, LSA, the residual permutation on CUDA).
-#   owl      SmolLM2-135M in float32: the OWL layer profile at 70% against uniform, a grid over M and lambda, each
-#            cell evaluated on the WikiText-2 validation and test splits (one `statprune sweep` process).
+#   owl      SmolLM2-135M in float32: the OWL layer profile at 70% against uniform, per calibration seed (OWL_SEEDS,
+#            default 0,1,2) and method (OWL_METHODS, default all five), with each method's M and lambda or over a grid
+#            (OWL_GRID, e.g. "m=3;lam=0.04 m=5;lam=0.08"); each cell evaluated on the WikiText-2 validation and test
+#            splits, one `statprune sweep` process per seed (about 8 s a cell on an H200: 30 cells by default).
 # Run from the repository root on a machine with a GPU and the project's dependencies:
 #   PYTHONUNBUFFERED=1 bash scripts/gpu_check.sh wide smollm2 owl 2>&1 | tee gpu_check.log
 # Needs models/smollm2-135m-hf (python scripts/demo_model.py models/smollm2-135m --hf models/smollm2-135m-hf) and
 # ../shared/data (DATA=... elsewhere). DEVICE, TOKENIZER, DTYPE, NSAMPLES, SEQLEN, WIDE (hidden,intermediate,layers) and
-# OWL_GRID override the defaults, e.g. for a dry run on CPU with a tiny model.
+# OWL_* override the defaults, e.g. for a dry run on CPU with a tiny model.
 set -euo pipefail
 PY=${PYTHON:-python3}
 export PYTHONPATH=${PYTHONPATH:-}:$PWD
@@ -26,6 +28,9 @@ SMOL=${SMOL:-models/smollm2-135m-hf}
 TOKENIZER=${TOKENIZER:-$SMOL}  # the synthetic checkpoint's tokenizer
 export HF_HUB_OFFLINE=1
 IFS=, read -r WH WI WL <<< "${WIDE:-4096,11008,4}"
+OWL_METHODS=${OWL_METHODS:-magnitude,wanda,sparsegpt,ria,statprune}
+OWL_SEEDS=${OWL_SEEDS:-0,1,2}
+OWL_GRID=${OWL_GRID:-}
 WIDE_MODEL=models/synthetic-llama-h$WH-l$WL
 mkdir -p "$OUT"
 CONFIG=configs/smollm2-135m-statprune-50.yaml
@@ -94,19 +99,20 @@ phase_smollm2() {
 
 phase_owl() {  # float32, the benchmark's protocol (64 x 512 windows, 65536 tokens of each split)
   local methods=""
-  for m in magnitude wanda sparsegpt ria statprune; do
+  for m in ${OWL_METHODS//,/ }; do
     methods+="$m,"
-    for g in ${OWL_GRID:-m=3;lam=0.04 m=3;lam=0.08 m=5;lam=0.04 m=5;lam=0.08 m=5;lam=0.15 m=7;lam=0.08 m=10;lam=0.08}; do
-      methods+="$m+owl($g),"
-    done
+    if [ -z "$OWL_GRID" ]; then methods+="$m+owl,"; fi
+    for g in $OWL_GRID; do methods+="$m+owl($g),"; done
   done
-  $PY -m statprune_cli sweep $CONFIG --methods "${methods%,}" --sparsities 0.7 -o "$OUT/owl-sweep" --overwrite --quiet \
-    --set model.name_or_path="$SMOL" --set model.gguf_file=null --set model.dtype=float32 --set runtime.device="$DEVICE" \
-    --set calibration.nsamples=64 --set calibration.seqlen=512 --set eval.seqlen=512 --set eval.max_tokens=65536 \
-    --set "$C4" \
-    --set "eval.datasets=[{dataset: wikitext2, data_files: '$DATA/wikitext-2-raw', split: validation}, \
+  for seed in ${OWL_SEEDS//,/ }; do
+    echo "-- calibration seed $seed"
+    $PY -m statprune_cli sweep $CONFIG --methods "${methods%,}" --sparsities 0.7 -o "$OUT/owl-sweep-seed$seed" --overwrite \
+      --quiet --set model.name_or_path="$SMOL" --set model.gguf_file=null --set model.dtype=float32 \
+      --set runtime.device="$DEVICE" --set calibration.seed="$seed" --set calibration.nsamples=64 \
+      --set calibration.seqlen=512 --set eval.seqlen=512 --set eval.max_tokens=65536 --set "$C4" \
+      --set "eval.datasets=[{dataset: wikitext2, data_files: '$DATA/wikitext-2-raw', split: validation}, \
 {dataset: wikitext2, data_files: '$DATA/wikitext-2-raw', split: test}]"
-  $PY - "$OUT/owl-sweep/sweep.json" <<'PY'
+    $PY - "$OUT/owl-sweep-seed$seed/sweep.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
 print(f"{'cell':<32}" + "".join(f"{d:>24}" for d in r["datasets"]) + "    prune s")
@@ -115,6 +121,7 @@ for c in r["cells"]:
     ppl = "".join(f"{p:24.2f}" for p in c["perplexity"]) if c.get("perplexity") else f"  {c.get('error')}"
     print(f"{c['method']:<32}{ppl}    {c.get('prune_seconds')}")
 PY
+  done
 }
 
 phases=("$@")
