@@ -136,7 +136,7 @@ READING_NM = """At an N:M pattern statprune adds to Wanda's passes its sketched 
 collecting a 256-probe sketch of each distinct linear input's second moments, tokens x in x 256 multiply-adds, then per
 linear a Nystrom factorisation and two products of the weight with a 256-column basis, as many as a forward pass over
 512 tokens; `statprune+sketch(off)` is the run without it, and the rows of the run before it are under key
-`n8-s512-2:4-before-sketch` in docs/results/data/cost.jsonl), its energy compensation (per linear, two products of
+`n{windows}-s512-2:4-before-sketch` in docs/results/data/cost.jsonl), its energy compensation (per linear, two products of
 the squared weights with the channels' second moments and one scaling of the kept weights) and the LSA-refined
 reallocation of each MLP down projection: per position of the groups and block of 256 groups, a rows x 256 x 256
 elementwise gain matrix and one assignment solved by scipy, 6-8 s for a 4096 x 11008 down projection on these 2 cores
