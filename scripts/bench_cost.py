@@ -133,18 +133,19 @@ column loop's launch overhead on a GPU, which this CPU measurement does not show
 
 
 READING_NM = """At an N:M pattern statprune adds to Wanda's passes its sketched least-squares update (since session 24:
-collecting a 256-probe sketch of each distinct linear input's second moments, tokens x in x 256 multiply-adds, then per
-linear a Nystrom factorisation and two products of the weight with a 256-column basis, as many as a forward pass over
-512 tokens; `statprune+sketch(off)` is the run without it, and the rows of the run before it are under key
-`n{windows}-s512-2:4-before-sketch` in docs/results/data/cost.jsonl), its energy compensation (per linear, two products of
+collecting a 256-probe sketch of each distinct linear input's second moments, two products of tokens x in x 256
+multiply-adds, then per linear a Nystrom factorisation and two products of the weight with a 256-column basis, as many
+as a forward pass over 512 tokens; by count about 3% of Wanda's two passes at the wide model's width and a quarter at
+SmolLM2's, where 256 probes come close to its 576 channels; a `statprune+sketch(off)` column is the run without it,
+and the rows timed before it are under key `n{windows}-s512-2:4-before-sketch` in docs/results/data/cost.jsonl), its energy compensation (per linear, two products of
 the squared weights with the channels' second moments and one scaling of the kept weights) and the LSA-refined
 reallocation of each MLP down projection: per position of the groups and block of 256 groups, a rows x 256 x 256
 elementwise gain matrix and one assignment solved by scipy, 6-8 s for a 4096 x 11008 down projection on these 2 cores
 (`pruning.lsa: false` leaves it out, at the refinement's quality: see the README's Ablation). Since fd41e74 it
 also permutes the residual stream first: one dense calibration pass (since 4141ca5 over the first 4,096 tokens,
 here {used} of the {windows} windows), then the same LSA on the readers' stacked scores (at most 16,384 rows x hidden since
-4141ca5, 65,536 before), then the permutation of every tensor that indexes the stream. `statprune+resperm(off)` is
-the run without that step, so the difference between the two statprune columns is its cost
+4141ca5, 65,536 before), then the permutation of every tensor that indexes the stream. A `statprune+resperm(off)`
+column is the run without that step, so the difference between the two statprune columns is its cost
 (`pruning.residual_permutation: false` leaves it out, at its quality: see the README). On a GPU the elementwise work
 runs there too (not measured here); the 256 x 256 assignments always run on the CPU.
 
