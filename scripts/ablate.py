@@ -150,6 +150,11 @@ VARIANTS.update({f"statprune+sketch(k={k};shared)+energy": [
 VARIANTS.update({f"statprune+sketch(k=256;shared)+energy({tag})+realloc(absorbed)+lsa+resperm": [
     SP, f"pruning.options={{compensation: sketch+energy, sketch_rank: 256, sketch_per_row: false, energy_targets: ['{rx}']}}",
     "pruning.reallocation=absorbed", LSA, "pruning.residual_permutation=true"] for tag, rx in (("mlp", "re:.*mlp"), ("all", "re:.*"))})
+# ... with the sketch collected on every n-th token only (``sketch_every``): its two products cost a quarter of Wanda's
+# passes at SmolLM2's width
+VARIANTS.update({f"statprune+sketch(k=256;shared;every={n})+energy(mlp)+realloc(absorbed)+lsa+resperm": [
+    SP, f"pruning.options={{compensation: sketch+energy, sketch_rank: 256, sketch_per_row: false, sketch_every: {n}, "
+    "energy_targets: ['re:.*mlp']}", "pruning.reallocation=absorbed", LSA, "pruning.residual_permutation=true"] for n in (4, 16)})
 
 
 def main() -> None:

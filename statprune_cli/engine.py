@@ -458,6 +458,7 @@ class LayerwiseEngine:
         skip_first: int = 0,
         gram: bool | None = None,
         sketch: int | None = None,
+        sketch_every: int | None = None,
         resume: Resume | None = None,
         on_layer_done: LayerDone | None = None,
     ) -> EngineResult:
@@ -467,7 +468,8 @@ class LayerwiseEngine:
         together (a layer's, or with ``true_sequential`` one group's), once their statistics are in; it may
         look at all of them (``allocation``). None only when ``method`` is None. ``stats`` given: no
         forward pass at all, masks come from those statistics ("one-shot"). ``gram``: also collect
-        sum x x^T per linear, ``sketch``: a sketch of it with that many probes (default: what the method asks for). ``batches`` are all of them:
+        sum x x^T per linear, ``sketch``: a sketch of it with that many probes, taken on every ``sketch_every``-th token (default: what the method
+        asks for). ``batches`` are all of them:
         this process runs its share (``comm.shard``). ``resume`` starts at a later layer with this
         process's saved activations; ``on_layer_done(i, layer, next inputs, results)`` runs after
         each layer, while its weights are still on the device (streaming writes them out there).
@@ -477,6 +479,7 @@ class LayerwiseEngine:
         collect = stats is None and (method is None or method.needs_calibration)
         gram = bool(method is not None and method.needs_gram) if gram is None else gram
         sketch = (method.sketch_rank if method is not None else 0) if sketch is None else sketch
+        sketch_every = (method.sketch_every if method is not None else 1) if sketch_every is None else sketch_every
         if collect and not batches:
             raise ValueError("calibration batches are needed to collect statistics")
         hidden, args = self.capture(self.comm.shard(batches)) if collect else ([], [])
@@ -492,7 +495,8 @@ class LayerwiseEngine:
                 t0 = time.perf_counter()
                 with self.layer(i) as layer:
                     hidden = self._layer_pass(i, layer, method, targets_for, targets, ignore, hidden, args, all_stats,
-                                              collect, sequential, true_sequential, skip_first, gram, sketch, results)
+                                              collect, sequential, true_sequential, skip_first, gram, (sketch, sketch_every),
+                                              results)
                     results[-1].seconds = time.perf_counter() - t0
                     if on_layer_done is not None:
                         on_layer_done(i, layer, hidden, results)
@@ -502,7 +506,7 @@ class LayerwiseEngine:
     def _layer_pass(
         self, i: int, layer: nn.Module, method: Method | None, targets_for: TargetsFor | None, targets: list[str],
         ignore: list[str], hidden: list[torch.Tensor], args: list[LayerArgs], all_stats: dict[str, ChannelStats],
-        collect: bool, sequential: bool, true_sequential: bool, skip_first: int, gram: bool, sketch: int,
+        collect: bool, sequential: bool, true_sequential: bool, skip_first: int, gram: bool, sketch: tuple[int, int],
         results: list[LayerResult],
     ) -> list[torch.Tensor]:
         """Collect layer i's statistics, prune its linears, and return the inputs of layer i + 1."""
@@ -583,14 +587,14 @@ class LayerwiseEngine:
 
     def _collect(
         self, layer: nn.Module, linears: dict[str, nn.Linear], hidden: list[torch.Tensor], args: LayerArgs, skip_first: int,
-        gram: bool, sketch: int = 0, keep_outputs: bool = True,
+        gram: bool, sketch: tuple[int, int] = (0, 1), keep_outputs: bool = True,
     ) -> tuple[dict[str, ChannelStats], list[torch.Tensor]]:
         """One pass through ``layer`` that gives each target linear's input statistics, merged over processes.
 
         The per-channel sums are kept per batch and added in global batch order by ``comm.merge_stats``,
         so the totals do not depend on how the batches were spread over processes. Gram matrices are too
         large to keep per batch: they are summed as the batches come, and so are sketches. Linears that read the same tensor
-        (q/k/v, gate/up) share one computation of its statistics.
+        (q/k/v, gate/up) share one computation of its statistics. ``sketch``: its probes (0: none) and token stride.
         """
         per_batch: list[dict[str, ChannelStats]] = []
         summed: dict[str, dict[str, torch.Tensor]] = {"gram": {}, "sketch": {}}
@@ -599,7 +603,7 @@ class LayerwiseEngine:
         def observer(name: str) -> Callable[[torch.Tensor], None]:
             def fn(x: torch.Tensor) -> None:
                 if memo["x"] is not x:
-                    stats = ChannelStats.of(x, gram, sketch)
+                    stats = ChannelStats.of(x, gram, *sketch)
                     memo.update(x=x, stats=stats, vectors=stats.vectors_on_cpu())
                 batch = per_batch[-1]
                 batch[name] = ChannelStats.total([batch[name], memo["vectors"]]) if name in batch else memo["vectors"]

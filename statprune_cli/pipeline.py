@@ -179,21 +179,21 @@ class Placement:
 
 
 class DenseStats:
-    """Dense-model statistics, collected once per (skip, gram, sketch, token budget) and reused: OWL's ratios, the
+    """Dense-model statistics, collected once per (skip, gram, sketch and its stride, token budget) and reused: OWL's ratios, the
     residual order, the sweep's cells."""
 
     def __init__(self, cfg: Config, batches: list[torch.Tensor] | None, ui: UI) -> None:
         self.cfg, self.batches, self.ui = cfg, batches, ui
-        self.cache: dict[tuple[int, bool, int, int | None], dict[str, ChannelStats]] = {}
+        self.cache: dict[tuple[int, bool, tuple[int, int], int | None], dict[str, ChannelStats]] = {}
         self.seconds = 0.0  # spent collecting, so a sweep can keep it out of the cell that happens to ask first
 
     def get(self, engine: LayerwiseEngine, skip: int, gram: bool, tokens: int | None = None,
-            sketch: int = 0) -> dict[str, ChannelStats]:
+            sketch: int = 0, sketch_every: int = 1) -> dict[str, ChannelStats]:
         """Statistics over every window, or over the first windows that hold ``tokens`` tokens (enough for an
         estimate that needs no more: a pass costs in proportion to its tokens). Statistics already collected over
         more windows serve a smaller budget."""
         for (s, g, k, t), stats in sorted(self.cache.items(), key=lambda item: item[0][3] is not None):  # all windows first
-            if s == skip and (g or not gram) and (not sketch or k == sketch or g) and (  # a Gram matrix makes any sketch
+            if s == skip and (g or not gram) and (not sketch or k == (sketch, sketch_every) or g) and (  # a Gram makes any sketch
                     t is None or (tokens is not None and t >= tokens)):
                 return stats
         batches = self.batches
@@ -204,9 +204,10 @@ class DenseStats:
                        if batches is not self.batches else ""))
         p = self.cfg.pruning
         t0 = time.perf_counter()
-        stats = engine.run(None, None, p.targets, p.ignore, batches, skip_first=skip, gram=gram, sketch=sketch).stats
+        stats = engine.run(None, None, p.targets, p.ignore, batches, skip_first=skip, gram=gram, sketch=sketch,
+                           sketch_every=sketch_every).stats
         self.seconds += time.perf_counter() - t0
-        self.cache[(skip, gram, sketch, None if batches is self.batches else tokens)] = stats
+        self.cache[(skip, gram, (sketch, sketch_every), None if batches is self.batches else tokens)] = stats
         return stats
 
 
@@ -250,7 +251,8 @@ def prune_model(
     dense_only = not (sequential or p.true_sequential or method.needs_output_pass)
     used_dense = False  # statistics from ``dense``: for the masks, or for OWL's ratios
     if stats is None and method.needs_calibration and dense_only and (shared or p.profile == "owl"):
-        stats, used_dense = dense.get(engine, skip, method.needs_gram, sketch=method.sketch_rank), True
+        stats, used_dense = dense.get(engine, skip, method.needs_gram, sketch=method.sketch_rank,
+                                     sketch_every=method.sketch_every), True
         mode += " (dense statistics collected once, " + ("shared by the sweep's cells)" if shared else "for OWL and the masks)")
     layer_sparsity = None
     if p.profile == "owl":
@@ -615,7 +617,7 @@ def run_calibrate(cfg: Config, output: Path, overwrite: bool = False, ui: UI | N
         method = config_method(cfg)
         skip = statistics_skip(cfg, method)
         result = engine.run(None, None, p.targets, p.ignore, batches, skip_first=skip,
-                            gram=method.needs_gram, sketch=method.sketch_rank)
+                            gram=method.needs_gram, sketch=method.sketch_rank, sketch_every=method.sketch_every)
     summary = {"stats_file": str(output), "model": cfg.model.name_or_path, "calibration": calibration,
                "skip_first_tokens": skip, "world_size": engine.comm.world_size,
                "seconds": round(time.perf_counter() - t0, 3), "inputs": summarize_stats(result.stats)}

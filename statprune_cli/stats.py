@@ -38,9 +38,10 @@ class ChannelStats:
         return cls(0, z.clone(), z.clone(), z.clone())
 
     @classmethod
-    def of(cls, x: torch.Tensor, gram: bool = False, sketch: int = 0) -> ChannelStats:
+    def of(cls, x: torch.Tensor, gram: bool = False, sketch: int = 0, sketch_every: int = 1) -> ChannelStats:
         """Statistics of one batch of inputs, shape (..., channels); ``gram`` adds sum x x^T (float32), ``sketch``
-        sum x (x^T Omega) with that many probes (float32)."""
+        sum x (x^T Omega) with that many probes (float32), estimated from every ``sketch_every``-th token and scaled
+        up to all of them: its low-rank directions need far fewer tokens than its two products would read."""
         channels = x.shape[-1]
         # A window's positions after the skipped ones (x[:, k:]) are contiguous per window but not as a whole:
         # taking the windows one by one avoids reshape's copy of the batch.
@@ -52,7 +53,10 @@ class ChannelStats:
         y = None
         if sketch:
             omega = probe(channels, min(sketch, channels), x.device)  # more probes than channels: the Gram itself
-            y = sum(p32.T @ (p32 @ omega) for p32 in (piece.float() for piece in pieces))
+            rows = [piece[::sketch_every].float() for piece in pieces]
+            y = sum(p32.T @ (p32 @ omega) for p32 in rows)
+            if sketch_every > 1:
+                y.mul_(sum(piece.shape[0] for piece in pieces) / sum(r.shape[0] for r in rows))
         z = torch.zeros(channels, dtype=torch.float64, device=x.device)
         total, squares, absolute = z, z.clone(), z.clone()
         # Column sums as products with a vector of ones: BLAS's gemv is 1.3-3x faster than torch's sum over the

@@ -83,6 +83,11 @@ class Method:
         return 0
 
     @property
+    def sketch_every(self) -> int:
+        """The sketch is collected on every this many-th token (``ChannelStats.of``)."""
+        return 1
+
+    @property
     def wants_bias(self) -> bool:
         """True when the update writes into the bias, so the engine adds zero biases first."""
         return False

@@ -115,6 +115,7 @@ class StatPruneOptions(Options):
     energy_stat: str = "m2"
     measure_tokens: int = 256
     sketch_rank: int = 256
+    sketch_every: int = 1  # the sketch is collected on every this many-th token, scaled up to all of them
     sketch_per_row: bool = False  # each row's own k x k system (exact under the sketch: rows x in x k^2 work), else one shared
     skip_first_tokens: int | None = None  # None: 0 for N:M patterns, 1 for unstructured
     balance_cycles: int = 0
@@ -136,6 +137,8 @@ class StatPruneOptions(Options):
             raise ConfigError("pruning.options.skip_first_tokens", f"expected an integer >= 0, got {self.skip_first_tokens}")
         if self.sketch_rank < 1:
             raise ConfigError("pruning.options.sketch_rank", f"expected an integer >= 1, got {self.sketch_rank}")
+        if self.sketch_every < 1:
+            raise ConfigError("pruning.options.sketch_every", f"expected an integer >= 1, got {self.sketch_every}")
         if self.measure_tokens < 1:
             raise ConfigError("pruning.options.measure_tokens", f"expected an integer >= 1, got {self.measure_tokens}")
         if self.balance_cycles < 0:
@@ -192,6 +195,10 @@ class StatPrune(Method):
     @property
     def sketch_rank(self) -> int:
         return self.options.sketch_rank if self.options.compensation.startswith("sketch") else 0
+
+    @property
+    def sketch_every(self) -> int:
+        return self.options.sketch_every
 
     @property
     def needs_output_pass(self) -> bool:
