@@ -63,7 +63,8 @@ class Cell:
 
 
 SUFFIXES = ("+owl, +owl(key=value;...), +realloc, +realloc(absorbed), +realloc(off), +resperm, +resperm(off), +lsa, "
-            "+lsa(off), +alloc, +alloc(off), +onepass, +onepass(off), +sketch, +sketch(off), +row or +matrix")
+            "+lsa(off), +alloc, +alloc(off), +onepass, +onepass(off), +sketch, +sketch(key=value;...), +sketch(off), +row or +matrix")
+SKETCH_KEYS = ("rank", "every", "per_row")  # +sketch(every=4): pruning.options.sketch_every
 REALLOC_SUFFIXES: dict[str, bool | str] = {"realloc": True, "realloc(absorbed)": "absorbed", "realloc(off)": False}
 # keys valid for some patterns only: n/a cells elsewhere
 PATTERN_BOUND = ("pruning.profile", "pruning.reallocation", "pruning.residual_permutation", "pruning.lsa", "pruning.allocation")
@@ -79,7 +80,8 @@ def parse_method(text: str) -> tuple[str, dict[str, Any]]:
     sparsity over its linears by lost energy (``pruning.allocation: energy``), '+alloc(off)' keeps it uniform; '+onepass'
     calibrates every layer on the dense model's activations (``pruning.sequential: false``), '+onepass(off)' on the
     pruned layers' outputs; statprune's '+sketch' updates the kept weights from a sketch of the input Hessian before
-    its energy restoration (``pruning.options.compensation: sketch+energy``), '+sketch(off)' only restores the energy;
+    its energy restoration (``pruning.options.compensation: sketch+energy``), '+sketch(every=4;rank=128)' with those
+    ``pruning.options.sketch_*`` keys, '+sketch(off)' only restores the energy;
     '+row' / '+matrix' compare unstructured scores within each row / over the whole matrix (``pruning.granularity``)."""
     method, *extras = text.strip().split("+")
     if method not in METHODS:
@@ -89,12 +91,7 @@ def parse_method(text: str) -> tuple[str, dict[str, Any]]:
         flag, paren, keys = extra.partition("(")
         if flag == "owl" and (not paren or keys.endswith(")")):
             overrides["profile"] = "owl"
-            overrides["owl"] = {}
-            for kv in filter(None, keys[:-1].split(";")):
-                key, eq, value = kv.partition("=")
-                if not eq:
-                    raise ConfigError("--methods", f"expected key=value inside +owl(...) of {text!r}, got {kv!r}")
-                overrides["owl"][key.strip()] = yaml.safe_load(value)
+            overrides["owl"] = key_values(keys[:-1], "+owl", text)
         elif extra in REALLOC_SUFFIXES:
             overrides["reallocation"] = REALLOC_SUFFIXES[extra]
         elif extra in ("resperm", "resperm(off)"):
@@ -109,9 +106,26 @@ def parse_method(text: str) -> tuple[str, dict[str, Any]]:
             overrides["granularity"] = extra
         elif extra in ("sketch", "sketch(off)"):
             overrides["options"] = {"compensation": "sketch+energy" if extra == "sketch" else "energy"}
+        elif flag == "sketch" and keys.endswith(")") and keys != "off)":
+            given = key_values(keys[:-1], "+sketch", text)
+            if unknown := sorted(set(given) - set(SKETCH_KEYS)):
+                raise ConfigError("--methods", f"unknown key {unknown[0]!r} inside +sketch(...) of {text!r}; "
+                                  f"expected some of {', '.join(SKETCH_KEYS)}")
+            overrides["options"] = {"compensation": "sketch+energy", **{f"sketch_{k}": v for k, v in given.items()}}
         else:
             raise ConfigError("--methods", f"unknown suffix +{extra} in {text!r}; expected {SUFFIXES}")
     return method, overrides
+
+
+def key_values(text: str, suffix: str, entry: str) -> dict[str, Any]:
+    """'m=7;lam=0.04' -> {'m': 7, 'lam': 0.04} (YAML values), for the suffixes that take keys."""
+    out = {}
+    for kv in filter(None, text.split(";")):
+        key, eq, value = kv.partition("=")
+        if not eq:
+            raise ConfigError("--methods", f"expected key=value inside {suffix}(...) of {entry!r}, got {kv!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
 
 
 def parse_setting(text: str) -> tuple[str, dict[str, Any]]:

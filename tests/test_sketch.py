@@ -99,6 +99,29 @@ def test_the_engine_collects_the_sketch_the_method_asks_for() -> None:
         assert ((w.reshape(w.shape[0], -1, 4) == 0).sum(-1) >= 2).all()  # still 2:4
 
 
+def test_a_strided_sketch_is_the_sampled_tokens_sketch_scaled_up_to_all_of_them() -> None:
+    x = torch.randn(3, 41, 16, generator=torch.Generator().manual_seed(4))[:, 1:]  # a skipped first position: not contiguous
+    full, strided = ChannelStats.of(x, sketch=8), ChannelStats.of(x, sketch=8, sketch_every=4)
+    sampled = torch.cat([window[::4] for window in x])  # every 4th token of each window: 10 of its 40
+    assert torch.allclose(strided.sketch, 4.0 * sampled.T @ (sampled @ probe(16, 8)), rtol=1e-5, atol=1e-4)
+    assert strided.count == full.count == 120 and torch.equal(strided.sumsq, full.sumsq)  # the diagonal from every token
+    assert not torch.allclose(strided.sketch, full.sketch, rtol=0.05)
+
+
+def test_the_engine_takes_the_sketch_on_the_stride_it_is_given() -> None:
+    model, ids = tiny_model("llama"), windows()
+    with torch.no_grad():  # layer 0's q_proj reads the normalised embeddings
+        x = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids))
+    for every in (1, 3):
+        stats = engine(model).run(None, None, ["Linear"], [], [ids], sketch=4, sketch_every=every).stats
+        q = stats["model.layers.0.self_attn.q_proj"].sketch
+        assert torch.allclose(q, ChannelStats.of(x, sketch=4, sketch_every=every).sketch, rtol=1e-4, atol=1e-4)
+    method = build_method("statprune", {"sketch_every": 3}, "2:4")
+    assert method.sketch_every == 3 and build_method("statprune", {}, "2:4").sketch_every == 1
+    with pytest.raises(Exception, match="pruning.options.sketch_every"):
+        build_method("statprune", {"sketch_every": 0})
+
+
 def test_one_shot_from_stats_without_the_sketch_is_refused(tmp_path: Path, tiny_model_dir: Path,
                                                             text_files: dict[str, Path]) -> None:
     cfg = write_config(tmp_path / "run.yaml", tiny_model_dir, text_files, tmp_path / "out")

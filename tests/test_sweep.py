@@ -125,6 +125,12 @@ def test_realloc_suffixes_set_the_reallocation_key() -> None:
     assert parse_method("statprune+onepass") == ("statprune", {"method": "statprune", "sequential": False})
     assert parse_method("statprune+onepass(off)") == ("statprune", {"method": "statprune", "sequential": True})
     assert parse_method("statprune+sketch(off)") == ("statprune", {"method": "statprune", "options": {"compensation": "energy"}})
+    assert parse_method("statprune+sketch(every=4;rank=128)") == ("statprune", {"method": "statprune", "options": {
+        "compensation": "sketch+energy", "sketch_every": 4, "sketch_rank": 128}})
+    with pytest.raises(ConfigError, match="unknown key 'stride' inside"):
+        parse_method("statprune+sketch(stride=4)")
+    with pytest.raises(ConfigError, match="expected key=value inside"):
+        parse_method("statprune+sketch(4)")
     assert parse_method("magnitude+row+owl") == ("magnitude", {"method": "magnitude", "granularity": "row", "profile": "owl",
                                                                "owl": {}})
     assert parse_method("wanda+matrix") == ("wanda", {"method": "wanda", "granularity": "matrix"})
