@@ -135,9 +135,12 @@ column loop's launch overhead on a GPU, which this CPU measurement does not show
 READING_NM = """At an N:M pattern statprune adds to Wanda's passes its sketched least-squares update (since session 24:
 collecting a 256-probe sketch of each distinct linear input's second moments, two products of tokens x in x 256
 multiply-adds, then per linear a Nystrom factorisation and two products of the weight with a 256-column basis, as many
-as a forward pass over 512 tokens; by count about 3% of Wanda's two passes at the wide model's width and a quarter at
-SmolLM2's, where 256 probes come close to its 576 channels; a `statprune+sketch(off)` column is the run without it,
-and the rows timed before it are under key `n{windows}-s512-2:4-before-sketch` in docs/results/data/cost.jsonl), its
+as a forward pass over 512 tokens; by count the collection is about 3% of Wanda's two passes at the wide model's width
+and a fifth at SmolLM2's, where 256 probes come close to its 576 channels, on every token; since session 27 it reads
+every 4th token (`sketch_every: 4`), a quarter of that: a `statprune+sketch(every=1)` column is the run on every
+token, a `statprune+sketch(off)` column the run without the update, and the rows timed before it are under key
+`n{windows}-s512-2:4-before-sketch` in docs/results/data/cost.jsonl, those on every token under
+`n{windows}-s512-2:4-sketch-every-token`), its
 energy compensation (per linear, two products of the squared weights with the channels' second moments and one scaling of the kept weights) and the LSA-refined
 reallocation of each MLP down projection: per position of the groups and block of 256 groups, a rows x 256 x 256
 elementwise gain matrix and one assignment solved by scipy, 6-8 s for a 4096 x 11008 down projection on these 2 cores
