@@ -137,8 +137,9 @@ collecting a 256-probe sketch of each distinct linear input's second moments, tw
 multiply-adds, then per linear a Nystrom factorisation and two products of the weight with a 256-column basis, as many
 as a forward pass over 512 tokens; by count the collection is about 3% of Wanda's two passes at the wide model's width
 and a fifth at SmolLM2's, where 256 probes come close to its 576 channels, on every token; since session 27 it reads
-every 4th token (`sketch_every: 4`), a quarter of that: a `statprune+sketch(every=1)` column is the run on every
-token, a `statprune+sketch(off)` column the run without the update, and the rows timed before it are under key
+every 4th token, never fewer than 8,192 (`sketch_every` unset), a quarter of that at 64 windows: a
+`statprune+sketch(every=1)` column, where present, is the run on every token, a `statprune+sketch(off)` column the run
+without the update, and the rows timed before it are under key
 `n{windows}-s512-2:4-before-sketch` in docs/results/data/cost.jsonl, those on every token under
 `n{windows}-s512-2:4-sketch-every-token`), its
 energy compensation (per linear, two products of the squared weights with the channels' second moments and one scaling of the kept weights) and the LSA-refined
@@ -148,7 +149,7 @@ elementwise gain matrix and one assignment solved by scipy, 6-8 s for a 4096 x 1
 also permutes the residual stream first: one dense calibration pass (since 4141ca5 over the first 4,096 tokens,
 here {used} of the {windows} windows), then the same LSA on the readers' stacked scores (at most 16,384 rows x hidden since
 4141ca5, 65,536 before), then the permutation of every tensor that indexes the stream. A `statprune+resperm(off)`
-column is the run without that step, so the difference between the two statprune columns is its cost
+column, where present, is the run without that step: its difference from `statprune` is the step's cost
 (`pruning.residual_permutation: false` leaves it out, at its quality: see the README). On a GPU the elementwise work
 runs there too (not measured here); the 256 x 256 assignments always run on the CPU.
 

@@ -39,6 +39,7 @@ from statprune_cli.layers import find_decoder_layers, target_linears
 from statprune_cli.masks import count_zeros
 from statprune_cli.methods import Method, Refiner, Target
 from statprune_cli.permute import ResidualPlan, absorb
+from statprune_cli.sketch import auto_every
 from statprune_cli.stats import ChannelStats, all_finite
 from statprune_cli.ui import UI
 
@@ -469,7 +470,7 @@ class LayerwiseEngine:
         look at all of them (``allocation``). None only when ``method`` is None. ``stats`` given: no
         forward pass at all, masks come from those statistics ("one-shot"). ``gram``: also collect
         sum x x^T per linear, ``sketch``: a sketch of it with that many probes, taken on every ``sketch_every``-th token (default: what the method
-        asks for). ``batches`` are all of them:
+        asks for, else ``sketch.auto_every`` of all the batches' tokens). ``batches`` are all of them:
         this process runs its share (``comm.shard``). ``resume`` starts at a later layer with this
         process's saved activations; ``on_layer_done(i, layer, next inputs, results)`` runs after
         each layer, while its weights are still on the device (streaming writes them out there).
@@ -479,7 +480,10 @@ class LayerwiseEngine:
         collect = stats is None and (method is None or method.needs_calibration)
         gram = bool(method is not None and method.needs_gram) if gram is None else gram
         sketch = (method.sketch_rank if method is not None else 0) if sketch is None else sketch
-        sketch_every = (method.sketch_every if method is not None else 1) if sketch_every is None else sketch_every
+        if sketch_every is None and method is not None:
+            sketch_every = method.sketch_every
+        if sketch_every is None:
+            sketch_every = auto_every(sum(b.numel() for b in batches or []))
         if collect and not batches:
             raise ValueError("calibration batches are needed to collect statistics")
         hidden, args = self.capture(self.comm.shard(batches)) if collect else ([], [])

@@ -184,11 +184,11 @@ class DenseStats:
 
     def __init__(self, cfg: Config, batches: list[torch.Tensor] | None, ui: UI) -> None:
         self.cfg, self.batches, self.ui = cfg, batches, ui
-        self.cache: dict[tuple[int, bool, tuple[int, int], int | None], dict[str, ChannelStats]] = {}
+        self.cache: dict[tuple[int, bool, tuple[int, int | None], int | None], dict[str, ChannelStats]] = {}
         self.seconds = 0.0  # spent collecting, so a sweep can keep it out of the cell that happens to ask first
 
     def get(self, engine: LayerwiseEngine, skip: int, gram: bool, tokens: int | None = None,
-            sketch: int = 0, sketch_every: int = 1) -> dict[str, ChannelStats]:
+            sketch: int = 0, sketch_every: int | None = None) -> dict[str, ChannelStats]:
         """Statistics over every window, or over the first windows that hold ``tokens`` tokens (enough for an
         estimate that needs no more: a pass costs in proportion to its tokens). Statistics already collected over
         more windows serve a smaller budget."""

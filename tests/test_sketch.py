@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from statprune_cli.cli import app
 from statprune_cli.masks import nm_mask, unstructured_mask
 from statprune_cli.methods import Target, build_method
-from statprune_cli.sketch import least_squares_update, nystrom, probe
+from statprune_cli.sketch import auto_every, least_squares_update, nystrom, probe
 from statprune_cli.stats import ChannelStats, load_stats, save_stats
 
 runner = CliRunner()
@@ -116,10 +116,17 @@ def test_the_engine_takes_the_sketch_on_the_stride_it_is_given() -> None:
         stats = engine(model).run(None, None, ["Linear"], [], [ids], sketch=4, sketch_every=every).stats
         q = stats["model.layers.0.self_attn.q_proj"].sketch
         assert torch.allclose(q, ChannelStats.of(x, sketch=4, sketch_every=every).sketch, rtol=1e-4, atol=1e-4)
+    unset = engine(model).run(None, None, ["Linear"], [], [ids], sketch=4).stats  # 6 windows: under 8,192 tokens
+    assert torch.equal(unset["model.layers.0.self_attn.q_proj"].sketch, ChannelStats.of(x, sketch=4).sketch)
     method = build_method("statprune", {"sketch_every": 3}, "2:4")
-    assert method.sketch_every == 3 and build_method("statprune", {}, "2:4").sketch_every == 4
+    assert method.sketch_every == 3 and build_method("statprune", {}, "2:4").sketch_every is None  # None: auto_every
     with pytest.raises(Exception, match="pruning.options.sketch_every"):
         build_method("statprune", {"sketch_every": 0})
+
+
+@pytest.mark.parametrize("windows_of_512,every", [(8, 1), (16, 1), (32, 2), (64, 4), (128, 4), (1024, 4)])
+def test_the_automatic_stride_reads_every_4th_token_but_never_fewer_than_8192(windows_of_512: int, every: int) -> None:
+    assert auto_every(windows_of_512 * 512) == every
 
 
 def test_one_shot_from_stats_without_the_sketch_is_refused(tmp_path: Path, tiny_model_dir: Path,

@@ -83,9 +83,9 @@ class Method:
         return 0
 
     @property
-    def sketch_every(self) -> int:
-        """The sketch is collected on every this many-th token (``ChannelStats.of``)."""
-        return 1
+    def sketch_every(self) -> int | None:
+        """The sketch is collected on every this many-th token (``ChannelStats.of``); None: ``sketch.auto_every``."""
+        return None
 
     @property
     def wants_bias(self) -> bool:

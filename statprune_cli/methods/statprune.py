@@ -42,9 +42,10 @@ without LSA or residual permutation, energy on every linear) the update alone al
 k 32/64/128 gave -2.6/-6.7/-11.2% for rows x in x k^2 work, the shared solve at k 128 -6.3% and at k 512 -8.2%, and
 the update at k 64 without the energy restoration 68.79 against 62.89 with it. Whole N:M default, seeds 1-2: 4:8 -15.4
 and -8.3%, 2:4 -18.7 and -21.8%. Unstructured keeps energy alone: on its 50% default the update gave 42.21 against
-42.12 (seed 0; on the plainer sequential base 42.27). The sketch is collected on every 4th token (``sketch_every``): its
-two products are about a quarter of Wanda's passes at SmolLM2's width, and against every token the whole N:M default
-moved by -0.9, -0.9 and -2.1% at 2:4 and +1.7, -2.2 and -0.1% at 4:8 (seeds 0-2).
+42.12 (seed 0; on the plainer sequential base 42.27). The sketch is collected on every 4th token but never on fewer than 8,192
+(``sketch_every`` unset: sketch.auto_every): on every token its two products are about a fifth of Wanda's passes at
+SmolLM2's width. At 64 windows, every 4th token (8,192) against every token moved the whole N:M default by -0.9, -0.9
+and -2.1% at 2:4 and +1.7, -2.2 and -0.1% at 4:8 (seeds 0-2); every 16th (2,048 tokens) by +7.7 and +7.4% (seed 0).
 N:M patterns on full statistics (skip_first_tokens 0: against Wanda over three
 calibration seeds, -6.6% at 2:4 and -4.0% at 4:8, every seed; full restoration, beta 1, gave -2.7% at 2:4 and +0.8% at
 4:8); unstructured on sink-free statistics (skip_first_tokens 1: against Wanda at 60%, -10.0, -15.5 and -9.1% over
@@ -117,7 +118,7 @@ class StatPruneOptions(Options):
     energy_stat: str = "m2"
     measure_tokens: int = 256
     sketch_rank: int = 256
-    sketch_every: int = 4  # the sketch is collected on every 4th token, scaled up to all of them (measured: docstring)
+    sketch_every: int | None = None  # None: every 4th token, never fewer than 8,192 (sketch.auto_every; measured)
     sketch_per_row: bool = False  # each row's own k x k system (exact under the sketch: rows x in x k^2 work), else one shared
     skip_first_tokens: int | None = None  # None: 0 for N:M patterns, 1 for unstructured
     balance_cycles: int = 0
@@ -139,7 +140,7 @@ class StatPruneOptions(Options):
             raise ConfigError("pruning.options.skip_first_tokens", f"expected an integer >= 0, got {self.skip_first_tokens}")
         if self.sketch_rank < 1:
             raise ConfigError("pruning.options.sketch_rank", f"expected an integer >= 1, got {self.sketch_rank}")
-        if self.sketch_every < 1:
+        if self.sketch_every is not None and self.sketch_every < 1:
             raise ConfigError("pruning.options.sketch_every", f"expected an integer >= 1, got {self.sketch_every}")
         if self.measure_tokens < 1:
             raise ConfigError("pruning.options.measure_tokens", f"expected an integer >= 1, got {self.measure_tokens}")
@@ -199,7 +200,7 @@ class StatPrune(Method):
         return self.options.sketch_rank if self.options.compensation.startswith("sketch") else 0
 
     @property
-    def sketch_every(self) -> int:
+    def sketch_every(self) -> int | None:
         return self.options.sketch_every
 
     @property
