@@ -139,11 +139,10 @@ as a forward pass over 512 tokens; by count the collection is about 3% of Wanda'
 and a fifth at SmolLM2's, where 256 probes come close to its 576 channels, on every token; since session 27 it reads
 every 4th token, never fewer than 8,192 (`sketch_every` unset), a quarter of that at 64 windows: a
 `statprune+sketch(every=1)` column, where present, is the run on every token, a `statprune+sketch(off)` column the run
-without the update, and the rows timed before it are under key
-`n{windows}-s512-2:4-before-sketch` in docs/results/data/cost.jsonl, those on every token under
-`n{windows}-s512-2:4-sketch-every-token`), its
-energy compensation (per linear, two products of the squared weights with the channels' second moments and one scaling of the kept weights) and the LSA-refined
-reallocation of each MLP down projection: per position of the groups and block of 256 groups, a rows x 256 x 256
+without the update, and the rows timed before it are under key `n{windows}-s512-2:4-before-sketch` in
+docs/results/data/cost.jsonl, those on every token under `n{windows}-s512-2:4-sketch-every-token`), its energy
+compensation (per linear, two products of the squared weights with the channels' second moments and one scaling of the
+kept weights) and the LSA-refined reallocation of each MLP down projection: per position of the groups and block of 256 groups, a rows x 256 x 256
 elementwise gain matrix and one assignment solved by scipy, 6-8 s for a 4096 x 11008 down projection on these 2 cores
 (`pruning.lsa: false` leaves it out, at the refinement's quality: see the README's Ablation). Since fd41e74 it
 also permutes the residual stream first: one dense calibration pass (since 4141ca5 over the first 4,096 tokens,

@@ -469,8 +469,8 @@ class LayerwiseEngine:
         together (a layer's, or with ``true_sequential`` one group's), once their statistics are in; it may
         look at all of them (``allocation``). None only when ``method`` is None. ``stats`` given: no
         forward pass at all, masks come from those statistics ("one-shot"). ``gram``: also collect
-        sum x x^T per linear, ``sketch``: a sketch of it with that many probes, taken on every ``sketch_every``-th token (default: what the method
-        asks for, else ``sketch.auto_every`` of all the batches' tokens). ``batches`` are all of them:
+        sum x x^T per linear, ``sketch``: a sketch of it with that many probes, taken on every ``sketch_every``-th
+        token (default: what the method asks for, else ``sketch.auto_every`` of all the batches' tokens). ``batches`` are all of them:
         this process runs its share (``comm.shard``). ``resume`` starts at a later layer with this
         process's saved activations; ``on_layer_done(i, layer, next inputs, results)`` runs after
         each layer, while its weights are still on the device (streaming writes them out there).
@@ -499,8 +499,8 @@ class LayerwiseEngine:
                 t0 = time.perf_counter()
                 with self.layer(i) as layer:
                     hidden = self._layer_pass(i, layer, method, targets_for, targets, ignore, hidden, args, all_stats,
-                                              collect, sequential, true_sequential, skip_first, gram, (sketch, sketch_every),
-                                              results)
+                                              collect, sequential, true_sequential, skip_first, gram,
+                                              (sketch, sketch_every), results)
                     results[-1].seconds = time.perf_counter() - t0
                     if on_layer_done is not None:
                         on_layer_done(i, layer, hidden, results)

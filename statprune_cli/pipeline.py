@@ -179,8 +179,8 @@ class Placement:
 
 
 class DenseStats:
-    """Dense-model statistics, collected once per (skip, gram, sketch and its stride, token budget) and reused: OWL's ratios, the
-    residual order, the sweep's cells."""
+    """Dense-model statistics, collected once per (skip, gram, sketch and its stride, token budget) and reused: OWL's
+    ratios, the residual order, the sweep's cells."""
 
     def __init__(self, cfg: Config, batches: list[torch.Tensor] | None, ui: UI) -> None:
         self.cfg, self.batches, self.ui = cfg, batches, ui
@@ -193,7 +193,8 @@ class DenseStats:
         estimate that needs no more: a pass costs in proportion to its tokens). Statistics already collected over
         more windows serve a smaller budget."""
         for (s, g, k, t), stats in sorted(self.cache.items(), key=lambda item: item[0][3] is not None):  # all windows first
-            if s == skip and (g or not gram) and (not sketch or k == (sketch, sketch_every) or g) and (  # a Gram makes any sketch
+            # a Gram matrix makes any sketch
+            if s == skip and (g or not gram) and (not sketch or k == (sketch, sketch_every) or g) and (
                     t is None or (tokens is not None and t >= tokens)):
                 return stats
         batches = self.batches

@@ -63,7 +63,8 @@ class Cell:
 
 
 SUFFIXES = ("+owl, +owl(key=value;...), +realloc, +realloc(absorbed), +realloc(off), +resperm, +resperm(off), +lsa, "
-            "+lsa(off), +alloc, +alloc(off), +onepass, +onepass(off), +sketch, +sketch(key=value;...), +sketch(off), +row or +matrix")
+            "+lsa(off), +alloc, +alloc(off), +onepass, +onepass(off), +sketch, +sketch(key=value;...), +sketch(off), "
+            "+row or +matrix")
 SKETCH_KEYS = ("rank", "every", "per_row")  # +sketch(every=4): pruning.options.sketch_every
 REALLOC_SUFFIXES: dict[str, bool | str] = {"realloc": True, "realloc(absorbed)": "absorbed", "realloc(off)": False}
 # keys valid for some patterns only: n/a cells elsewhere

@@ -100,7 +100,7 @@ def test_the_engine_collects_the_sketch_the_method_asks_for() -> None:
 
 
 def test_a_strided_sketch_is_the_sampled_tokens_sketch_scaled_up_to_all_of_them() -> None:
-    x = torch.randn(3, 41, 16, generator=torch.Generator().manual_seed(4))[:, 1:]  # a skipped first position: not contiguous
+    x = torch.randn(3, 41, 16, generator=torch.Generator().manual_seed(4))[:, 1:]  # a skipped position: not contiguous
     full, strided = ChannelStats.of(x, sketch=8), ChannelStats.of(x, sketch=8, sketch_every=4)
     sampled = torch.cat([window[::4] for window in x])  # every 4th token of each window: 10 of its 40
     assert torch.allclose(strided.sketch, 4.0 * sampled.T @ (sampled @ probe(16, 8)), rtol=1e-5, atol=1e-4)
