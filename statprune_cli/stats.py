@@ -47,6 +47,7 @@ class ChannelStats:
         # taking the windows one by one avoids reshape's copy of the batch.
         pieces = [x] if x.dim() < 3 or x.is_contiguous() else list(x.reshape(-1, *x.shape[-2:]))
         pieces = [piece.reshape(-1, channels) for piece in pieces]
+        count = sum(piece.shape[0] for piece in pieces)
         g = None
         if gram:
             g = sum(p32.T @ p32 for p32 in (piece.float() for piece in pieces))  # one float32 view or copy per piece
@@ -56,7 +57,7 @@ class ChannelStats:
             rows = [piece[::sketch_every].float() for piece in pieces]
             y = sum(p32.T @ (p32 @ omega) for p32 in rows)
             if sketch_every > 1:
-                y.mul_(sum(piece.shape[0] for piece in pieces) / sum(r.shape[0] for r in rows))
+                y.mul_(count / sum(r.shape[0] for r in rows))
         z = torch.zeros(channels, dtype=torch.float64, device=x.device)
         total, squares, absolute = z, z.clone(), z.clone()
         # Column sums as products with a vector of ones: BLAS's gemv is 1.3-3x faster than torch's sum over the
@@ -69,7 +70,7 @@ class ChannelStats:
                 total += (ones @ p)[0]
                 absolute += (ones @ p.abs_())[0]
                 squares += (ones @ p.mul_(p))[0]
-        return cls(sum(piece.shape[0] for piece in pieces), total, squares, absolute, g, y)
+        return cls(count, total, squares, absolute, g, y)
 
     @classmethod
     def total(cls, parts: list[ChannelStats]) -> ChannelStats:

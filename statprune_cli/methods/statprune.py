@@ -44,8 +44,9 @@ the update at k 64 without the energy restoration 68.79 against 62.89 with it. W
 and -8.3%, 2:4 -18.7 and -21.8%. Unstructured keeps energy alone: on its 50% default the update gave 42.21 against
 42.12 (seed 0; on the plainer sequential base 42.27). The sketch is collected on every 4th token but never on
 fewer than 8,192 (``sketch_every`` unset: sketch.auto_every): on every token its two products are about a fifth of
-Wanda's passes at SmolLM2's width. At 64 windows, every 4th token (8,192) against every token moved the whole N:M default by -0.9, -0.9
-and -2.1% at 2:4 and +1.7, -2.2 and -0.1% at 4:8 (seeds 0-2); every 16th (2,048 tokens) by +7.7 and +7.4% (seed 0).
+Wanda's passes at SmolLM2's width. At 64 windows, every 4th token (8,192) against every token moved the whole N:M
+default by -0.9, -0.9 and -2.1% at 2:4 and +1.7, -2.2 and -0.1% at 4:8 (seeds 0-2); every 16th (2,048 tokens) by +7.7
+and +7.4% (seed 0).
 N:M patterns on full statistics (skip_first_tokens 0: against Wanda over three
 calibration seeds, -6.6% at 2:4 and -4.0% at 4:8, every seed; full restoration, beta 1, gave -2.7% at 2:4 and +0.8% at
 4:8); unstructured on sink-free statistics (skip_first_tokens 1: against Wanda at 60%, -10.0, -15.5 and -9.1% over
