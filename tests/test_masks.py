@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from statprune_cli import masks
-from statprune_cli.masks import exchanged, nm_mask, reallocation_order, refine_order, unstructured_mask
+from statprune_cli.masks import exchange, nm_mask, reallocation_order, refine_order, unstructured_mask
 
 
 def test_unstructured_row_prunes_exact_count_per_row() -> None:
@@ -83,7 +83,7 @@ def test_exchange_keeps_the_most_score_of_all_placements_of_one_position(n: int,
         trial[:, p] = groups[list(perm), p]
         best = max(best, kept_score(score, trial.reshape(-1), n, m))
     out = groups.clone()
-    out[:, p] = exchanged(score, groups, p, m - n)
+    out[:, p] = groups[exchange([score[:, groups[:, q]] for q in range(m)], p, m - n), p]
     assert kept_score(score, out.reshape(-1), n, m) == pytest.approx(best, rel=1e-12)
     assert torch.equal(out[:, [q for q in range(m) if q != p]], groups[:, [q for q in range(m) if q != p]])
 
