@@ -3,6 +3,7 @@ architecture, unknown ones are refused, the order is chosen on the readers' scor
 on a checkpoint permuted beforehand, in memory and streamed, with every stored weight N:M."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -108,7 +109,11 @@ def test_a_run_with_it_equals_a_run_on_the_checkpoint_permuted_beforehand(
     assert streamed["perplexity"] == mem["perplexity"]
     assert mem["residual_permutation"] is True and mem["lsa"] is True
     assert mem["pattern_label"] == "2:4, channel reallocation where absorbed, residual stream permuted (LSA-refined)"
-    assert any(n.startswith("residual stream permuted for N:M (64 channels, heuristic order refined by LSA") for n in mem["notes"])
+    note = next(n for n in mem["notes"] if n.startswith("residual stream permuted for N:M (64 channels, heuristic order "
+                                                         "refined by LSA"))
+    # the step's cost in its three parts, for a user weighing it against its gain
+    assert re.search(r"; [0-9.]+ s for the statistics \(a dense pass unless shared\), [0-9.]+ s choosing the order, "
+                     r"[0-9.]+ s permuting the weights$", note), note
     for name, w in tensors(tmp_path / "mem").items():  # every linear is N:M as stored: nothing to gather at run time
         if name.startswith("model.layers.") and name.endswith("proj.weight"):
             assert ((w.reshape(w.shape[0], -1, 4) == 0).sum(-1) == 2).all(), name
