@@ -136,7 +136,8 @@ def exchange(cols: list[torch.Tensor], p: int, keep: int) -> torch.Tensor:
     """
     from scipy.optimize import linear_sum_assignment  # here, not at module import: only N:M runs that reallocate need it
 
-    t = kth_largest([x for q, x in enumerate(cols) if q != p], keep)  # (rows, G): what a channel must pass to be kept there
+    # (rows, G): what a channel must pass to be kept in each group
+    t = kth_largest([x for q, x in enumerate(cols) if q != p], keep)
     c = cols[p]
     rows, size = c.shape
     # Rows per chunk of the (rows, G, G) gains: a chunk that stays in cache, summed in float32 (a few rows) and

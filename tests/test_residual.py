@@ -109,8 +109,8 @@ def test_a_run_with_it_equals_a_run_on_the_checkpoint_permuted_beforehand(
     assert streamed["perplexity"] == mem["perplexity"]
     assert mem["residual_permutation"] is True and mem["lsa"] is True
     assert mem["pattern_label"] == "2:4, channel reallocation where absorbed, residual stream permuted (LSA-refined)"
-    note = next(n for n in mem["notes"] if n.startswith("residual stream permuted for N:M (64 channels, heuristic order "
-                                                         "refined by LSA"))
+    first = "residual stream permuted for N:M (64 channels, heuristic order refined by LSA"
+    note = next(n for n in mem["notes"] if n.startswith(first))
     # the step's cost in its three parts, for a user weighing it against its gain
     assert re.search(r"; [0-9.]+ s for the statistics \(a dense pass unless shared\), [0-9.]+ s choosing the order, "
                      r"[0-9.]+ s permuting the weights$", note), note
