@@ -142,10 +142,10 @@ every 4th token, never fewer than 8,192 (`sketch_every` unset), a quarter of tha
 without the update, and the rows timed before it are under key `n{windows}-s512-2:4-before-sketch` in
 docs/results/data/cost.jsonl, those on every token under `n{windows}-s512-2:4-sketch-every-token`), its energy
 compensation (per linear, two products of the squared weights with the channels' second moments and one scaling of the
-kept weights) and the LSA-refined reallocation of each MLP down projection: per position of the groups and block of 256 groups, a rows x 256 x 256
-elementwise gain matrix and one assignment solved by scipy, 2-3 s for a 4096 x 11008 down projection on these 2 cores
-(6-8 s before 8e1131a, which gathers each block's scores once instead of once per position; the 64-window rows timed
-before it are under key `n64-s512-2:4-before-lsa-gather`)
+kept weights) and the LSA-refined reallocation of each MLP down projection: per position of the groups and block of
+256 groups, a rows x 256 x 256 elementwise gain matrix and one assignment solved by scipy, 2-3 s for a 4096 x 11008
+down projection on these 2 cores (6-8 s before 8e1131a, which gathers each block's scores once instead of once per
+position; the 64-window rows timed before it are under key `n64-s512-2:4-before-lsa-gather`)
 (`pruning.lsa: false` leaves it out, at the refinement's quality: see the README's Ablation). Since fd41e74 it
 also permutes the residual stream first: one dense calibration pass (since 4141ca5 over the first 4,096 tokens,
 here {used} of the {windows} windows), then the same LSA on the readers' stacked scores (at most 16,384 rows x hidden since

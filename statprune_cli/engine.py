@@ -470,8 +470,8 @@ class LayerwiseEngine:
         look at all of them (``allocation``). None only when ``method`` is None. ``stats`` given: no
         forward pass at all, masks come from those statistics ("one-shot"). ``gram``: also collect
         sum x x^T per linear, ``sketch``: a sketch of it with that many probes, taken on every ``sketch_every``-th
-        token (default: what the method asks for, else ``sketch.auto_every`` of all the batches' tokens). ``batches`` are all of them:
-        this process runs its share (``comm.shard``). ``resume`` starts at a later layer with this
+        token (default: what the method asks for, else ``sketch.auto_every`` of all the batches' tokens).
+        ``batches`` are all of them: this process runs its share (``comm.shard``). ``resume`` starts at a later layer with this
         process's saved activations; ``on_layer_done(i, layer, next inputs, results)`` runs after
         each layer, while its weights are still on the device (streaming writes them out there).
         ``true_sequential``: inside a layer, each group of linears is calibrated after the groups it
