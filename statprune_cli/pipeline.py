@@ -33,6 +33,7 @@ from statprune_cli.permute import RESIDUAL_ROWS, RESIDUAL_TOKENS, ResidualPlan, 
 from statprune_cli.perplexity import EvalSet, evaluate_perplexity, load_eval_set
 from statprune_cli.profile import outlier_ratio, owl_sparsities
 from statprune_cli.report import layer_summary, model_sparsity, package_versions, peak_memory
+from statprune_cli.sketch import auto_every
 from statprune_cli.stats import ChannelStats, load_stats, save_stats
 from statprune_cli.streaming import (Checkpoint, StreamedLayers, StreamingOutput, folder_sparsity, load_skeleton, partial_dir,
                                      resolve_folder, return_freed_memory_promptly, should_stream,
@@ -192,14 +193,16 @@ class DenseStats:
         """Statistics over every window, or over the first windows that hold ``tokens`` tokens (enough for an
         estimate that needs no more: a pass costs in proportion to its tokens). Statistics already collected over
         more windows serve a smaller budget."""
+        batches = self.batches
+        if tokens is not None and batches and tokens < sum(b.numel() for b in batches):
+            batches = first_windows(batches, tokens)
+        if sketch and sketch_every is None:  # keyed by the stride the engine would take, so an explicit equal one is served
+            sketch_every = auto_every(sum(b.numel() for b in batches or []))
         for (s, g, k, t), stats in sorted(self.cache.items(), key=lambda item: item[0][3] is not None):  # all windows first
             # a Gram matrix makes any sketch
             if s == skip and (g or not gram) and (not sketch or k == (sketch, sketch_every) or g) and (
                     t is None or (tokens is not None and t >= tokens)):
                 return stats
-        batches = self.batches
-        if tokens is not None and batches and tokens < sum(b.numel() for b in batches):
-            batches = first_windows(batches, tokens)
         self.ui.log("one dense calibration pass" + (" with input Hessians" if gram else "") + (f" with {sketch}-probe sketches" if sketch else "")
                     + (f" over {sum(len(b) for b in batches)} of {sum(len(b) for b in self.batches)} windows"
                        if batches is not self.batches else ""))

@@ -21,6 +21,7 @@ from statprune_cli.errors import ConfigError
 from statprune_cli.layers import find_decoder_layers
 from statprune_cli.load import check_against_model
 from statprune_cli.permute import ResidualPlan, residual_order, residual_plan
+from statprune_cli.sketch import auto_every
 from statprune_cli.ui import UI
 
 
@@ -168,3 +169,18 @@ def test_the_dense_pass_for_the_order_reads_only_the_windows_its_token_budget_ne
     assert [len(b) for b in pipeline.first_windows(pairs, 70)] == [2, 1]
     assert [len(b) for b in pipeline.first_windows(pairs, 64)] == [2]
     assert torch.equal(torch.cat(pipeline.first_windows(pairs, 100)), torch.cat(batches[:4]))
+
+
+def test_dense_sketch_statistics_are_cached_under_the_stride_an_unset_one_resolves_to(
+        tmp_path: Path, tiny_model_dir: Path, text_files: dict[str, Path]) -> None:
+    """An unset sketch stride is the automatic one: asking for it explicitly afterwards reuses the pass, another
+    stride makes a new one."""
+    model = tiny_model("llama")
+    engine = LayerwiseEngine(model, torch.device("cpu"), offload_activations=False, ui=UI(quiet=True))
+    batches = list(torch.randint(3, 128, (2, 1, 32), generator=torch.Generator().manual_seed(0)))
+    cfg = load_config(write_config(tmp_path / "run.yaml", tiny_model_dir, text_files, tmp_path / "out"))
+    dense = pipeline.DenseStats(cfg, batches, UI(quiet=True))
+    auto = dense.get(engine, 0, False, sketch=8)
+    assert auto_every(64) == 1
+    assert dense.get(engine, 0, False, sketch=8, sketch_every=1) is auto
+    assert dense.get(engine, 0, False, sketch=8, sketch_every=2) is not auto
