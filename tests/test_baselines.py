@@ -434,8 +434,7 @@ def test_owl_threshold_is_the_methods_unless_set(method: str, m: float | None, e
 
 
 @pytest.mark.parametrize("method,pattern,setting,expected,lsa,residual", [
-    ("statprune", "2:4", {}, "absorbed", True, True), ("statprune", "4:8", {}, "absorbed", True, False),
-    ("statprune", "4:8", {"residual_permutation": True}, "absorbed", True, True),
+    ("statprune", "2:4", {}, "absorbed", True, True), ("statprune", "4:8", {}, "absorbed", True, True),
     ("statprune", "2:4", {"reallocation": False}, False, True, True),
     ("statprune", "2:4", {"reallocation": False, "residual_permutation": False}, False, False, False),
     ("statprune", "2:4", {"lsa": False}, "absorbed", False, True),
