@@ -155,6 +155,12 @@ VARIANTS.update({f"statprune+sketch(k=256;shared)+energy({tag})+realloc(absorbed
 VARIANTS.update({f"statprune+sketch(k=256;shared;every={n})+energy(mlp)+realloc(absorbed)+lsa+resperm": [
     SP, f"pruning.options={{compensation: sketch+energy, sketch_rank: 256, sketch_per_row: false, sketch_every: {n}, "
     "energy_targets: ['re:.*mlp']}", "pruning.reallocation=absorbed", LSA, "pruning.residual_permutation=true"] for n in (4, 16)})
+# ... and that default (every=4) calibrated on the dense model's activations, one pass per layer as at unstructured
+# sparsity, or without the residual permutation
+NM_DEFAULT = "statprune+sketch(k=256;shared;every=4)+energy(mlp)+realloc(absorbed)+lsa+resperm"
+VARIANTS[f"{NM_DEFAULT}+onepass"] = [*VARIANTS[NM_DEFAULT], ONEPASS]
+VARIANTS[f"{NM_DEFAULT[:-len('+resperm')]}+resperm(off)"] = [
+    *VARIANTS[NM_DEFAULT][:-1], "pruning.residual_permutation=false"]
 
 
 def main() -> None:

@@ -143,7 +143,8 @@ def resolved_choices(cfg: Config, method: Method) -> dict[str, Any]:
 def base_target(cfg: Config, method: Method) -> Target:
     p = cfg.pruning
     nm = parse_pattern(p.pattern)
-    return Target(p.sparsity if nm is None else nm[0] / nm[1], nm, p.granularity or method.granularity,
+    granularity = p.granularity or (p.profile == "owl" and method.owl_granularity) or method.granularity
+    return Target(p.sparsity if nm is None else nm[0] / nm[1], nm, granularity,
                   reallocation=bool(reallocation_mode(cfg.pruning, method)), lsa=lsa_mode(cfg.pruning, method))
 
 

@@ -141,6 +141,20 @@ def test_ria_unstructured_compares_over_the_whole_matrix() -> None:
     assert len(set(zeros.sum(1).tolist())) > 1  # rows lose different counts: not a per-row rule
 
 
+@pytest.mark.parametrize("method,profile,granularity,expected", [
+    ("ria", "uniform", None, "matrix"), ("ria", "owl", None, "row"), ("ria", "owl", "matrix", "matrix"),
+    ("sparsegpt", "owl", None, "matrix"), ("magnitude", "owl", None, "matrix"), ("wanda", "owl", None, "row")])
+def test_ria_compares_within_rows_under_owl_unless_granularity_says(method: str, profile: str, granularity: str | None,
+                                                                   expected: str) -> None:
+    """RIA's per-matrix comparison and OWL's layer budget do not add up (README, OWL): under OWL it compares per row."""
+    from statprune_cli.config import Config
+    from statprune_cli.pipeline import base_target
+
+    cfg = Config()
+    cfg.pruning.method, cfg.pruning.profile, cfg.pruning.granularity = method, profile, granularity
+    assert base_target(cfg, build_method(method, {})).granularity == expected
+
+
 @pytest.mark.parametrize("granularity", [None, "row"])
 def test_magnitude_compares_over_the_whole_matrix_unless_granularity_says_row(granularity: str | None) -> None:
     """The papers' magnitude baseline (Wanda's, SparseGPT's, OWL's code) takes one threshold per matrix."""

@@ -71,6 +71,7 @@ class Method:
     needs_calibration: ClassVar[bool] = True
     needs_gram: ClassVar[bool] = False  # True: the statistics must carry sum x x^T (a Hessian)
     granularity: ClassVar[str] = "row"  # the comparison group when ``pruning.granularity`` is not set
+    owl_granularity: ClassVar[str | None] = None  # ... and under ``profile: owl``; None: ``granularity``
     Options: ClassVar[type[Options]] = Options
 
     def __init__(self, options: Options | None = None, nm: tuple[int, int] | None = None) -> None:

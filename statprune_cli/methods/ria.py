@@ -2,7 +2,8 @@
 
 score_ij = (|W_ij| / sum_i |W_ij| + |W_ij| / sum_j |W_ij|) * ||X_j||_2^a: a weight matters if it is
 large relative to both its input channel (column) and its output row, scaled by a tempered
-activation norm. Unstructured masks compare over the whole matrix, as the paper does.
+activation norm. Unstructured masks compare over the whole matrix, as the paper does; under OWL's layer
+profile, within each row (``owl_granularity``), unless ``pruning.granularity`` says.
 
 For N:M, ``pruning.reallocation: true`` gives the paper's channel reallocation (every method has it,
 ``Method.mask``): the N:M groups are taken over the input channels sorted and dealt out by score.
@@ -31,6 +32,9 @@ class RIAOptions(Options):
 class RIA(Method):
     name = "ria"
     granularity = "matrix"
+    # Under OWL's layer profile, per row: per matrix, an early layer's extra sparsity lands on the q/k rows it already
+    # hit hardest, and OWL's effect changed sign with the calibration seed; per row it gained on every seed (README)
+    owl_granularity = "row"
     Options = RIAOptions
 
     def score(self, weight: torch.Tensor, stats: ChannelStats | None) -> torch.Tensor:
