@@ -159,6 +159,8 @@ VARIANTS.update({f"statprune+sketch(k=256;shared;every={n})+energy(mlp)+realloc(
 # sparsity, or without the residual permutation
 NM_DEFAULT = "statprune+sketch(k=256;shared;every=4)+energy(mlp)+realloc(absorbed)+lsa+resperm"
 VARIANTS[f"{NM_DEFAULT}+onepass"] = [*VARIANTS[NM_DEFAULT], ONEPASS]
+# ... with Optimal Brain Surgeon's saliency w^2 / [H^-1]_jj from the sketch as the score (``score: obs``)
+VARIANTS[f"{NM_DEFAULT}+obs"] = [*VARIANTS[NM_DEFAULT], "pruning.options.score=obs"]
 VARIANTS[f"{NM_DEFAULT[:-len('+resperm')]}+resperm(off)"] = [
     *VARIANTS[NM_DEFAULT][:-1], "pruning.residual_permutation=false"]
 

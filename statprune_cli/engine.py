@@ -39,7 +39,7 @@ from statprune_cli.layers import find_decoder_layers, target_linears
 from statprune_cli.masks import count_zeros
 from statprune_cli.methods import Method, Refiner, Target
 from statprune_cli.permute import ResidualPlan, absorb
-from statprune_cli.sketch import auto_every
+from statprune_cli.sketch import resolve_every
 from statprune_cli.stats import ChannelStats, all_finite
 from statprune_cli.ui import UI
 
@@ -482,8 +482,7 @@ class LayerwiseEngine:
         sketch = (method.sketch_rank if method is not None else 0) if sketch is None else sketch
         if sketch_every is None and method is not None:
             sketch_every = method.sketch_every
-        if sketch_every is None:
-            sketch_every = auto_every(sum(b.numel() for b in batches or []))
+        sketch_every = resolve_every(sketch_every, batches)
         if collect and not batches:
             raise ValueError("calibration batches are needed to collect statistics")
         hidden, args = self.capture(self.comm.shard(batches)) if collect else ([], [])

@@ -33,7 +33,7 @@ from statprune_cli.permute import RESIDUAL_ROWS, RESIDUAL_TOKENS, ResidualPlan, 
 from statprune_cli.perplexity import EvalSet, evaluate_perplexity, load_eval_set
 from statprune_cli.profile import outlier_ratio, owl_sparsities
 from statprune_cli.report import layer_summary, model_sparsity, package_versions, peak_memory
-from statprune_cli.sketch import auto_every
+from statprune_cli.sketch import resolve_every
 from statprune_cli.stats import ChannelStats, load_stats, save_stats
 from statprune_cli.streaming import (Checkpoint, StreamedLayers, StreamingOutput, folder_sparsity, load_skeleton, partial_dir,
                                      resolve_folder, return_freed_memory_promptly, should_stream,
@@ -197,8 +197,8 @@ class DenseStats:
         batches = self.batches
         if tokens is not None and batches and tokens < sum(b.numel() for b in batches):
             batches = first_windows(batches, tokens)
-        if sketch and sketch_every is None:  # keyed by the stride the engine would take, so an explicit equal one is served
-            sketch_every = auto_every(sum(b.numel() for b in batches or []))
+        if sketch:  # keyed by the stride the engine takes, so an explicit equal one is served
+            sketch_every = resolve_every(sketch_every, batches)
         for (s, g, k, t), stats in sorted(self.cache.items(), key=lambda item: item[0][3] is not None):  # all windows first
             # a Gram matrix makes any sketch
             if s == skip and (g or not gram) and (not sketch or k == (sketch, sketch_every) or g) and (

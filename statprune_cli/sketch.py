@@ -11,11 +11,13 @@ H ~ D + U diag(lam) U^T with U, lam from Y and D the diagonal H keeps beyond the
 With that H, each row's best update of its kept weights K given its pruned ones P (minimise
 ||(W - W') X||^2) is delta_K = H_KK^-1 H_KP w_P. D has no off-diagonal part, so H_KP w_P = U_K lam (U_P^T w_P)
 and Woodbury's identity inverts H_KK = D_K + U_K lam U_K^T with one k x k system per row (rows x in x k^2 work), or
-with one system shared by every row (rows x in x k; ``least_squares_update``).
+with one system shared by every row (rows x in x k; ``least_squares_update``). The same H gives diag(H^-1), for
+Optimal Brain Surgeon's saliency w^2 / [H^-1]_jj (``inverse_diagonal``; statprune's ``obs`` score).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from functools import lru_cache
 
 import torch
@@ -31,6 +33,12 @@ def auto_every(tokens: int) -> int:
     4th token but never fewer than 8,192 of them, the two points measured (statprune's docstring: at 64 windows of 512
     tokens every 4th matched every token, every 16th, 2,048 tokens, lost 7%)."""
     return max(1, min(AUTO_EVERY, tokens // AUTO_TOKENS))
+
+
+def resolve_every(every: int | None, batches: Iterable[torch.Tensor] | None) -> int:
+    """``every`` as given, else ``auto_every`` of the batches' tokens: the engine and the dense statistics' cache key
+    must resolve an unset stride alike, or a cached sketch would be filed under another stride than it was made with."""
+    return every if every is not None else auto_every(sum(b.numel() for b in batches or []))
 
 
 @lru_cache(maxsize=8)  # every batch of every linear of a width asks for the same one
@@ -68,11 +76,27 @@ def nystrom(y: torch.Tensor, omega: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return u, (sigma2 - nu).clamp_min(0.0) * kept
 
 
+def damped_diagonal(diag: torch.Tensor, u: torch.Tensor, lam: torch.Tensor, damp: float) -> torch.Tensor:
+    """D of H ~ D + U diag(lam) U^T: what ``diag`` (H's exact diagonal) keeps beyond the sketch, plus ``damp`` times
+    its mean (SparseGPT's damping: nothing leans on a direction the calibration tokens barely span), float64."""
+    return (diag.double() - (u.square() * lam).sum(1)).clamp_min(0.0) + damp * float(diag.double().mean())
+
+
+def inverse_diagonal(diag: torch.Tensor, u: torch.Tensor, lam: torch.Tensor, damp: float) -> torch.Tensor:
+    """diag(H^-1) for H ~ D + U S^2 U^T (D: ``damped_diagonal``, S = lam^(1/2)), by Woodbury: 1/d - rowsum((B C^-1) * B)
+    with B = D^-1 U S and C = I + S U^T D^-1 U S, whose eigenvalues are all >= 1; in x k^2 work, float64."""
+    d = damped_diagonal(diag, u, lam, damp)
+    us = u.double() * lam.double().sqrt()
+    b = us / d[:, None]
+    c = torch.eye(lam.numel(), dtype=torch.float64, device=u.device) + us.T @ b
+    return 1.0 / d - (torch.linalg.solve(c, b.T).T * b).sum(1)
+
+
 def least_squares_update(weight: torch.Tensor, mask: torch.Tensor, diag: torch.Tensor, u: torch.Tensor,
                          lam: torch.Tensor, damp: float, per_row: bool = False, rows_per_chunk: int = 1024) -> None:
     """Zero ``weight`` where ``mask`` is True and move its kept weights, in place, by each row's least-squares update
-    under H ~ D + U diag(lam) U^T, with D = ``diag`` - diag(U lam U^T) + ``damp`` * mean(``diag``) (the damping
-    SparseGPT adds to its Hessian: an update never leans on a direction the calibration tokens barely span).
+    under H ~ D + U diag(lam) U^T, with D = ``diag`` - diag(U lam U^T) + ``damp`` * mean(``diag``)
+    (``damped_diagonal``).
 
     Per row, with z = U_P^T w_P and G = U_K^T D_K^-1 U_K: delta_K = D_K^-1 U_K (lam^-1 + G)^-1 z, solved as
     S (I + S G S)^-1 S z with S = lam^(1/2), a system whose eigenvalues are all >= 1. ``per_row``: each row's own G,
@@ -80,7 +104,7 @@ def least_squares_update(weight: torch.Tensor, mask: torch.Tensor, diag: torch.T
     row's kept share f of U^T D^-1 U, the same directions for every row, so one eigendecomposition of S U^T D^-1 U S
     solves every row and the work is two products of the weights with U (rows x in x k): the update can then afford a
     larger k. Products with the weights run in float32, the k x k algebra in float64."""
-    d = (diag.double() - (u.square() * lam).sum(1)).clamp_min(0.0) + damp * float(diag.double().mean())
+    d = damped_diagonal(diag, u, lam, damp)
     k = lam.numel()
     u32, inv_d = u.float(), (1.0 / d).float()
     s = lam.sqrt()

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from statprune_cli.cli import app
 from statprune_cli.masks import nm_mask, unstructured_mask
 from statprune_cli.methods import Target, build_method
-from statprune_cli.sketch import auto_every, least_squares_update, nystrom, probe
+from statprune_cli.sketch import auto_every, inverse_diagonal, least_squares_update, nystrom, probe
 from statprune_cli.stats import ChannelStats, load_stats, save_stats
 
 runner = CliRunner()
@@ -39,6 +39,26 @@ def test_a_full_rank_sketch_gives_the_exact_least_squares_update() -> None:
     damped = h + 0.01 * h.diagonal().mean() * torch.eye(16, dtype=torch.float64)
     assert torch.allclose(w, reference_update(lin.weight.detach(), mask, damped), rtol=1e-4, atol=1e-5)  # G in float32
     assert bool((w[mask] == 0).all())
+
+
+def test_a_full_rank_sketch_gives_the_damped_hessians_inverse_diagonal_and_the_obs_score() -> None:
+    """``score: obs`` is |W_ij| / sqrt([H^-1]_jj): Optimal Brain Surgeon's saliency, under the sketched H."""
+    lin, x = correlated_layer(rows=12, cols=16)
+    h = x.double().T @ x.double()
+    u, lam = nystrom(h @ probe(16, 16).double(), probe(16, 16))
+    damped = h + 0.01 * h.diagonal().mean() * torch.eye(16, dtype=torch.float64)
+    expected = torch.linalg.inv(damped).diagonal()
+    assert torch.allclose(inverse_diagonal(h.diagonal(), u, lam, 0.01), expected, rtol=1e-6)
+    method = build_method("statprune", {"score": "obs", "sketch_rank": 16}, "2:4")
+    score = method.score(lin.weight.detach().clone(), ChannelStats.of(x, sketch=16))
+    assert torch.allclose(score.double(), lin.weight.detach().abs().double() / expected.sqrt(), rtol=1e-3)
+
+
+@pytest.mark.parametrize("pattern,options,rank", [
+    ("unstructured", {"score": "obs"}, 256), ("4:8", {"score": "obs", "compensation": "energy", "sketch_rank": 32}, 32),
+    ("4:8", {"compensation": "energy"}, 0)])
+def test_the_obs_score_brings_its_sketch_whatever_the_compensation(pattern: str, options: dict, rank: int) -> None:
+    assert build_method("statprune", options, pattern).sketch_rank == rank
 
 
 def test_nystrom_of_a_low_rank_matrix_is_exact_and_leaves_a_psd_residual() -> None:
