@@ -161,6 +161,8 @@ NM_DEFAULT = "statprune+sketch(k=256;shared;every=4)+energy(mlp)+realloc(absorbe
 VARIANTS[f"{NM_DEFAULT}+onepass"] = [*VARIANTS[NM_DEFAULT], ONEPASS]
 # ... with Optimal Brain Surgeon's saliency w^2 / [H^-1]_jj from the sketch as the score (``score: obs``)
 VARIANTS[f"{NM_DEFAULT}+obs"] = [*VARIANTS[NM_DEFAULT], "pruning.options.score=obs"]
+# ... with more or less of the energy restored after the update than the beta 0.5 chosen before it existed
+VARIANTS.update({f"{NM_DEFAULT}+beta({b})": [*VARIANTS[NM_DEFAULT], f"pruning.options.beta={b}"] for b in (0.25, 0.75, 1.0)})
 VARIANTS[f"{NM_DEFAULT[:-len('+resperm')]}+resperm(off)"] = [
     *VARIANTS[NM_DEFAULT][:-1], "pruning.residual_permutation=false"]
 
