@@ -77,7 +77,7 @@ def write_doc(args: argparse.Namespace, key: str) -> None:
         "it; statprune unstructured: on the dense model's activations, one pass per layer; each statprune cell's mode is listed "
         f"below the tables). Perplexity: first {args.max_tokens} tokens of the WikiText-2 **test** split, seqlen {args.seqlen}. "
         "Sparsity is over the pruned linears (every decoder linear; embeddings, norms and the tied head stay dense). "
-        "`+owl`: the OWL layer profile (M the method's: 5, statprune 7; lambda 0.08; a parenthesis sets them). "
+        "`+owl`: the OWL layer profile (M the method's: 5, statprune and magnitude 7; lambda 0.08; a parenthesis sets them). "
         "`+realloc`: N:M channel reallocation (`pruning.reallocation`; N:M in the permuted channel order, MLP down projections "
         "as stored). `+realloc(absorbed)`: only on the MLP down projections (every weight N:M as stored; statprune's "
         "default at N:M). `+realloc(off)`: none. `+resperm`: one permutation of the residual stream for every linear "

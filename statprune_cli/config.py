@@ -66,7 +66,7 @@ class CalibrationConfig(DataConfig):
 class OwlConfig:
     """OWL's layer-wise sparsity: outliers are scores above ``m`` times their layer's mean; +-``lam`` spread."""
 
-    m: float | None = None  # None: the method's choice (Method.owl_m: 5, the OWL paper's; statprune 7)
+    m: float | None = None  # None: the method's choice (Method.owl_m: 5, the OWL paper's; statprune and magnitude 7)
     lam: float = 0.08
 
 

@@ -436,7 +436,8 @@ def test_sparsegpt_one_shot_needs_a_hessian_in_the_stats(tmp_path: Path, tiny_mo
     assert json.loads(res.stdout)["sparsity"]["pruned_linears"]["sparsity"] == pytest.approx(0.5, abs=0.01)
 
 
-@pytest.mark.parametrize("method,m,expected", [("wanda", None, "M 5,"), ("statprune", None, "M 7,"), ("statprune", 3.0, "M 3,")])
+@pytest.mark.parametrize("method,m,expected", [("wanda", None, "M 5,"), ("statprune", None, "M 7,"), ("magnitude", None, "M 7,"),
+                                             ("statprune", 3.0, "M 3,")])
 def test_owl_threshold_is_the_methods_unless_set(method: str, m: float | None, expected: str, tmp_path: Path,
                                                  tiny_model_dir: Path, text_files: dict[str, Path]) -> None:
     owl = {"lam": 0.1} if m is None else {"m": m, "lam": 0.1}
