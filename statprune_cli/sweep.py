@@ -325,20 +325,44 @@ def write_plot(result: dict[str, Any], path: Path) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    settings = result["settings"]
+    fig = draw_plot(result, plt)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # "tight": a legend beside the axes stays in the image
+    plt.close(fig)
+    return str(path.name)
+
+
+def draw_plot(result: dict[str, Any], plt: Any) -> Any:
+    """Perplexity against sparsity, one line per method, log scale, dense as a dashed line. With one setting, one
+    bar per method instead: lines would stack every method's point on one x position, told apart by colour only."""
+    settings, dense, segments = result["settings"], result["dense"][0], plot_segments(result)
+    label = f"perplexity ({result['datasets'][0]})"
+    title = f"{Path(result['model']).name}: perplexity by method"
+    if len(settings) == 1:
+        fig, ax = plt.subplots(figsize=(7, 1.2 + 0.32 * max(1, len(segments))))
+        names, values = [m for m, _, _ in segments], [ys[0] for _, _, ys in segments]
+        ax.set_xscale("log")
+        bars = ax.barh(range(len(names)), values, color="tab:blue")
+        ax.bar_label(bars, fmt=lambda v: f"{v:,.0f}" if v >= 100 else f"{v:.2f}", padding=3, fontsize=8)
+        ax.set_yticks(range(len(names)), names)
+        ax.invert_yaxis()  # the table's order, top to bottom
+        ax.axvline(dense, color="black", linestyle="--", linewidth=1, label="dense")
+        ax.set_xlabel(f"{label} at {settings[0]}")
+        ax.set_title(title)
+        ax.legend(loc="lower right")
+        return fig
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colours: dict[str, str] = {}
-    for m, xs, ys in plot_segments(result):
+    for m, xs, ys in segments:
         (line,) = ax.plot(xs, ys, marker="o", color=colours.get(m), label=None if m in colours else m)
         colours[m] = line.get_color()
-    ax.axhline(result["dense"][0], color="black", linestyle="--", linewidth=1, label="dense")
+    ax.axhline(dense, color="black", linestyle="--", linewidth=1, label="dense")
     ax.set_xticks(range(len(settings)), settings)
     ax.set_yscale("log")
     ax.set_xlabel("sparsity")
-    ax.set_ylabel(f"perplexity ({result['datasets'][0]})")
-    ax.set_title(f"{Path(result['model']).name}: perplexity by method and sparsity")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path.name)
+    ax.set_ylabel(label)
+    ax.set_title(f"{title} and sparsity")
+    if len(colours) > 8:  # a legend this long would cover the lines
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    else:
+        ax.legend()
+    return fig

@@ -168,3 +168,19 @@ def test_the_plot_does_not_join_unstructured_and_nm_points() -> None:
               "cells": [cell("wanda", "0.5", 10.0), cell("wanda", "0.6", 20.0), cell("wanda", "2:4", 30.0),
                         cell("wanda", "4:8", 25.0), cell("ria", "0.6", 21.0), cell("ria", "2:4", None, "boom")]}
     assert plot_segments(result) == [("wanda", [0, 1], [10.0, 20.0]), ("wanda", [2, 3], [30.0, 25.0]), ("ria", [1], [21.0])]
+
+
+def test_a_one_setting_plot_has_a_bar_per_method_that_has_a_perplexity() -> None:
+    plt = pytest.importorskip("matplotlib.pyplot")
+    from statprune_cli.sweep import draw_plot
+
+    cell = lambda m, p, e=None: {"method": m, "setting": "70%", "perplexity": [p], "error": e}  # noqa: E731
+    result = {"model": "m", "datasets": ["wikitext2[test]"], "dense": [30.0], "methods": ["wanda", "ria", "statprune"],
+              "settings": ["70%"], "cells": [cell("wanda", 1150.0), cell("ria", None, "boom"), cell("statprune", 535.6)]}
+    fig = draw_plot(result, plt)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["wanda", "statprune"]
+    assert [round(p.get_width(), 1) for p in ax.patches] == [1150.0, 535.6]
+    assert [t.get_text() for t in ax.texts] == ["1,150", "536"]
+    assert ax.get_xscale() == "log" and [list(line.get_xdata()) for line in ax.lines] == [[30.0, 30.0]]
+    plt.close(fig)
