@@ -333,7 +333,8 @@ def write_plot(result: dict[str, Any], path: Path) -> str | None:
 
 def draw_plot(result: dict[str, Any], plt: Any) -> Any:
     """Perplexity against sparsity, one line per method, log scale, dense as a dashed line. With one setting, one
-    bar per method instead: lines would stack every method's point on one x position, told apart by colour only."""
+    bar per method instead: lines would stack every method's point on one x position, told apart by colour only.
+    ``plt``: matplotlib.pyplot, which the caller imports (an optional dependency)."""
     settings, dense, segments = result["settings"], result["dense"][0], plot_segments(result)
     label = f"perplexity ({result['datasets'][0]})"
     title = f"{Path(result['model']).name}: perplexity by method"
