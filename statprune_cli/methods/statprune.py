@@ -264,9 +264,7 @@ class StatPrune(Method):
             v = (stats.m2 if o.energy_stat == "m2" else stats.var).to(weight.device)
             dense_energy = weight.double().square_() @ v
         if self.sketch_rank:
-            y = stats.probed(o.sketch_rank)
-            assert y is not None  # the engine collects the sketch this method asks for (``sketch_rank``)
-            u, lam = nystrom(y.to(weight.device), probe(weight.shape[1], y.shape[1], weight.device))
+            u, lam = sketch_factors(stats, o.sketch_rank, weight.device)
             least_squares_update(weight, mask, stats.sumsq.to(weight.device), u, lam, SKETCH_DAMP, o.sketch_per_row)
             info["sketch_rank"] = o.sketch_rank
         else:
@@ -395,10 +393,17 @@ def balance_mean(
     return mask
 
 
+def sketch_factors(stats: ChannelStats, k: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """U and lam of the sketched input Hessian, from its ``k``-probe sketch and the probe it was made with, on
+    ``device`` (default: the sketch's)."""
+    y = stats.probed(k)
+    assert y is not None  # the engine collects the sketch this method asks for (``sketch_rank``)
+    device = y.device if device is None else device
+    return nystrom(y.to(device), probe(y.shape[0], y.shape[1], device))
+
+
 def obs_scale(stats: ChannelStats, k: int) -> torch.Tensor:
     """1 / sqrt([H^-1]_jj) under the sketched H, the column scale of the ``obs`` score (float32, on the statistics'
     device)."""
-    y = stats.probed(k)
-    assert y is not None  # the engine collects the sketch this method asks for (``sketch_rank``)
-    u, lam = nystrom(y, probe(y.shape[0], y.shape[1], y.device))
-    return inverse_diagonal(stats.sumsq.to(y.device), u, lam, SKETCH_DAMP).rsqrt().float()
+    u, lam = sketch_factors(stats, k)
+    return inverse_diagonal(stats.sumsq.to(u.device), u, lam, SKETCH_DAMP).rsqrt().float()
