@@ -25,7 +25,7 @@ from _runs import BASE_CONFIG, common_overrides, ensure_model, write_section  # 
 
 from statprune_cli import permute, pipeline  # noqa: E402
 from statprune_cli.config import load_config  # noqa: E402
-from statprune_cli.engine import LayerwiseEngine  # noqa: E402
+from statprune_cli.engine import Collect, LayerwiseEngine, Selection  # noqa: E402
 from statprune_cli.load import load_model, load_tokenizer  # noqa: E402
 from statprune_cli.masks import nm_kept_score  # noqa: E402
 from statprune_cli.methods.base import Target  # noqa: E402
@@ -50,9 +50,9 @@ def main() -> None:
     plan = permute.residual_plan(model, engine.layers_name, model.config.hidden_size)
     assert not isinstance(plan, str), plan
     readers = [n for names in plan.reader_names(engine.layers_name, len(engine.layers)).values() for n in names]
-    dense = pipeline.DenseStats(cfg, batches, ui)
+    dense = pipeline.DenseStats(Selection(tuple(cfg.pruning.targets), tuple(cfg.pruning.ignore)), batches, ui)
     tokens = [w * args.seqlen for w in windows]
-    stats = {t: dense.get(engine, 0, False, t) for t in tokens}  # smallest first: a larger pass would serve them all
+    stats = {t: dense.get(engine, Collect(), t) for t in tokens}  # smallest first: a larger pass would serve them all
     weights = {n: model.get_submodule(n).weight.detach().float().abs() for n in readers}
 
     def scores(st: dict) -> torch.Tensor:

@@ -6,8 +6,8 @@ proves it with this.
 
 Each run goes through the CLI a user runs (`python -m statprune_cli prune`), so the script serves any internal design.
 Cells: every method's default (magnitude, wanda, sparsegpt, ria, statprune) at 50% and 2:4, on SmolLM2-135M
-(16 C4 windows x 512 tokens) and on a tiny random model of each architecture the tests use (llama, mistral, qwen2,
-gemma3, opt). No evaluation: only the written tensors count.
+(16 C4 windows x 512 tokens) and on a tiny random model of each architecture the tests prune through the CLI
+(llama, mistral, gemma3, opt). No evaluation: only the written tensors count.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "tests")]
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "ria", "statprune")
 SETTINGS = {"50%": ["pruning.sparsity=0.5", "pruning.pattern=unstructured"], "2:4": ["pruning.pattern=2:4"]}
-ARCHS = ("llama", "mistral", "qwen2", "gemma3", "opt")
+# qwen2 is left out: transformers maps a Qwen2 folder's tokenizer to Qwen2Tokenizer, which reads the tests' word-level
+# tokenizer as empty, so the CLI cannot calibrate it (the tests run the qwen2 model through the engine directly)
+ARCHS = ("llama", "mistral", "gemma3", "opt")
 
 
 def folder_hashes(folder: Path) -> dict[str, str]:

@@ -239,7 +239,8 @@ def eval_ppl(
 
     Example: statprune eval-ppl out/smollm2-50 --dataset wikitext2 --data-files ../shared/data/wikitext-2-raw --seqlen 512
     """
-    from statprune_cli.config import DataConfig, _build, validate
+    from statprune_cli.config import DataConfig, validate
+    from statprune_cli.schema import build
     from statprune_cli.pipeline import run_eval
     from statprune_cli.distributed import is_main_process
     from statprune_cli.ui import UI
@@ -247,7 +248,7 @@ def eval_ppl(
     cfg = _target_config(target, set_, gguf_file, device, dtype)
     e = cfg.eval
     if dataset is not None or not e.datasets:
-        e.datasets = [_build(DataConfig, {"dataset": dataset or "wikitext2", "data_files": data_files, "split": split}, "--dataset")]
+        e.datasets = [build(DataConfig, {"dataset": dataset or "wikitext2", "data_files": data_files, "split": split}, "--dataset")]
     for key, value in (("seqlen", seqlen), ("max_tokens", max_tokens), ("batch_size", batch_size)):
         if value is not None:
             setattr(e, key, value)

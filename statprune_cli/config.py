@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar
 
 import yaml
 
+from statprune_cli.allocation import ALLOCATIONS
 from statprune_cli.errors import ConfigError
-
-if TYPE_CHECKING:  # the registry imports torch: kept out of this module's import
-    from statprune_cli.methods.base import Method
+from statprune_cli.methods import METHODS, build_method
+from statprune_cli.plan import make_plan
+from statprune_cli.schema import build, parse_pattern
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 BUILTIN_DATASETS = ("c4", "wikitext2")
@@ -44,6 +43,7 @@ class ModelConfig:
 class DataConfig:
     """A text source: a built-in name (c4, wikitext2), ``text:PATH``, ``jsonl:PATH`` or ``hf:NAME``."""
 
+    shorthand: ClassVar[str] = "dataset"  # a bare string in the YAML is the data set
     dataset: str = "c4"
     data_files: str | None = None
     split: str | None = None
@@ -151,19 +151,6 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def parse_pattern(pattern: str) -> tuple[int, int] | None:
-    """``"unstructured"`` -> None, ``"2:4"`` -> (2, 4); anything else is a ConfigError."""
-    if pattern == "unstructured":
-        return None
-    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(pattern))
-    if not m:
-        raise ConfigError("pruning.pattern", f"expected 'unstructured' or 'N:M' such as '2:4', got {pattern!r}")
-    n, m_ = int(m.group(1)), int(m.group(2))
-    if not 0 < n < m_:
-        raise ConfigError("pruning.pattern", f"expected N:M with 0 < N < M, got {pattern!r}")
-    return n, m_
-
-
 def parse_size(text: str | int, key: str) -> int:
     """``"5GB"``, ``"500MB"`` or a byte count -> bytes."""
     if isinstance(text, int):
@@ -196,77 +183,6 @@ _Loader.add_implicit_resolver(  # 1e-3: a float in YAML 1.2, a string in PyYAML'
 
 def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-
-
-# ---------------------------------------------------------------- building from plain data
-
-
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp`` and build nested dataclasses."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, key)
-            except ConfigError as e:
-                errors.append(e)
-        raise errors[0]
-    if dataclasses.is_dataclass(tp):
-        if tp is DataConfig and isinstance(value, str):
-            value = {"dataset": value}
-        if not isinstance(value, dict):
-            raise ConfigError(key, f"expected a mapping, got {value!r}")
-        return _build(tp, value, key)
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if isinstance(value, str) and item is str:
-            value = [value]
-        if not isinstance(value, list):
-            raise ConfigError(key, f"expected a list, got {value!r}")
-        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(key, f"expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(key, f"expected a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(key, f"expected an integer, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(key, f"expected true or false, got {value!r}")
-        return value
-    if tp is str:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        if not isinstance(value, str):
-            raise ConfigError(key, f"expected a string, got {value!r}")
-        return value
-    if tp is Any:
-        return value
-    raise TypeError(f"unsupported annotation {tp!r} at {key}")  # a bug in the schema, not user input
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for k, v in data.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if k not in names:
-            raise ConfigError(key, f"unknown key; expected one of: {', '.join(sorted(names))}")
-        kwargs[k] = _convert(v, hints[k], key)
-    return cls(**kwargs)
 
 
 def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -304,7 +220,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not isinstance(data, dict):
             raise ConfigError(str(path), "expected a YAML mapping at the top level")
     apply_overrides(data, overrides or [])
-    cfg = _build(Config, data, "")
+    cfg = build(Config, data, "")
     validate(cfg)
     return cfg
 
@@ -347,36 +263,7 @@ def validate_zeroshot(z: ZeroShotConfig) -> None:
             raise ConfigError(f"eval.zeroshot.{key}", f"expected an integer >= 1, got {val}")
 
 
-def reallocation_mode(p: PruningConfig, method: Method) -> bool | str:
-    """N:M channel reallocation (false, true or "absorbed"): the config's value if set, else the method's."""
-    return method.reallocation if p.reallocation is None else p.reallocation
-
-
-def residual_mode(p: PruningConfig, method: Method) -> bool:
-    """Whether the residual stream is permuted for the N:M groups of its readers: the config's value if set, else
-    the method's."""
-    return method.residual_permutation if p.residual_permutation is None else p.residual_permutation
-
-
-def lsa_mode(p: PruningConfig, method: Method) -> bool:
-    """Whether the reallocation orders are refined by linear sum assignment: the config's value if set, else the
-    method's wherever this run reallocates (per linear or the residual stream)."""
-    reallocates = bool(reallocation_mode(p, method)) or residual_mode(p, method)
-    return (method.lsa and reallocates) if p.lsa is None else p.lsa
-
-
-def allocation_mode(p: PruningConfig, method: Method) -> str:
-    """How each layer's sparsity is spread over its linears: the config's value if set, else the method's
-    (N:M patterns fix every linear's sparsity, so they are always uniform)."""
-    if parse_pattern(p.pattern) is not None:
-        return "uniform"
-    return method.allocation if p.allocation is None else p.allocation
-
-
 def validate_allocation(p: PruningConfig, nm: tuple[int, int] | None) -> None:
-    from statprune_cli.allocation import ALLOCATIONS
-    from statprune_cli.methods import METHODS
-
     if p.allocation is not None and p.allocation not in ALLOCATIONS:
         raise ConfigError("pruning.allocation", f"expected {' or '.join(ALLOCATIONS)}, got {p.allocation!r}")
     if p.allocation == "energy" and nm is not None:
@@ -389,12 +276,10 @@ def validate_allocation(p: PruningConfig, nm: tuple[int, int] | None) -> None:
         raise ConfigError("pruning.allocation_spread", f"expected a number in [0, 1), got {p.allocation_spread}")
 
 
-def validate_reordering(p: PruningConfig, nm: tuple[int, int] | None) -> None:
+def validate_reordering(p: PruningConfig, nm: tuple[int, int] | None, cfg: Config) -> None:
     """``pruning.residual_permutation: true`` needs an N:M pattern and statistics; ``pruning.lsa: true`` refines a
-    reallocation that this run does (an N:M pattern, and reallocation or the residual permutation, set or the
-    method's). Left unset, each is the method's choice, which applies only where it can."""
-    from statprune_cli.methods import METHODS, build_method
-
+    reallocation that this run does (set or the method's). Left unset, each is the method's choice, which applies
+    only where it can."""
     if p.residual_permutation:
         if nm is None:
             raise ConfigError("pruning.residual_permutation", f"spreads N:M groups; pattern {p.pattern} has none (use "
@@ -407,8 +292,8 @@ def validate_reordering(p: PruningConfig, nm: tuple[int, int] | None) -> None:
     if nm is None:
         raise ConfigError("pruning.lsa", f"refines N:M channel reallocation; pattern {p.pattern} has none (use a pattern "
                                          "such as \"2:4\", or leave lsa false)")
-    method = build_method(p.method, p.options, p.pattern)
-    if not (reallocation_mode(p, method) or residual_mode(p, method)):
+    plan = make_plan(cfg, build_method(p.method, p.options, p.pattern))
+    if not (plan.reallocation or plan.residual_permutation):
         raise ConfigError("pruning.lsa", f"refines channel reallocation, which {p.method} does not do here: set "
                                          "pruning.reallocation or pruning.residual_permutation, or leave lsa false")
 
@@ -427,8 +312,6 @@ def validate(cfg: Config) -> None:
     if c.skip_first_tokens is not None and not 0 <= c.skip_first_tokens < c.seqlen:
         raise ConfigError("calibration.skip_first_tokens", f"expected 0 <= k < seqlen ({c.seqlen}), got {c.skip_first_tokens}")
     p = cfg.pruning
-    from statprune_cli.methods import METHODS  # the registry imports torch; keep it out of module import
-
     if p.method not in METHODS:
         raise ConfigError("pruning.method", f"expected one of {', '.join(sorted(METHODS))}, got {p.method!r}")
     if not 0.0 <= p.sparsity < 1.0:
@@ -453,7 +336,7 @@ def validate(cfg: Config) -> None:
     if not p.targets:
         raise ConfigError("pruning.targets", "expected at least one target")
     METHODS[p.method].Options.from_dict(p.options)
-    validate_reordering(p, nm)
+    validate_reordering(p, nm, cfg)
     e = cfg.eval
     for i, d in enumerate(e.datasets):
         validate_data(d, f"eval.datasets[{i}]")
@@ -496,11 +379,6 @@ def validate_profile(p: PruningConfig, nm: tuple[int, int] | None) -> None:
     if not 0 <= p.owl.lam or p.sparsity - p.owl.lam < 0 or p.sparsity + p.owl.lam >= 1:
         raise ConfigError("pruning.owl.lam", f"expected 0 <= lam with sparsity +- lam inside [0, 1), got lam {p.owl.lam} "
                                              f"at sparsity {p.sparsity}")
-
-
-def options_from_dict(cls: type, data: dict[str, Any], key: str = "pruning.options") -> Any:
-    """Build a method's options dataclass, with the same errors as the rest of the config."""
-    return _build(cls, data, key)
 
 
 def dump_config(cfg: Config) -> str:

@@ -11,7 +11,8 @@
    calls them (q/k/v, then o, then gate/up, then down), each group calibrated on the outputs of the
    groups already pruned: one pass per group instead of one per layer.
 
-The engine knows nothing of any method: it asks ``method.prune`` for each linear. Nor does it
+The engine knows nothing of any method: a ``Job`` brings a ``Pruner`` to call for each linear and a
+``TargetRule`` that says each linear's target, both made before the engine runs. Nor does it
 know where the layers' weights live: ``InMemoryLayers`` moves them between CPU and the device,
 ``streaming.StreamedLayers`` reads them from the checkpoint. Activations wait between layers on
 the device, in CPU memory, or in memory-mapped files (``offload_activations: disk``).
@@ -26,7 +27,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -37,7 +38,6 @@ from statprune_cli.distributed import Communicator
 from statprune_cli.errors import PruneError
 from statprune_cli.layers import find_decoder_layers, target_linears
 from statprune_cli.masks import count_zeros
-from statprune_cli.methods import Method, Refiner, Target
 from statprune_cli.permute import ResidualPlan, absorb
 from statprune_cli.sketch import resolve_every
 from statprune_cli.stats import ChannelStats, all_finite
@@ -339,15 +339,17 @@ class LinearResult:
     zeros: int
     sparsity: float
     info: dict[str, Any] = field(default_factory=dict)
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # tensors a method hands back to be saved beside the weights
+    reordered: bool = False  # its N:M groups were taken over reallocated input channels
+    permutation: torch.Tensor | None = None  # that order, where the model did not absorb it: saved beside the weights
 
     def record(self) -> dict[str, Any]:
-        """The JSON-able part (``extras`` go to their own file)."""
-        return {"shape": list(self.shape), "target": self.target, "zeros": self.zeros, "sparsity": self.sparsity, "info": self.info}
+        """The JSON-able part (``permutation`` goes to its own file)."""
+        return {"shape": list(self.shape), "target": self.target, "zeros": self.zeros, "sparsity": self.sparsity,
+                "info": self.info, "reordered": self.reordered}
 
     @classmethod
     def from_record(cls, r: dict[str, Any]) -> LinearResult:
-        return cls(tuple(r["shape"]), r["target"], r["zeros"], r["sparsity"], r["info"])
+        return cls(tuple(r["shape"]), r["target"], r["zeros"], r["sparsity"], r["info"], r.get("reordered", False))
 
 
 @dataclass
@@ -365,8 +367,8 @@ class LayerResult:
         return cls(r["index"], r["seconds"], {n: LinearResult.from_record(v) for n, v in r["linears"].items()})
 
     def extras(self) -> dict[str, torch.Tensor]:
-        """Every linear's extra tensors, named ``<linear>.<key>``."""
-        return {f"{n}.{k}": t for n, r in self.linears.items() for k, t in r.extras.items()}
+        """The tensors saved beside the weights: each stored channel order, named ``<linear>.channel_permutation``."""
+        return {f"{n}.channel_permutation": r.permutation for n, r in self.linears.items() if r.permutation is not None}
 
 
 @dataclass
@@ -385,8 +387,74 @@ class Resume:
 
 
 LayerDone = Callable[[int, nn.Module, list[torch.Tensor], list[LayerResult]], None]
-# (layer index, a group of linears pruned together, every statistic so far) -> each of those linears' target
-TargetsFor = Callable[[int, dict[str, nn.Linear], dict[str, ChannelStats]], dict[str, Target]]
+
+
+class Pruner(Protocol):
+    """What the engine asks of a pruning method (``methods.Method``): whether it needs statistics, and to prune."""
+
+    needs_calibration: bool
+
+    def prune(self, linear: nn.Linear, stats: ChannelStats | None, target: Any) -> Any: ...
+
+
+class TargetRule(Protocol):
+    """Each linear's target (``methods.Target``) of a group pruned together, once their statistics are in: it may
+    look at all of them (energy allocation) and at the layer's index (OWL's profile)."""
+
+    def __call__(self, index: int, linears: dict[str, nn.Linear], stats: dict[str, ChannelStats]) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which linears of each decoder layer are pruned (``pruning.targets`` / ``pruning.ignore``)."""
+
+    targets: tuple[str, ...] = ("Linear",)
+    ignore: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Collect:
+    """What a statistics pass gathers: the positions left out, the Gram matrix, a sketch of it and its stride."""
+
+    skip_first: int = 0
+    gram: bool = False
+    sketch: int = 0
+    sketch_every: int | None = None  # None: ``sketch.auto_every`` of the batches' tokens
+
+
+@dataclass
+class Job:
+    """A prune for the engine: who prunes, how each linear's target is set, and how the layers are calibrated.
+
+    ``stats`` given: no forward pass at all, masks come from them ("one-shot"). ``sequential``: each layer is
+    calibrated on the pruned layers' outputs (a second pass per layer), else on the dense model's.
+    ``true_sequential``: inside a layer, each group of linears is calibrated after the groups it reads from are
+    pruned (see ``input_groups``).
+    """
+
+    pruner: Pruner
+    targets: TargetRule
+    selection: Selection = Selection()
+    collect: Collect = Collect()
+    sequential: bool = True
+    true_sequential: bool = False
+    stats: dict[str, ChannelStats] | None = None
+
+
+@dataclass
+class Pass:
+    """One layer's calibration inputs: the hidden states entering it, its other arguments, and what to collect."""
+
+    hidden: list[torch.Tensor]
+    args: LayerArgs
+    collect: Collect
+
+
+def settled(collect: Collect, batches: list[torch.Tensor] | None) -> Collect:
+    """``collect`` with its sketch stride resolved on every batch's tokens (all processes', so all agree)."""
+    if not batches:
+        raise ValueError("calibration batches are needed to collect statistics")
+    return replace(collect, sketch_every=resolve_every(collect.sketch_every, batches))
 
 
 class LayerwiseEngine:
@@ -414,8 +482,9 @@ class LayerwiseEngine:
         finally:
             self.io.release(index, layer)
 
-    def linears(self, index: int, targets: list[str], ignore: list[str]) -> dict[str, nn.Linear]:
-        return target_linears(self.layers[index], f"{self.layers_name}.{index}", targets, ignore)
+    def linears(self, index: int, selection: Selection) -> dict[str, nn.Linear]:
+        return target_linears(self.layers[index], f"{self.layers_name}.{index}", list(selection.targets),
+                              list(selection.ignore))
 
     def capture(self, batches: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[LayerArgs]]:
         self.io.fetch_outside(self.model, self.device)
@@ -446,132 +515,98 @@ class LayerwiseEngine:
     def logits(self, ids: torch.Tensor, final_hidden: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         return head_logits(self.model, self.layers, ids, final_hidden.to(self.device), positions)
 
-    def run(
-        self,
-        method: Method | None,
-        targets_for: TargetsFor | None,
-        targets: list[str],
-        ignore: list[str],
-        batches: list[torch.Tensor] | None,
-        stats: dict[str, ChannelStats] | None = None,
-        sequential: bool = True,
-        true_sequential: bool = False,
-        skip_first: int = 0,
-        gram: bool | None = None,
-        sketch: int | None = None,
-        sketch_every: int | None = None,
-        resume: Resume | None = None,
-        on_layer_done: LayerDone | None = None,
-    ) -> EngineResult:
-        """Prune every target linear with ``method`` (None: only collect statistics).
+    def statistics(self, batches: list[torch.Tensor], selection: Selection, collect: Collect) -> dict[str, ChannelStats]:
+        """Every target linear's input statistics on the dense model: one pass per layer, nothing pruned."""
+        collect = settled(collect, batches)
+        hidden, args = self.capture(self.comm.shard(batches))
+        self.io.release_outside(self.model)  # from here on only the layers run
+        stats: dict[str, ChannelStats] = {}
+        with self.ui.progress("calibrating layers", len(self.layers)) as advance:
+            for i in range(len(self.layers)):
+                with self.layer(i) as layer:
+                    found, hidden = self._collect(layer, self.linears(i, selection), Pass(hidden, args[i], collect))
+                stats.update(found)
+                advance()
+        return stats
 
-        ``targets_for(layer index, linears, statistics)`` gives the sparsity of each linear of a group pruned
-        together (a layer's, or with ``true_sequential`` one group's), once their statistics are in; it may
-        look at all of them (``allocation``). None only when ``method`` is None. ``stats`` given: no
-        forward pass at all, masks come from those statistics ("one-shot"). ``gram``: also collect
-        sum x x^T per linear, ``sketch``: a sketch of it with that many probes, taken on every ``sketch_every``-th
-        token (default: what the method asks for, else ``sketch.auto_every`` of all the batches' tokens).
-        ``batches`` are all of them: this process runs its share (``comm.shard``). ``resume`` starts at a later layer with this
-        process's saved activations; ``on_layer_done(i, layer, next inputs, results)`` runs after
-        each layer, while its weights are still on the device (streaming writes them out there).
-        ``true_sequential``: inside a layer, each group of linears is calibrated after the groups it
-        reads from are pruned (see ``input_groups``).
+    def run(self, job: Job, batches: list[torch.Tensor] | None, resume: Resume | None = None,
+            on_layer_done: LayerDone | None = None) -> EngineResult:
+        """Prune every target linear of ``job``, layer by layer.
+
+        ``batches`` are all of them: this process runs its share (``comm.shard``). ``resume`` starts at a later layer
+        with this process's saved activations; ``on_layer_done(i, layer, next inputs, results)`` runs after each
+        layer, while its weights are still on the device (streaming writes them out there).
         """
-        collect = stats is None and (method is None or method.needs_calibration)
-        gram = bool(method is not None and method.needs_gram) if gram is None else gram
-        sketch = (method.sketch_rank if method is not None else 0) if sketch is None else sketch
-        if sketch_every is None and method is not None:
-            sketch_every = method.sketch_every
-        sketch_every = resolve_every(sketch_every, batches)
-        if collect and not batches:
-            raise ValueError("calibration batches are needed to collect statistics")
-        hidden, args = self.capture(self.comm.shard(batches)) if collect else ([], [])
-        all_stats: dict[str, ChannelStats] = dict(stats or {})
-        results = []
+        collect, hidden, args = None, [], []
+        if job.stats is None and job.pruner.needs_calibration:
+            collect = settled(job.collect, batches)
+            hidden, args = self.capture(self.comm.shard(batches))
+        all_stats: dict[str, ChannelStats] = dict(job.stats or {})
+        results: list[LayerResult] = []
         start = 0
         if resume is not None:
             start, hidden, results = resume.next_layer, resume.hidden, list(resume.results)
             self.ui.log(f"resuming at layer {start} of {len(self.layers)}")
         self.io.release_outside(self.model)  # from here on only the layers run
-        with self.ui.progress("pruning layers" if method else "calibrating layers", len(self.layers) - start) as advance:
+        with self.ui.progress("pruning layers", len(self.layers) - start) as advance:
             for i in range(start, len(self.layers)):
                 t0 = time.perf_counter()
                 with self.layer(i) as layer:
-                    hidden = self._layer_pass(i, layer, method, targets_for, targets, ignore, hidden, args, all_stats,
-                                              collect, sequential, true_sequential, skip_first, gram,
-                                              (sketch, sketch_every), results)
-                    results[-1].seconds = time.perf_counter() - t0
+                    result = LayerResult(i, 0.0)
+                    results.append(result)
+                    inputs = None if collect is None else Pass(hidden, args[i], collect)
+                    hidden = self._layer_pass(job, layer, result, inputs, all_stats)
+                    result.seconds = time.perf_counter() - t0
                     if on_layer_done is not None:
                         on_layer_done(i, layer, hidden, results)
                 advance()
         return EngineResult(results, all_stats)
 
-    def _layer_pass(
-        self, i: int, layer: nn.Module, method: Method | None, targets_for: TargetsFor | None, targets: list[str],
-        ignore: list[str], hidden: list[torch.Tensor], args: list[LayerArgs], all_stats: dict[str, ChannelStats],
-        collect: bool, sequential: bool, true_sequential: bool, skip_first: int, gram: bool, sketch: tuple[int, int],
-        results: list[LayerResult],
-    ) -> list[torch.Tensor]:
-        """Collect layer i's statistics, prune its linears, and return the inputs of layer i + 1."""
-        linears = self.linears(i, targets, ignore)
+    def _layer_pass(self, job: Job, layer: nn.Module, result: LayerResult, inputs: Pass | None,
+                    all_stats: dict[str, ChannelStats]) -> list[torch.Tensor]:
+        """Collect layer ``result.index``'s statistics (``inputs``; None: the job needs none), prune its linears,
+        and return the inputs of the next layer."""
+        linears = self.linears(result.index, job.selection)
         groups = [list(linears)]
-        if collect and true_sequential and method is not None and linears:
-            groups = input_groups(layer, linears, hidden[0], args[i], self.device)
+        if inputs is not None and job.true_sequential and linears:
+            groups = input_groups(layer, linears, inputs.hidden[0], inputs.args, self.device)
         outputs = None
-        result = LayerResult(i, 0.0)
-        results.append(result)
-        refiners = {}
         for group in groups:
             layer_stats: dict[str, ChannelStats] = {}
-            if collect:  # the first pass prunes nothing yet: its outputs are the dense layer's
-                dense_outputs_read = outputs is None and (method is None or not sequential)
-                layer_stats, group_outputs = self._collect(layer, {n: linears[n] for n in group}, hidden, args[i],
-                                                           skip_first, gram, sketch, keep_outputs=dense_outputs_read)
+            if inputs is not None:  # the first pass prunes nothing yet: its outputs are the dense layer's
+                keep = outputs is None and not job.sequential
+                layer_stats, group_outputs = self._collect(layer, {n: linears[n] for n in group}, inputs, keep)
                 outputs = group_outputs if outputs is None else outputs
                 all_stats.update(layer_stats)
-            if method is None:
-                return outputs or []
-            assert targets_for is not None
-            planned = targets_for(i, {n: linears[n] for n in group}, all_stats)
+            planned = job.targets(result.index, {n: linears[n] for n in group}, all_stats)
             for name in group:
-                result.linears[name], refiner = self._prune_one(method, name, linears[name], all_stats.get(name),
-                                                                planned[name])
-                if refiner is not None:
-                    refiners[name] = refiner
+                result.linears[name] = self._prune_one(job.pruner, name, linears[name], all_stats.get(name), planned[name])
             for s in layer_stats.values():  # a Gram matrix is in_features^2: keep only the current group's
                 s.gram = s.sketch = None
         result.linears = {n: result.linears[n] for n in linears}  # the layer's order, whatever the groups' order
-        if collect and (sequential or refiners):
-            observers = {linears[n]: r.observe for n, r in refiners.items()}
-            pruned_outputs = self._forward_observed(layer, observers, hidden, args[i], skip_first)
-            outputs = pruned_outputs if sequential else outputs
-            for name, refiner in refiners.items():
-                result.linears[name].info.update(refiner.apply())
+        if inputs is not None and job.sequential:
+            outputs = self._forward(layer, inputs.hidden, inputs.args, "calibration batches")
         self._absorb_permutations(result)
         return outputs or []
 
     def _absorb_permutations(self, result: LayerResult) -> None:
-        """A reallocated linear whose input order the model can take (``permute.absorb``) is stored in that order.
-
-        Last in the layer: the refiners, which correct rows and columns in the original order, are done."""
+        """A reallocated linear whose input order the model can take (``permute.absorb``) is stored in that order."""
         for name, r in result.linears.items():
-            order = r.extras.get("channel_permutation")
-            rows = None if order is None else absorb(self.model, name, order)
+            rows = None if r.permutation is None else absorb(self.model, name, r.permutation)
             if rows is not None:
-                del r.extras["channel_permutation"]
+                r.permutation = None
                 r.info["channel_permutation"] = f"absorbed: columns stored in reallocation order, {', '.join(rows)} rows to match"
 
-    def _forward_observed(
-        self, layer: nn.Module, observers: dict[nn.Linear, Callable[[torch.Tensor], None]], hidden: list[torch.Tensor],
-        args: LayerArgs, skip_first: int, keep_outputs: bool = True,
-    ) -> list[torch.Tensor]:
+    def _forward_observed(self, layer: nn.Module, observers: dict[nn.Linear, Callable[[torch.Tensor], None]],
+                          inputs: Pass, keep_outputs: bool) -> list[torch.Tensor]:
         """One pass through ``layer`` with each observer called on its linear's input.
 
-        Observers never see the first ``skip_first`` positions of a window (attention sinks), and
+        Observers never see the first ``collect.skip_first`` positions of a window (attention sinks), and
         linears that read the same tensor (q/k/v, gate/up) get the same sliced view. A pass that keeps
         no outputs ends each batch after its last observer (``EarlyStop``).
         """
         memo: dict[str, Any] = {"x": None, "view": None}
+        skip_first = inputs.collect.skip_first
         watch = self.early_stop.watch(layer, observers) if not keep_outputs else nullcontext(lambda linear: None)
 
         def call(linear: nn.Linear, x: torch.Tensor, seen: Callable[[nn.Module], None]) -> None:
@@ -583,22 +618,21 @@ class LayerwiseEngine:
         with watch as seen:
             handles = [lin.register_forward_pre_hook(lambda m, inp: call(m, inp[0], seen)) for lin in observers]
             try:
-                return self._forward(layer, hidden, args, "calibration batches", keep_outputs)
+                return self._forward(layer, inputs.hidden, inputs.args, "calibration batches", keep_outputs)
             finally:
                 for h in handles:
                     h.remove()
 
-    def _collect(
-        self, layer: nn.Module, linears: dict[str, nn.Linear], hidden: list[torch.Tensor], args: LayerArgs, skip_first: int,
-        gram: bool, sketch: tuple[int, int] = (0, 1), keep_outputs: bool = True,
-    ) -> tuple[dict[str, ChannelStats], list[torch.Tensor]]:
+    def _collect(self, layer: nn.Module, linears: dict[str, nn.Linear], inputs: Pass,
+                 keep_outputs: bool = True) -> tuple[dict[str, ChannelStats], list[torch.Tensor]]:
         """One pass through ``layer`` that gives each target linear's input statistics, merged over processes.
 
         The per-channel sums are kept per batch and added in global batch order by ``comm.merge_stats``,
         so the totals do not depend on how the batches were spread over processes. Gram matrices are too
         large to keep per batch: they are summed as the batches come, and so are sketches. Linears that read the same tensor
-        (q/k/v, gate/up) share one computation of its statistics. ``sketch``: its probes (0: none) and token stride.
+        (q/k/v, gate/up) share one computation of its statistics.
         """
+        c = inputs.collect
         per_batch: list[dict[str, ChannelStats]] = []
         summed: dict[str, dict[str, torch.Tensor]] = {"gram": {}, "sketch": {}}
         memo: dict[str, Any] = {"x": None, "stats": None, "vectors": None}
@@ -606,12 +640,12 @@ class LayerwiseEngine:
         def observer(name: str) -> Callable[[torch.Tensor], None]:
             def fn(x: torch.Tensor) -> None:
                 if memo["x"] is not x:
-                    stats = ChannelStats.of(x, gram, *sketch)
+                    stats = ChannelStats.of(x, c.gram, c.sketch, c.sketch_every)
                     memo.update(x=x, stats=stats, vectors=stats.vectors_on_cpu())
                 batch = per_batch[-1]
                 batch[name] = ChannelStats.total([batch[name], memo["vectors"]]) if name in batch else memo["vectors"]
-                for field, sums in summed.items():
-                    t = getattr(memo["stats"], field)
+                for kind, sums in summed.items():
+                    t = getattr(memo["stats"], kind)
                     if t is not None:
                         sums[name] = sums[name].add_(t) if name in sums else t.clone()
 
@@ -620,24 +654,21 @@ class LayerwiseEngine:
         observers = {lin: observer(name) for name, lin in linears.items()}
         new_batch = layer.register_forward_pre_hook(lambda m, inp: per_batch.append({}))
         try:
-            outputs = self._forward_observed(layer, observers, hidden, args, skip_first, keep_outputs)
+            outputs = self._forward_observed(layer, observers, inputs, keep_outputs)
         finally:
             new_batch.remove()
         return self.comm.merge_stats(per_batch, summed["gram"], summed["sketch"]), outputs
 
     @staticmethod
-    def _prune_one(
-        method: Method, name: str, linear: nn.Linear, stats: ChannelStats | None, target: Target
-    ) -> tuple[LinearResult, Refiner | None]:
-        if method.needs_calibration:
+    def _prune_one(pruner: Pruner, name: str, linear: nn.Linear, stats: ChannelStats | None, target: Any) -> LinearResult:
+        if pruner.needs_calibration:
             if stats is None:
                 raise PruneError(f"no calibration statistics for {name}")
             stats.check_finite(name)
         if not all_finite(linear.weight.detach()):
             raise PruneError(f"non-finite weights in {name}")
-        info, refiner = method.prune(linear, stats, target)
-        tensor_keys = [k for k, v in info.items() if isinstance(v, torch.Tensor)]  # for the output folder, not the report
-        extras = {k: info.pop(k).detach().to("cpu").contiguous() for k in tensor_keys}
+        outcome = pruner.prune(linear, stats, target)
+        order = None if outcome.permutation is None else outcome.permutation.detach().to("cpu").contiguous()
         zeros = count_zeros(linear.weight)
-        return LinearResult(tuple(linear.weight.shape), target.sparsity, zeros, zeros / linear.weight.numel(), info,
-                            extras), refiner
+        return LinearResult(tuple(linear.weight.shape), target.sparsity, zeros, zeros / linear.weight.numel(),
+                            outcome.info, order is not None, order)

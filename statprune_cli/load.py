@@ -6,7 +6,6 @@ so that target, N:M and sequence-length errors surface before any weight is read
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
@@ -17,9 +16,6 @@ from statprune_cli.config import Config, ModelConfig, parse_pattern
 from statprune_cli.errors import ConfigError, InputError
 from statprune_cli.layers import find_decoder_layers, target_linears
 from statprune_cli.permute import residual_plan
-
-BIAS_FLAGS = ("attention_bias", "mlp_bias")
-
 
 def torch_dtype(name: str) -> torch.dtype | str:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}[name]
@@ -106,32 +102,3 @@ def check_against_model(cfg: Config, config: PretrainedConfig) -> dict[str, tupl
         if context is not None and seqlen > context:
             raise ConfigError(key, f"expected at most the model's context ({context} tokens), got {seqlen}")
     return {n: (m.out_features, m.in_features) for n, m in found.items()}
-
-
-def enable_biases(model: nn.Module, wanted: list[str], trust_remote_code: bool = False) -> list[str]:
-    """Give the linears in ``wanted`` a (zero) bias where the architecture's config allows one.
-
-    Sets e.g. ``attention_bias`` / ``mlp_bias`` and adds zero biases to every linear the flag
-    governs, so the saved checkpoint loads in transformers as is. Returns the flags set; the
-    linears that still have no bias afterwards cannot take one in this architecture.
-    """
-    modules = dict(model.named_modules())
-    missing = {n for n in wanted if modules[n].bias is None}
-    set_flags = []
-    for flag in BIAS_FLAGS:
-        if not missing or getattr(model.config, flag, None) is not False:
-            continue
-        trial = copy.deepcopy(model.config)
-        setattr(trial, flag, True)
-        gained = {n for n, m in meta_model(trial, trust_remote_code).named_modules() if isinstance(m, nn.Linear) and m.bias is not None
-                  and modules[n].bias is None}
-        if not gained & missing:
-            continue
-        setattr(model.config, flag, True)
-        set_flags.append(flag)
-        for n in gained:
-            lin = modules[n]
-            lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device),
-                                    requires_grad=False)
-        missing -= gained
-    return set_flags

@@ -17,18 +17,17 @@ from typing import Any
 
 import torch
 
-from statprune_cli import __version__
 from statprune_cli.allocation import energy_sparsities
-from statprune_cli.config import (Config, allocation_mode, dump_config, lsa_mode, parse_pattern, parse_size,
-                                  reallocation_mode, residual_mode)
+from statprune_cli.config import Config, dump_config, parse_size
 from statprune_cli.data import batched, calibration_windows, load_documents
 from statprune_cli.distributed import Communicator, launched, launched_world_size
-from statprune_cli.engine import EngineResult, LayerDone, LayerIO, LayerwiseEngine, Resume
+from statprune_cli.engine import Collect, EngineResult, Job, LayerDone, LayerIO, LayerwiseEngine, Resume, Selection
 from statprune_cli.errors import ConfigError, InputError
 from statprune_cli.export import EXTRAS_NAME, atomic_dir, check_output_dir, save_model_folder, write_extras, write_json_atomic
 from statprune_cli.layers import find_decoder_layers
-from statprune_cli.load import check_against_model, enable_biases, load_model, load_model_config, load_tokenizer, torch_dtype
+from statprune_cli.load import check_against_model, load_model, load_model_config, load_tokenizer, torch_dtype
 from statprune_cli.methods import Method, Target, build_method
+from statprune_cli.plan import Plan, make_plan
 from statprune_cli.permute import RESIDUAL_ROWS, RESIDUAL_TOKENS, ResidualPlan, head_blocks, producers, residual_order, residual_plan
 from statprune_cli.perplexity import EvalSet, evaluate_perplexity, load_eval_set
 from statprune_cli.profile import outlier_ratio, owl_sparsities
@@ -72,18 +71,6 @@ class Timer:
             self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - t0
 
 
-def statistics_skip(cfg: Config, method: Method) -> int:
-    """Positions left out of the statistics: the config's value if set, else the method's own choice."""
-    skip = cfg.calibration.skip_first_tokens
-    return method.skip_first_tokens if skip is None else skip
-
-
-def calibrated_sequentially(cfg: Config, method: Method) -> bool:
-    """Whether each layer's statistics come from the pruned layers' outputs: the config's value if set, else the method's."""
-    s = cfg.pruning.sequential
-    return method.sequential if s is None else s
-
-
 def calibration_batches(cfg: Config, tokenizer: Any, ui: UI) -> tuple[list[torch.Tensor], str]:
     c = cfg.calibration
     docs = load_documents(c, "calibration", default_split="train")
@@ -113,7 +100,6 @@ class Pruned:
     result: EngineResult
     mode: str
     notes: list[str]
-    skip: int
     layer_sparsity: list[float] | None
     from_shared_stats: bool = False  # used ``DenseStats`` collected for other runs too (a sweep's cells)
     residual_permuted: bool = False  # the residual stream was permuted (``residual_stream_order``)
@@ -130,22 +116,14 @@ def config_method(cfg: Config) -> Method:
     return build_method(p.method, p.options, p.pattern)
 
 
-def resolved_choices(cfg: Config, method: Method) -> dict[str, Any]:
-    """What the config leaves to the method and the code's defaults: a resumed run must get the same, or its layers
-    would be pruned two ways (e.g. a partial run whose statprune version had another 2:4 reallocation default)."""
-    return {"statprune_version": __version__, "options": asdict(method.options),
-            "reallocation": reallocation_mode(cfg.pruning, method), "lsa": lsa_mode(cfg.pruning, method),
-            "residual_permutation": residual_mode(cfg.pruning, method),
-            "allocation": allocation_mode(cfg.pruning, method),
-            "sequential": calibrated_sequentially(cfg, method), "skip_first_tokens": statistics_skip(cfg, method)}
+def selection(plan: Plan) -> Selection:
+    return Selection(plan.targets, plan.ignore)
 
 
-def base_target(cfg: Config, method: Method) -> Target:
-    p = cfg.pruning
-    nm = parse_pattern(p.pattern)
-    granularity = p.granularity or (p.profile == "owl" and method.owl_granularity) or method.granularity
-    return Target(p.sparsity if nm is None else nm[0] / nm[1], nm, granularity,
-                  reallocation=bool(reallocation_mode(cfg.pruning, method)), lsa=lsa_mode(cfg.pruning, method))
+def collect_for(plan: Plan, matrices: bool = True) -> Collect:
+    """What the plan's statistics passes gather (``matrices`` False: no Gram matrix or sketch, for OWL and the
+    residual order, which read the channel statistics alone)."""
+    return Collect(plan.skip_first_tokens, plan.gram and matrices, plan.sketch_rank if matrices else 0, plan.sketch_every)
 
 
 def needs_batches(cfg: Config, method: Method) -> bool:
@@ -153,14 +131,14 @@ def needs_batches(cfg: Config, method: Method) -> bool:
     return method.needs_calibration or cfg.pruning.profile == "owl"
 
 
-def describe_mode(cfg: Config, method: Method, stats_path: Path | None) -> str:
+def describe_mode(plan: Plan, method: Method, stats_path: Path | None) -> str:
     if stats_path is not None:
         return f"one-shot: masks from dense-model statistics in {stats_path}, no forward pass"
     if not method.needs_calibration:
         return "data-free: no calibration pass"
     inside = ("; inside each layer, each group of linears on the outputs of the groups already pruned (true sequential)"
-              if cfg.pruning.true_sequential else "")
-    if calibrated_sequentially(cfg, method):
+              if plan.true_sequential else "")
+    if plan.sequential:
         return "sequential: each layer is calibrated on the outputs of the already-pruned layers" + inside
     return "dense-activation: each layer is calibrated on the dense model's activations" + inside
 
@@ -181,38 +159,36 @@ class Placement:
 
 
 class DenseStats:
-    """Dense-model statistics, collected once per (skip, gram, sketch and its stride, token budget) and reused: OWL's
-    ratios, the residual order, the sweep's cells."""
+    """Dense-model statistics, collected once per (what is collected, token budget) and reused: OWL's ratios, the
+    residual order, the sweep's cells."""
 
-    def __init__(self, cfg: Config, batches: list[torch.Tensor] | None, ui: UI) -> None:
-        self.cfg, self.batches, self.ui = cfg, batches, ui
-        self.cache: dict[tuple[int, bool, tuple[int, int | None], int | None], dict[str, ChannelStats]] = {}
+    def __init__(self, selection: Selection, batches: list[torch.Tensor] | None, ui: UI) -> None:
+        self.selection, self.batches, self.ui = selection, batches, ui
+        self.cache: dict[tuple[Collect, int | None], dict[str, ChannelStats]] = {}
         self.seconds = 0.0  # spent collecting, so a sweep can keep it out of the cell that happens to ask first
 
-    def get(self, engine: LayerwiseEngine, skip: int, gram: bool, tokens: int | None = None,
-            sketch: int = 0, sketch_every: int | None = None) -> dict[str, ChannelStats]:
+    def get(self, engine: LayerwiseEngine, collect: Collect, tokens: int | None = None) -> dict[str, ChannelStats]:
         """Statistics over every window, or over the first windows that hold ``tokens`` tokens (enough for an
         estimate that needs no more: a pass costs in proportion to its tokens). Statistics already collected over
-        more windows serve a smaller budget."""
+        more windows serve a smaller budget, and a Gram matrix serves any sketch."""
         batches = self.batches
         if tokens is not None and batches and tokens < sum(b.numel() for b in batches):
             batches = first_windows(batches, tokens)
-        if sketch:  # keyed by the stride the engine takes, so an explicit equal one is served
-            sketch_every = resolve_every(sketch_every, batches)
-        for (s, g, k, t), stats in sorted(self.cache.items(), key=lambda item: item[0][3] is not None):  # all windows first
-            # a Gram matrix makes any sketch
-            if s == skip and (g or not gram) and (not sketch or k == (sketch, sketch_every) or g) and (
+        if collect.sketch:  # keyed by the stride the engine takes, so an explicit equal one is served
+            collect = replace(collect, sketch_every=resolve_every(collect.sketch_every, batches))
+        for (c, t), stats in sorted(self.cache.items(), key=lambda item: item[0][1] is not None):  # all windows first
+            if c.skip_first == collect.skip_first and (c.gram or not collect.gram) and (
+                    not collect.sketch or (c.sketch, c.sketch_every) == (collect.sketch, collect.sketch_every) or c.gram) and (
                     t is None or (tokens is not None and t >= tokens)):
                 return stats
-        self.ui.log("one dense calibration pass" + (" with input Hessians" if gram else "") + (f" with {sketch}-probe sketches" if sketch else "")
+        self.ui.log("one dense calibration pass" + (" with input Hessians" if collect.gram else "")
+                    + (f" with {collect.sketch}-probe sketches" if collect.sketch else "")
                     + (f" over {sum(len(b) for b in batches)} of {sum(len(b) for b in self.batches)} windows"
                        if batches is not self.batches else ""))
-        p = self.cfg.pruning
         t0 = time.perf_counter()
-        stats = engine.run(None, None, p.targets, p.ignore, batches, skip_first=skip, gram=gram, sketch=sketch,
-                           sketch_every=sketch_every).stats
+        stats = engine.statistics(batches, self.selection, collect)
         self.seconds += time.perf_counter() - t0
-        self.cache[(skip, gram, (sketch, sketch_every), None if batches is self.batches else tokens)] = stats
+        self.cache[(collect, None if batches is self.batches else tokens)] = stats
         return stats
 
 
@@ -229,98 +205,112 @@ def first_windows(batches: list[torch.Tensor], tokens: int) -> list[torch.Tensor
     return out
 
 
-def prune_model(
-    cfg: Config, model: torch.nn.Module, method: Method, linear_names: list[str], batches: list[torch.Tensor] | None,
-    stats: dict[str, ChannelStats] | None, device: torch.device, ui: UI, stats_path: Path | None = None,
-    dense: DenseStats | None = None, shared: bool = False, placement: Placement | None = None,
-) -> Pruned:
-    """Prune a loaded model in place, layer by layer.
+@dataclass
+class PruneInputs:
+    """What a prune reads besides the model: the config (runtime settings), its plan and method, the calibration
+    batches, and statistics from a ``--stats`` file (one-shot) if given."""
+
+    cfg: Config
+    plan: Plan
+    method: Method
+    batches: list[torch.Tensor] | None
+    stats: dict[str, ChannelStats] | None = None
+    stats_path: Path | None = None
+
+
+class LinearTargets:
+    """The engine's ``TargetRule``: each linear's target from the plan, OWL's layer profile, the energy allocation
+    (on the group's statistics, known only once the engine has them) and what the architecture can absorb."""
+
+    def __init__(self, plan: Plan, model: torch.nn.Module, layer_sparsity: list[float] | None) -> None:
+        self.plan, self.model, self.layer_sparsity, self.base = plan, model, layer_sparsity, plan.target()
+
+    def __call__(self, index: int, linears: dict[str, torch.nn.Linear],
+                 stats: dict[str, ChannelStats]) -> dict[str, Target]:
+        sparsity = self.base.sparsity if self.layer_sparsity is None else self.layer_sparsity[index]
+        if self.plan.allocation == "uniform":
+            return {name: self.one(name, sparsity) for name in linears}
+        sparsities = energy_sparsities(linears, stats, sparsity, self.plan.allocation_spread)
+        return {name: self.one(name, s) for name, s in sparsities.items()}
+
+    def one(self, name: str, sparsity: float) -> Target:
+        t = self.base
+        if not t.reallocation or self.plan.reallocation is True or producers(self.model, name) is not None:
+            return replace(t, name=name, sparsity=sparsity)
+        blocks = head_blocks(self.model, name)  # absorbed: an attention's output projection reorders within heads
+        absorbable = blocks is not None and t.nm is not None and blocks[0] % t.nm[1] == 0
+        return replace(t, name=name, sparsity=sparsity, reallocation=absorbable, blocks=blocks if absorbable else None)
+
+
+def prune_model(inputs: PruneInputs, model: torch.nn.Module, device: torch.device, ui: UI,
+                placement: Placement | None = None, dense: DenseStats | None = None, shared: bool = False) -> Pruned:
+    """Prune a loaded model in place, layer by layer: the pre-passes (shared dense statistics, OWL's profile, the
+    residual order) first, then the engine.
 
     ``dense`` holds dense-model statistics, collected once: OWL's ratios come from them, and a run calibrated on
     the dense model's activations prunes from them with no pass of its own (what it would compute anyway) when
     OWL already made them or ``shared`` says other runs use them too (a sweep's cells).
     ``placement`` says where layers and activations live, and what happens after each layer.
     """
+    plan, method, stats = inputs.plan, inputs.method, inputs.stats
     placement = placement or Placement()
-    p = cfg.pruning
-    skip = statistics_skip(cfg, method)
-    notes = []
-    bias_flags = enable_biases(model, linear_names, cfg.model.trust_remote_code) if method.wants_bias else []
-    if bias_flags:
-        notes.append(f"set {', '.join(bias_flags)} in config.json: the compensation writes biases")
-    target = base_target(cfg, method)
-    engine = placement.engine(model, device, cfg, ui)
-    dense = dense or DenseStats(cfg, batches, ui)
-    mode = describe_mode(cfg, method, stats_path)
-    sequential = calibrated_sequentially(cfg, method)
-    dense_only = not (sequential or p.true_sequential or method.needs_output_pass)
-    used_dense = False  # statistics from ``dense``: for the masks, or for OWL's ratios
-    if stats is None and method.needs_calibration and dense_only and (shared or p.profile == "owl"):
-        stats, used_dense = dense.get(engine, skip, method.needs_gram, sketch=method.sketch_rank,
-                                     sketch_every=method.sketch_every), True
+    engine = placement.engine(model, device, inputs.cfg, ui)
+    dense = dense or DenseStats(selection(plan), inputs.batches, ui)
+    mode = describe_mode(plan, method, inputs.stats_path)
+    notes: list[str] = []
+    used_dense = False  # statistics from ``dense``: for the masks, or for OWL's ratios or the residual order
+    dense_only = not (plan.sequential or plan.true_sequential)
+    if stats is None and method.needs_calibration and dense_only and (shared or plan.profile == "owl"):
+        stats, used_dense = dense.get(engine, collect_for(plan)), True
         mode += " (dense statistics collected once, " + ("shared by the sweep's cells)" if shared else "for OWL and the masks)")
     layer_sparsity = None
-    if p.profile == "owl":
-        base = stats if stats is not None else dense.get(engine, skip, False)
+    if plan.profile == "owl":
         used_dense = used_dense or stats is None
-        m = p.owl.m if p.owl.m is not None else method.owl_m
-        ratios = [outlier_ratio(engine.linears(i, p.targets, p.ignore), base, m) for i in range(len(engine.layers))]
-        layer_sparsity = owl_sparsities(ratios, target.sparsity, p.owl.lam)
-        notes.append(f"OWL layer sparsities (M {m:g}, lambda {p.owl.lam:g}): " + ", ".join(f"{s:.3f}" for s in layer_sparsity))
-
+        layer_sparsity = owl_profile(engine, plan, stats if stats is not None else dense.get(engine, collect_for(plan, False)))
+        notes.append(f"OWL layer sparsities (M {plan.owl_m:g}, lambda {plan.owl_lam:g}): "
+                     + ", ".join(f"{s:.3f}" for s in layer_sparsity))
     residual_permuted = False
-    if residual_mode(p, method):
-        plan = residual_plan(model, engine.layers_name, model.config.hidden_size)
-        if isinstance(plan, str):
-            notes.append(f"residual stream kept in its stored order ({plan})")
-        else:
-            t0 = time.perf_counter()
-            base = stats if stats is not None else dense.get(engine, skip, False, RESIDUAL_TOKENS)
-            used_dense = used_dense or stats is None
-            t1 = time.perf_counter()
-            order, note = residual_stream_order(engine, plan, base, target)
-            t2 = time.perf_counter()
-            engine.io.permute_residual(model, plan, order)
-            residual_permuted = True
-            # the step's cost in parts, so a user can weigh it against its gain (``residual_permutation: false``)
-            notes.append(f"{note}; {t1 - t0:.1f} s for the statistics (a dense pass unless shared), {t2 - t1:.1f} s "
-                         f"choosing the order, {time.perf_counter() - t2:.1f} s permuting the weights")
-            if stats is not None:  # copies: the statistics may be shared (a sweep's dense ones)
-                by_layer = plan.reader_names(engine.layers_name, len(engine.layers)).values()
-                readers = {n for names in by_layer for n in names}
-                stats = {k: s.permuted(order) if k in readers else s for k, s in stats.items()}
-    realloc_mode = reallocation_mode(cfg.pruning, method)
-
-    allocation = allocation_mode(p, method)
-
-    def target_for(name: str, sparsity: float) -> Target:
-        if not target.reallocation or realloc_mode is True or producers(engine.model, name) is not None:
-            return replace(target, name=name, sparsity=sparsity)
-        blocks = head_blocks(engine.model, name)  # absorbed: an attention's output projection reorders within heads
-        absorbable = blocks is not None and target.nm is not None and blocks[0] % target.nm[1] == 0
-        return replace(target, name=name, sparsity=sparsity, reallocation=absorbable, blocks=blocks if absorbable else None)
-
-    def targets_for(index: int, linears: dict[str, torch.nn.Linear],
-                    layer_stats: dict[str, ChannelStats]) -> dict[str, Target]:
-        sparsity = layer_target(target.sparsity, layer_sparsity, index)
-        if allocation == "uniform":
-            return {name: target_for(name, sparsity) for name in linears}
-        sparsities = energy_sparsities(linears, layer_stats, sparsity, p.allocation_spread)
-        return {name: target_for(name, s) for name, s in sparsities.items()}
-
-    result = engine.run(method, targets_for, p.targets, p.ignore, batches, stats=stats, sequential=sequential,
-                        true_sequential=p.true_sequential, skip_first=skip,
-                        resume=placement.resume, on_layer_done=placement.on_layer_done)
-    if realloc_mode == "absorbed" and not any(
-            "channel_permutation" in r.info for layer in result.layers for r in layer.linears.values()):
+    if plan.residual_permutation:
+        used_dense = used_dense or stats is None
+        stats, note, residual_permuted = permute_residual(engine, plan, stats, dense)
+        notes.append(note)
+    job = Job(method, LinearTargets(plan, engine.model, layer_sparsity), selection(plan), collect_for(plan),
+              plan.sequential, plan.true_sequential, stats)
+    result = engine.run(job, inputs.batches, placement.resume, placement.on_layer_done)
+    if plan.reallocation == "absorbed" and not any(r.reordered for layer in result.layers for r in layer.linears.values()):
         notes.append("reallocation absorbed: no MLP down projection or attention output projection of this architecture "
                      "can take a permutation of its inputs (fused or normalised in between), so every linear kept the "
                      "stored channel order")
-    skipped = sorted({n for layer in result.layers for n, r in layer.linears.items() if "mean_compensation" in r.info})
-    if skipped:
-        notes.append(f"mean compensation skipped for {len(skipped)} linears whose architecture cannot take a bias "
-                     f"(e.g. {skipped[0]})")
-    return Pruned(engine, result, mode, notes, skip, layer_sparsity, shared and used_dense, residual_permuted)
+    return Pruned(engine, result, mode, notes, layer_sparsity, shared and used_dense, residual_permuted)
+
+
+def owl_profile(engine: LayerwiseEngine, plan: Plan, stats: dict[str, ChannelStats]) -> list[float]:
+    """OWL's sparsity per decoder layer, from each layer's share of outlier scores."""
+    ratios = [outlier_ratio(engine.linears(i, selection(plan)), stats, plan.owl_m) for i in range(len(engine.layers))]
+    return owl_sparsities(ratios, plan.sparsity, plan.owl_lam)
+
+
+def permute_residual(engine: LayerwiseEngine, plan: Plan, stats: dict[str, ChannelStats] | None,
+                     dense: DenseStats) -> tuple[dict[str, ChannelStats] | None, str, bool]:
+    """Permute the residual stream for its readers' N:M groups, where the architecture allows: (the statistics in
+    the new order, the report's note, whether it was permuted)."""
+    model = engine.model
+    residual = residual_plan(model, engine.layers_name, model.config.hidden_size)
+    if isinstance(residual, str):
+        return stats, f"residual stream kept in its stored order ({residual})", False
+    t0 = time.perf_counter()
+    base = stats if stats is not None else dense.get(engine, collect_for(plan, False), RESIDUAL_TOKENS)
+    t1 = time.perf_counter()
+    order, note = residual_stream_order(engine, residual, base, plan.target())
+    t2 = time.perf_counter()
+    engine.io.permute_residual(model, residual, order)
+    # the step's cost in parts, so a user can weigh it against its gain (``residual_permutation: false``)
+    note += (f"; {t1 - t0:.1f} s for the statistics (a dense pass unless shared), {t2 - t1:.1f} s choosing the order, "
+             f"{time.perf_counter() - t2:.1f} s permuting the weights")
+    if stats is not None:  # copies: the statistics may be shared (a sweep's dense ones)
+        readers = {n for names in residual.reader_names(engine.layers_name, len(engine.layers)).values() for n in names}
+        stats = {k: s.permuted(order) if k in readers else s for k, s in stats.items()}
+    return stats, note, True
 
 
 def residual_stream_order(engine: LayerwiseEngine, plan: ResidualPlan, stats: dict[str, ChannelStats],
@@ -355,16 +345,14 @@ def perplexities(cfg: Config, engine: LayerwiseEngine, evals: list[EvalSet], ui:
     return out
 
 
-def check_stats(stats_path: Path, shapes: dict[str, tuple[int, int]], cfg: Config, method: Method) -> dict[str, ChannelStats]:
-    """Load a ``--stats`` file and check it covers every target linear with what the method needs.
+def check_stats(stats_path: Path, shapes: dict[str, tuple[int, int]], cfg: Config,
+                method: Method) -> tuple[dict[str, ChannelStats], int | None]:
+    """Load a ``--stats`` file and check it covers every target linear with what the method needs; returns the
+    statistics and the positions they leave out.
 
-    The file's statistics leave out the first positions its calibrate run chose; they cannot be
-    recomputed without data. A config that sets another ``calibration.skip_first_tokens`` is refused;
-    one that leaves it to the method takes the file's (set in ``cfg``, so statprune.yaml repeats the run).
+    Those positions (the calibrate run's choice) cannot be recomputed without data. A config that sets another
+    ``calibration.skip_first_tokens`` is refused; one that leaves it unset takes the file's (``make_plan``).
     """
-    if method.needs_output_pass:
-        raise InputError("--stats: the method's measured compensation needs calibration data; drop --stats or change "
-                         "pruning.options.compensation")
     stats, skip = load_stats(stats_path)
     for name, (_, cols) in shapes.items():
         if name not in stats or stats[name].sum.numel() != cols:
@@ -374,14 +362,12 @@ def check_stats(stats_path: Path, shapes: dict[str, tuple[int, int]], cfg: Confi
                              f"(run `statprune calibrate` with pruning.method: {method.name})")
         if method.sketch_rank and stats[name].probed(method.sketch_rank) is None:
             raise InputError(f"--stats: {stats_path} has no {method.sketch_rank}-probe sketch of the input Hessian for "
-                             f"{name}; pruning.options.compensation needs one (run `statprune calibrate` with the same options)")
+                             f"{name}; statprune's sketched update needs one (run `statprune calibrate` with the same config)")
     wanted = cfg.calibration.skip_first_tokens
     if skip is not None and wanted is not None and wanted != skip:
         raise InputError(f"--stats: {stats_path} leaves out the first {skip} position(s) of each window, "
                          f"calibration.skip_first_tokens asks for {wanted}; run `statprune calibrate` with {wanted} or drop the key")
-    if skip is not None:
-        cfg.calibration.skip_first_tokens = skip
-    return stats
+    return stats, skip
 
 
 def run_prune(cfg: Config, overwrite: bool = False, stats_path: Path | None = None, ui: UI | None = None) -> dict[str, Any]:
@@ -394,15 +380,13 @@ def run_prune(cfg: Config, overwrite: bool = False, stats_path: Path | None = No
     device = setup_runtime(cfg)
     timer = Timer()
     method = config_method(cfg)
-    if method.needs_output_pass and launched_world_size() > 1:
-        raise ConfigError("pruning.options.compensation", "expected a closed-form compensation under a launcher: the "
-                                                          "measured ones run in one process only")
     streaming = decide_streaming(cfg)
 
     with timer.phase("prepare"):
         model_config = load_model_config(cfg.model)
         shapes = check_against_model(cfg, model_config)
-        stats = check_stats(stats_path, shapes, cfg, method) if stats_path else None
+        stats, skip = check_stats(stats_path, shapes, cfg, method) if stats_path else (None, None)
+        plan = make_plan(cfg, method, skip)
         checkpoint = Checkpoint(resolve_folder(cfg.model)) if streaming else None
         tokenizer = load_tokenizer(cfg.model)
         batches, calibration = None, "none (the method needs no data)"
@@ -418,7 +402,7 @@ def run_prune(cfg: Config, overwrite: bool = False, stats_path: Path | None = No
             prepare_zeroshot(cfg.eval.zeroshot)
     check_world(cfg, batches)
     with launched(device, cfg.runtime.dist_timeout_minutes) as (comm, device):
-        run = Run(cfg, method, list(shapes), batches, stats, stats_path, evals, device, ui, timer, comm)
+        run = Run(PruneInputs(cfg, plan, method, batches, stats, stats_path), evals, device, ui, timer, comm)
         if checkpoint is None:
             return prune_in_memory(run, out, overwrite, tokenizer, calibration)
         with tempfile.TemporaryDirectory(prefix="statprune-tokenizer-") as tokenizer_dir:
@@ -449,7 +433,7 @@ def check_world(cfg: Config, batches: list[torch.Tensor] | None) -> None:
 
 def prune_in_memory(run: Run, out: Path, overwrite: bool, tokenizer: Any, calibration: str) -> dict[str, Any]:
     """The whole model in CPU memory, one layer on the device; rank 0 writes the folder at the end."""
-    cfg, timer = run.cfg, run.timer
+    cfg, timer = run.inputs.cfg, run.timer
     with timer.phase("load"):
         run.ui.log(f"loading {cfg.model.name_or_path} ({cfg.model.dtype})")
         model = load_model(cfg.model)
@@ -478,14 +462,14 @@ def prune_in_memory(run: Run, out: Path, overwrite: bool, tokenizer: Any, calibr
 def prune_streamed(run: Run, out: Path, checkpoint: Checkpoint, model_config: Any, tokenizer_dir: Path,
                    calibration: str) -> dict[str, Any]:
     """Layers read from the checkpoint and written to ``.NAME.partial`` as they finish (by rank 0), resumable."""
-    cfg, timer, comm = run.cfg, run.timer, run.comm
+    cfg, timer, comm = run.inputs.cfg, run.timer, run.comm
     with partial_dir(out, rename=comm.is_main) as partial:
         with timer.phase("load"):
             run.ui.log(f"streaming {cfg.model.name_or_path} ({cfg.model.dtype}): one decoder layer in memory at a time")
             model = load_skeleton(cfg.model, model_config, checkpoint)
         layers_name, layers = find_decoder_layers(model)
         output = StreamingOutput(partial, checkpoint, layers_name, len(layers),
-                                 {**cfg.to_dict(), "resolved": resolved_choices(cfg, run.method)}, comm)
+                                 {**cfg.to_dict(), "plan": run.inputs.plan.to_dict()}, comm)
         state = output.resume()
         placement = Placement(StreamedLayers(checkpoint, layers_name, torch_dtype(cfg.model.dtype)), partial,
                               None if state is None else Resume(*state), output.layer_done, comm)
@@ -525,12 +509,7 @@ def activation_folder(cfg: Config, out: Path) -> Iterator[Path | None]:
 class Run:
     """One prune's inputs, shared by the in-memory and the streaming paths of ``run_prune``."""
 
-    cfg: Config
-    method: Method
-    linear_names: list[str]
-    batches: list[torch.Tensor] | None
-    stats: dict[str, ChannelStats] | None
-    stats_path: Path | None
+    inputs: PruneInputs
     evals: list[EvalSet]
     device: torch.device
     ui: UI
@@ -541,42 +520,40 @@ class Run:
                            weights_written: Callable[[], Checkpoint] | None = None) -> tuple[Pruned, list[dict[str, Any]]]:
         """Prune, then evaluate; streaming evaluates from the written output (``weights_written()`` gives it)."""
         with self.timer.phase("prune"):
-            pruned = prune_model(self.cfg, model, self.method, self.linear_names, self.batches, self.stats, self.device,
-                                 self.ui, self.stats_path, placement=placement)
-        engine = pruned.engine
+            pruned = prune_model(self.inputs, model, self.device, self.ui, placement)
+        engine, cfg = pruned.engine, self.inputs.cfg
         if weights_written is not None:
             written = weights_written()
-            eval_io = StreamedLayers(written, engine.layers_name, torch_dtype(self.cfg.model.dtype))
-            engine = Placement(eval_io, placement.activation_dir, comm=self.comm).engine(model, self.device, self.cfg, self.ui)
+            eval_io = StreamedLayers(written, engine.layers_name, torch_dtype(cfg.model.dtype))
+            engine = Placement(eval_io, placement.activation_dir, comm=self.comm).engine(model, self.device, cfg, self.ui)
         with self.timer.phase("eval"):
-            ppl = perplexities(self.cfg, engine, self.evals, self.ui)
+            ppl = perplexities(cfg, engine, self.evals, self.ui)
         return pruned, ppl
 
     def report(self, pruned: Pruned, ppl: list[dict[str, Any]], calibration: str, all_params: dict[str, Any] | None,
                out: Path) -> dict[str, Any]:
-        p = self.cfg.pruning
-        target = base_target(self.cfg, self.method)
-        rows, totals = layer_summary(pruned.result, lambda i: layer_target(target.sparsity, pruned.layer_sparsity, i))
-        realloc = reallocation_mode(self.cfg.pruning, self.method)
+        cfg, plan = self.inputs.cfg, self.inputs.plan
+        rows, totals = layer_summary(pruned.result, lambda i: layer_target(plan.sparsity, pruned.layer_sparsity, i))
         versions = package_versions()
         return {
             "statprune_version": versions["statprune"],
-            "model": self.cfg.model.name_or_path,
-            "method": p.method,
-            "options": asdict(self.method.options),
-            "pattern": p.pattern,
-            "pattern_label": pattern_label(self.cfg, target, realloc, pruned.residual_permuted),
-            "reallocation": realloc,
-            "lsa": target.lsa,
+            "model": cfg.model.name_or_path,
+            "method": plan.method,
+            "plan": plan.to_dict(),
+            "options": plan.options,
+            "pattern": plan.pattern,
+            "pattern_label": pattern_label(plan, pruned.residual_permuted),
+            "reallocation": plan.reallocation,
+            "lsa": plan.lsa,
             "residual_permutation": pruned.residual_permuted,
-            "target_sparsity": target.sparsity,
-            "profile": p.profile,
+            "target_sparsity": plan.sparsity,
+            "profile": plan.profile,
             "layer_target_sparsity": pruned.layer_sparsity,
-            "allocation": allocation_mode(p, self.method),
+            "allocation": plan.allocation,
             "mode": pruned.mode,
             "streaming": isinstance(pruned.engine.io, StreamedLayers),
-            "calibration": {**asdict(self.cfg.calibration), "description": calibration,
-                            "statistics_skip_first_tokens": pruned.skip},
+            "calibration": {**asdict(cfg.calibration), "description": calibration,
+                            "statistics_skip_first_tokens": plan.skip_first_tokens},
             "device": str(self.device),
             "world_size": self.comm.world_size,
             "sparsity": {"pruned_linears": totals, "all_parameters": all_params},
@@ -591,21 +568,20 @@ class Run:
 
     def write_run_files(self, folder: Path, report: dict[str, Any]) -> None:
         """statprune.yaml (re-running it repeats the run) and report.json, with the final timings and memory."""
-        (folder / "statprune.yaml").write_text(dump_config(self.cfg))
+        (folder / "statprune.yaml").write_text(dump_config(self.inputs.plan.written_into(self.inputs.cfg)))
         report["timings"] = {k: round(v, 3) for k, v in self.timer.phases.items()}
         report["memory"] = peak_memory()
         report["extras_file"] = EXTRAS_NAME if (folder / EXTRAS_NAME).is_file() else None
         (folder / "report.json").write_text(json.dumps(report, indent=2))
 
 
-def pattern_label(cfg: Config, target: Target, reallocation: bool | str, residual: bool = False) -> str:
-    p = cfg.pruning
-    if target.nm:
+def pattern_label(plan: Plan, residual: bool = False) -> str:
+    if plan.nm:
         where = {True: ", channel reallocation", "absorbed": ", channel reallocation where absorbed"}
-        orders = where.get(reallocation, "") + (", residual stream permuted" if residual else "")
-        return p.pattern + orders + (" (LSA-refined)" if orders and target.lsa else "")
-    owl = ", OWL layer profile" if p.profile == "owl" else ""
-    return f"{p.sparsity:.0%} unstructured (per {target.granularity}{owl})"
+        orders = where.get(plan.reallocation, "") + (", residual stream permuted" if residual else "")
+        return plan.pattern + orders + (" (LSA-refined)" if orders and plan.lsa else "")
+    owl = ", OWL layer profile" if plan.profile == "owl" else ""
+    return f"{plan.sparsity:.0%} unstructured (per {plan.granularity}{owl})"
 
 
 def run_calibrate(cfg: Config, output: Path, overwrite: bool = False, ui: UI | None = None) -> dict[str, Any]:
@@ -621,18 +597,16 @@ def run_calibrate(cfg: Config, output: Path, overwrite: bool = False, ui: UI | N
     check_world(cfg, batches)
     t0 = time.perf_counter()
     output.parent.mkdir(parents=True, exist_ok=True)
+    plan = make_plan(cfg)
+    skip = plan.skip_first_tokens
     with reading_engine(cfg, device, streaming, output, ui) as engine:
-        p = cfg.pruning
-        method = config_method(cfg)
-        skip = statistics_skip(cfg, method)
-        result = engine.run(None, None, p.targets, p.ignore, batches, skip_first=skip,
-                            gram=method.needs_gram, sketch=method.sketch_rank, sketch_every=method.sketch_every)
+        stats = engine.statistics(batches, selection(plan), collect_for(plan))
     summary = {"stats_file": str(output), "model": cfg.model.name_or_path, "calibration": calibration,
                "skip_first_tokens": skip, "world_size": engine.comm.world_size,
-               "seconds": round(time.perf_counter() - t0, 3), "inputs": summarize_stats(result.stats)}
+               "seconds": round(time.perf_counter() - t0, 3), "inputs": summarize_stats(stats)}
     if not engine.comm.is_main:  # every process holds the same statistics; rank 0 writes them
         return summary
-    save_stats(result.stats, output, {"model": cfg.model.name_or_path, "calibration": calibration,
+    save_stats(stats, output, {"model": cfg.model.name_or_path, "calibration": calibration,
                                       "skip_first_tokens": str(skip)})
     summary_path = output.with_suffix(".json")
     write_json_atomic(summary_path, summary)

@@ -11,8 +11,8 @@ H ~ D + U diag(lam) U^T with U, lam from Y and D the diagonal H keeps beyond the
 With that H, each row's best update of its kept weights K given its pruned ones P (minimise
 ||(W - W') X||^2) is delta_K = H_KK^-1 H_KP w_P. D has no off-diagonal part, so H_KP w_P = U_K lam (U_P^T w_P)
 and Woodbury's identity inverts H_KK = D_K + U_K lam U_K^T with one k x k system per row (rows x in x k^2 work), or
-with one system shared by every row (rows x in x k; ``least_squares_update``). The same H gives diag(H^-1), for
-Optimal Brain Surgeon's saliency w^2 / [H^-1]_jj (``inverse_diagonal``; statprune's ``obs`` score).
+with one system shared by every row (rows x in x k; ``least_squares_update``, statprune's; the per-row systems serve
+scripts/recon_gap.py).
 """
 
 from __future__ import annotations
@@ -80,16 +80,6 @@ def damped_diagonal(diag: torch.Tensor, u: torch.Tensor, lam: torch.Tensor, damp
     """D of H ~ D + U diag(lam) U^T: what ``diag`` (H's exact diagonal) keeps beyond the sketch, plus ``damp`` times
     its mean (SparseGPT's damping: nothing leans on a direction the calibration tokens barely span), float64."""
     return (diag.double() - (u.square() * lam).sum(1)).clamp_min(0.0) + damp * float(diag.double().mean())
-
-
-def inverse_diagonal(diag: torch.Tensor, u: torch.Tensor, lam: torch.Tensor, damp: float) -> torch.Tensor:
-    """diag(H^-1) for H ~ D + U S^2 U^T (D: ``damped_diagonal``, S = lam^(1/2)), by Woodbury: 1/d - rowsum((B C^-1) * B)
-    with B = D^-1 U S and C = I + S U^T D^-1 U S, whose eigenvalues are all >= 1; in x k^2 work, float64."""
-    d = damped_diagonal(diag, u, lam, damp)
-    us = u.double() * lam.double().sqrt()
-    b = us / d[:, None]
-    c = torch.eye(lam.numel(), dtype=torch.float64, device=u.device) + us.T @ b
-    return 1.0 / d - (torch.linalg.solve(c, b.T).T * b).sum(1)
 
 
 def least_squares_update(weight: torch.Tensor, mask: torch.Tensor, diag: torch.Tensor, u: torch.Tensor,

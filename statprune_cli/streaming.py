@@ -187,7 +187,7 @@ class StreamedLayers:
         tensors = self.checkpoint.read([prefix + n for n in present], self.dtype)
         for n in names:
             t = tensors.get(prefix + n)
-            if t is None:  # a bias the compensation added (enable_biases): it starts at zero
+            if t is None:  # a bias the architecture has but the checkpoint omits: zero
                 meta = layer.get_parameter(n)
                 t = torch.zeros(meta.shape, dtype=meta.dtype)
             set_module_tensor_to_device(layer, n, device, value=t)
@@ -374,7 +374,7 @@ class Progress:
         differences = config_differences(record["config"], config)
         if differences:
             hint = ("it was started by another statprune version whose defaults differ, so its layers would not match; "
-                    "delete the folder to start over" if all(d.startswith("resolved") for d in differences)
+                    "delete the folder to start over" if all(d.startswith("plan") for d in differences)
                     else "run that config again to resume it, or delete the folder to start over")
             raise InputError(f"output.dir: {self.folder} holds a partial run of another config ({'; '.join(differences[:3])}); "
                              + hint)

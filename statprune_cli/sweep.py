@@ -27,16 +27,19 @@ from typing import Any
 import torch
 import yaml
 
-from statprune_cli.config import Config, _build, validate
+from statprune_cli.config import Config, validate
 from statprune_cli.distributed import launched_world_size
 from statprune_cli.engine import LayerwiseEngine
 from statprune_cli.errors import ConfigError, InputError
 from statprune_cli.export import atomic_dir, check_output_dir, write_json_atomic
 from statprune_cli.load import check_against_model, load_model, load_model_config, load_tokenizer
 from statprune_cli.methods import METHODS
-from statprune_cli.pipeline import (DenseStats, calibration_batches, config_method, eval_sets, needs_batches, perplexities,
-                                    prune_model, setup_runtime)
+from statprune_cli.pipeline import (DenseStats, PruneInputs, calibration_batches, config_method, eval_sets, needs_batches,
+                                    perplexities, prune_model, selection, setup_runtime)
+from statprune_cli.plan import make_plan
+from statprune_cli.methods.statprune import SKETCH_RANK
 from statprune_cli.report import package_versions
+from statprune_cli.schema import build
 from statprune_cli.ui import UI
 from statprune_cli.zeroshot import evaluate_zeroshot, prepare_zeroshot
 
@@ -64,8 +67,8 @@ class Cell:
 
 SUFFIXES = ("+owl, +owl(key=value;...), +realloc, +realloc(absorbed), +realloc(off), +resperm, +resperm(off), +lsa, "
             "+lsa(off), +alloc, +alloc(off), +onepass, +onepass(off), +sketch, +sketch(key=value;...), +sketch(off), "
-            "+row or +matrix")
-SKETCH_KEYS = ("rank", "every", "per_row")  # +sketch(every=4): pruning.options.sketch_every
+            "+paper, +row or +matrix")
+SKETCH_KEYS = ("rank", "every")  # +sketch(every=4): pruning.options.sketch_every
 REALLOC_SUFFIXES: dict[str, bool | str] = {"realloc": True, "realloc(absorbed)": "absorbed", "realloc(off)": False}
 # keys valid for some patterns only: n/a cells elsewhere
 PATTERN_BOUND = ("pruning.profile", "pruning.reallocation", "pruning.residual_permutation", "pruning.lsa", "pruning.allocation")
@@ -81,8 +84,9 @@ def parse_method(text: str) -> tuple[str, dict[str, Any]]:
     sparsity over its linears by lost energy (``pruning.allocation: energy``), '+alloc(off)' keeps it uniform; '+onepass'
     calibrates every layer on the dense model's activations (``pruning.sequential: false``), '+onepass(off)' on the
     pruned layers' outputs; statprune's '+sketch' updates the kept weights from a sketch of the input Hessian before
-    its energy restoration (``pruning.options.compensation: sketch+energy``), '+sketch(every=4;rank=128)' with those
-    ``pruning.options.sketch_*`` keys, '+sketch(off)' only restores the energy;
+    its energy restoration (``pruning.options.sketch_rank``), '+sketch(every=4;rank=128)' with those
+    ``pruning.options.sketch_*`` keys, '+sketch(off)' only restores the energy; '+paper' is statprune's paper preset
+    (``pruning.options.preset: paper``);
     '+row' / '+matrix' compare unstructured scores within each row / over the whole matrix (``pruning.granularity``)."""
     method, *extras = text.strip().split("+")
     if method not in METHODS:
@@ -106,13 +110,15 @@ def parse_method(text: str) -> tuple[str, dict[str, Any]]:
         elif extra in ("row", "matrix"):
             overrides["granularity"] = extra
         elif extra in ("sketch", "sketch(off)"):
-            overrides["options"] = {"compensation": "sketch+energy" if extra == "sketch" else "energy"}
+            overrides.setdefault("options", {})["sketch_rank"] = SKETCH_RANK if extra == "sketch" else 0
+        elif extra == "paper":
+            overrides.setdefault("options", {})["preset"] = "paper"
         elif flag == "sketch" and keys.endswith(")") and keys != "off)":
             given = key_values(keys[:-1], "+sketch", text)
             if unknown := sorted(set(given) - set(SKETCH_KEYS)):
                 raise ConfigError("--methods", f"unknown key {unknown[0]!r} inside +sketch(...) of {text!r}; "
                                   f"expected some of {', '.join(SKETCH_KEYS)}")
-            overrides["options"] = {"compensation": "sketch+energy", **{f"sketch_{k}": v for k, v in given.items()}}
+            overrides.setdefault("options", {}).update({"sketch_rank": SKETCH_RANK, **{f"sketch_{k}": v for k, v in given.items()}})
         else:
             raise ConfigError("--methods", f"unknown suffix +{extra} in {text!r}; expected {SUFFIXES}")
     return method, overrides
@@ -161,7 +167,7 @@ def plan_cells(cfg: Config, methods: list[str], settings: list[str]) -> list[Cel
             data["pruning"].update(pattern, **{k: v for k, v in overrides.items() if k not in ("owl", "options")})
             data["pruning"]["owl"].update(overrides.get("owl", {}))
             data["pruning"]["options"].update(overrides.get("options", {}))
-            cell_cfg = _build(Config, data, "")
+            cell_cfg = build(Config, data, "")
             cell = Cell(m, label, cell_cfg)
             try:
                 validate(cell_cfg)
@@ -199,9 +205,8 @@ def run_sweep(cfg: Config, methods: list[str], settings: list[str], output: Path
 
     device = setup_runtime(cfg)
     model_config = load_model_config(cfg.model)
-    shapes = {}
     for c in cells:
-        shapes = check_against_model(c.cfg, model_config)
+        check_against_model(c.cfg, model_config)
     tokenizer = load_tokenizer(cfg.model)
     batches, calibration = None, "none (no method needs data)"
     cells_to_run = [c for c in cells if not c.not_applicable]
@@ -211,7 +216,7 @@ def run_sweep(cfg: Config, methods: list[str], settings: list[str], output: Path
 
     ui.log(f"loading {cfg.model.name_or_path} ({cfg.model.dtype})")
     dense_model = load_model(cfg.model)
-    dense = DenseStats(cfg, batches, ui)
+    dense = DenseStats(selection(make_plan(cfg)), batches, ui)
     dense_ppl = perplexities(cfg, LayerwiseEngine(dense_model, device, cfg.runtime.offload_activations, ui), evals, ui)
     dense_model.to("cpu")
     dense_zeroshot = accuracy(dense_model)
@@ -244,8 +249,8 @@ def run_sweep(cfg: Config, methods: list[str], settings: list[str], output: Path
             try:
                 method = config_method(c.cfg)
                 t0, shared_before = time.perf_counter(), dense.seconds
-                pruned = prune_model(c.cfg, model, method, list(shapes), batches, None, device, ui, dense=dense,
-                                     shared=True)
+                inputs = PruneInputs(c.cfg, make_plan(c.cfg, method), method, batches)
+                pruned = prune_model(inputs, model, device, ui, dense=dense, shared=True)
                 c.prune_seconds = round(time.perf_counter() - t0 - (dense.seconds - shared_before), 3)
                 c.shared_stats = pruned.from_shared_stats
                 c.layer_sparsity = pruned.layer_sparsity

@@ -54,6 +54,18 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
+def job(method, target, targets=("Linear",), ignore=(), **fields):
+    """The engine's ``Job`` for ``method`` with every linear at ``target``, collecting what the method needs with no
+    position left out; ``fields``: the Job's others (sequential, true_sequential, stats)."""
+    from dataclasses import replace
+
+    from statprune_cli.engine import Collect, Job, Selection
+
+    collect = Collect(0, method.needs_gram, method.sketch_rank, method.sketch_every)
+    rule = lambda index, linears, stats: {name: replace(target, name=name) for name in linears}  # noqa: E731
+    return Job(method, rule, Selection(tuple(targets), tuple(ignore)), collect, **fields)
+
+
 def random_text(n_words: int, seed: int = 0) -> str:
     g = torch.Generator().manual_seed(seed)
     return " ".join(f"w{int(i)}" for i in torch.randint(3, VOCAB, (n_words,), generator=g))

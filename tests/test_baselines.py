@@ -148,23 +148,23 @@ def test_ria_compares_within_rows_under_owl_unless_granularity_says(method: str,
                                                                    expected: str) -> None:
     """RIA's per-matrix comparison and OWL's layer budget do not add up (README, OWL): under OWL it compares per row."""
     from statprune_cli.config import Config
-    from statprune_cli.pipeline import base_target
+    from statprune_cli.plan import make_plan
 
     cfg = Config()
     cfg.pruning.method, cfg.pruning.profile, cfg.pruning.granularity = method, profile, granularity
-    assert base_target(cfg, build_method(method, {})).granularity == expected
+    assert make_plan(cfg).granularity == expected
 
 
 @pytest.mark.parametrize("granularity", [None, "row"])
 def test_magnitude_compares_over_the_whole_matrix_unless_granularity_says_row(granularity: str | None) -> None:
     """The papers' magnitude baseline (Wanda's, SparseGPT's, OWL's code) takes one threshold per matrix."""
     from statprune_cli.config import Config
-    from statprune_cli.pipeline import base_target
+    from statprune_cli.plan import make_plan
 
     cfg = Config()
     cfg.pruning.method, cfg.pruning.granularity = "magnitude", granularity
     method = build_method("magnitude", {})
-    target = base_target(cfg, method)
+    target = make_plan(cfg, method).target()
     lin, _ = correlated_layer()
     w = lin.weight.detach().clone()
     method.prune(lin, None, target)
@@ -189,7 +189,7 @@ def test_reallocation_order_keeps_the_function_and_spreads_each_tier_over_the_gr
     assert (tier[order].reshape(8, 4).sort(-1).values == torch.arange(4)).all()  # one channel of each quartile per group
 
 
-@pytest.mark.parametrize("method,options", [("ria", {}), ("wanda", {}), ("statprune", {"balance_cycles": 8})])
+@pytest.mark.parametrize("method,options", [("ria", {}), ("wanda", {}), ("statprune", {"alpha": 0.5})])
 def test_reallocation_gives_the_method_mask_of_the_permuted_layer_mapped_back(method: str, options: dict) -> None:
     lin, x = correlated_layer()
     w = lin.weight.detach().clone()
@@ -200,12 +200,12 @@ def test_reallocation_gives_the_method_mask_of_the_permuted_layer_mapped_back(me
         permuted.weight.copy_(w[:, order])
     # statprune's N:M default updates from a sketch: with as many probes as inputs it is exact in either channel order
     m.prune(permuted, ChannelStats.of(x[:, order], sketch=32), Target(0.5, (2, 4)))  # the same rule on the permuted layer
-    info, _ = m.prune(lin, ChannelStats.of(x, sketch=32), Target(0.5, (2, 4), reallocation=True))
-    assert torch.equal(info["channel_permutation"].long(), order)  # saved by the engine in pruning_extras.safetensors
+    outcome = m.prune(lin, ChannelStats.of(x, sketch=32), Target(0.5, (2, 4), reallocation=True))
+    assert torch.equal(outcome.permutation.long(), order)  # saved by the engine in pruning_extras.safetensors
     assert torch.equal(lin.weight.detach()[:, order] == 0, permuted.weight.detach() == 0)
     assert torch.allclose(lin.weight.detach()[:, order], permuted.weight.detach(), rtol=1e-3, atol=1e-4)  # sums reordered
     assert ((lin.weight.detach()[:, order].reshape(16, -1, 4) == 0).sum(-1) == 2).all()  # N:M in that order
-    assert "reallocation_kept_score_gain" in info
+    assert "reallocation_kept_score_gain" in outcome.info
 
 
 @pytest.mark.parametrize("method", ["ria", "statprune"])
@@ -215,10 +215,11 @@ def test_lsa_prunes_n_m_in_the_refined_order_and_keeps_more_score(method: str) -
     m = build_method(method, {}, "2:4")
     stats = ChannelStats.of(x, sketch=32)  # statprune's N:M update reads a sketch (k 256 of 32 inputs: 32); the scores do not
     score = m.score(w, stats)
-    heuristic, _ = m.prune(correlated_layer()[0], stats, Target(0.5, (2, 4), reallocation=True))
-    info, _ = m.prune(lin, stats, Target(0.5, (2, 4), reallocation=True, lsa=True))
+    heuristic = m.prune(correlated_layer()[0], stats, Target(0.5, (2, 4), reallocation=True)).info
+    outcome = m.prune(lin, stats, Target(0.5, (2, 4), reallocation=True, lsa=True))
+    info = outcome.info
     order = refine_order(score, reallocation_order(score, 4), 2, 4)
-    assert torch.equal(info["channel_permutation"].long(), order)
+    assert torch.equal(outcome.permutation.long(), order)
     assert ((lin.weight.detach()[:, order].reshape(16, -1, 4) == 0).sum(-1) == 2).all()
     assert info["reallocation_kept_score_gain"] > heuristic["reallocation_kept_score_gain"]
     expected = kept_score(score, order, 2, 4) / kept_score(score, torch.arange(32), 2, 4) - 1
@@ -251,8 +252,8 @@ def test_sparsegpt_reallocation_reconstructs_the_permuted_layer_in_wanda_order(l
         permuted.weight.copy_(w[:, order])
     sparsegpt = build_method("sparsegpt", {}, "2:4")
     sparsegpt.prune(permuted, ChannelStats.of(x[:, order], gram=True), Target(0.5, (2, 4)))
-    info, _ = sparsegpt.prune(lin, ChannelStats.of(x, gram=True), Target(0.5, (2, 4), reallocation=True, lsa=lsa))
-    assert torch.equal(info["channel_permutation"].long(), order)
+    outcome = sparsegpt.prune(lin, ChannelStats.of(x, gram=True), Target(0.5, (2, 4), reallocation=True, lsa=lsa))
+    assert torch.equal(outcome.permutation.long(), order)
     assert torch.allclose(lin.weight.detach()[:, order], permuted.weight.detach(), atol=1e-5)
     assert ((lin.weight.detach()[:, order].reshape(16, -1, 4) == 0).sum(-1) == 2).all()
     assert ((lin.weight.detach().reshape(16, -1, 4) == 0).sum(-1) != 2).any()  # not N:M in the model's own order
@@ -332,9 +333,8 @@ def test_reallocation_stores_absorbed_down_projections_n_m_with_the_same_perplex
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Absorbing changes how the weights are stored, not what the model computes: against a run that absorbs
     nothing, the same perplexity; down projections N:M as stored; other linears per ``reallocation``. statprune's
-    measured compensation compares each pruned linear with its dense weight, column for column, in the next pass,
-    and writes the gate/up biases: absorbing before it would change the perplexity."""
-    options = {"options": {"compensation": "measured"}} if method == "statprune" else {}
+    update and energy restoration run in the stored order, before the layer absorbs the order."""
+    options = {}
     def prune(out: str) -> dict:
         cfg = write_config(tmp_path / f"{out}.yaml", tiny_model_dir, text_files, tmp_path / out,
                            pruning={"method": method, "pattern": "2:4", "reallocation": realloc, "lsa": lsa, **options})

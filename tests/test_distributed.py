@@ -68,8 +68,8 @@ def report(folder: Path) -> dict:
 
 def test_statprune_on_two_processes_equals_one_bit_for_bit(tmp_path: Path, tiny_model_dir: Path,
                                                            text_files: dict[str, Path], one_thread: None) -> None:
-    # compensation "both" writes the statistics' means into the biases, so any change in their sums shows
-    cfg = config(tmp_path, tiny_model_dir, text_files, pruning={"method": "statprune", "options": {"compensation": "both"}})
+    # the energy restoration scales every kept weight by the statistics' second moments, so any change in their sums shows
+    cfg = config(tmp_path, tiny_model_dir, text_files, pruning={"method": "statprune", "options": {"energy_targets": ["re:.*"]}})
     single("prune", str(cfg), "-o", str(tmp_path / "one"))
     res = torchrun("prune", str(cfg), "--json", "-o", str(tmp_path / "two"))
     assert res.returncode == 0, res.stderr
@@ -151,7 +151,7 @@ def test_the_slurm_script_prunes_on_two_nodes_as_one_process_does(
     for name, text in {"srun": FAKE_SRUN, "scontrol": "#!/usr/bin/env bash\necho 127.0.0.1\n"}.items():
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
-    cfg = config(tmp_path, tiny_model_dir, text_files, pruning={"method": "statprune", "options": {"compensation": "both"}})
+    cfg = config(tmp_path, tiny_model_dir, text_files, pruning={"method": "statprune", "options": {"energy_targets": ["re:.*"]}})
     single("prune", str(cfg), "-o", str(tmp_path / "one"))
     slurm = {"SLURM_NNODES": "2", "SLURM_GPUS_PER_NODE": "1", "SLURM_CPUS_PER_TASK": "1", "SLURM_JOB_ID": "7",
              "SLURM_JOB_NODELIST": "node[1-2]", "MASTER_PORT": str(free_port()), "VENV": sys.prefix,
@@ -167,8 +167,6 @@ def test_the_slurm_script_prunes_on_two_nodes_as_one_process_does(
 
 
 @pytest.mark.parametrize("sets,command,message", [
-    (["pruning.method=statprune", "pruning.options={compensation: measured}"], "prune",
-     "pruning.options.compensation: expected a closed-form compensation under a launcher"),
     (["calibration.nsamples=1"], "prune",
      "calibration.nsamples: expected at least one batch per process: 1 windows in batches of 1 give 1 batches for 2 processes"),
     ([], "sweep", "sweep: runs in one process"),

@@ -1,27 +1,20 @@
 """The layer-wise engine on tiny random models of every supported architecture."""
 
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ARCHS, tiny_model
+from conftest import ARCHS, job, tiny_model
 from transformers import AutoModelForCausalLM
 
 from statprune_cli import perplexity
-from statprune_cli.engine import Activations, LayerwiseEngine, TargetsFor
+from statprune_cli.engine import Activations, Collect, LayerwiseEngine, Selection
 from statprune_cli.layers import find_decoder_layers, target_linears
-from statprune_cli.load import enable_biases
 from statprune_cli.methods import Target, build_method
 from statprune_cli.stats import ChannelStats
 from statprune_cli.ui import UI
 
 SEQ = 24  # longer than the tiny models' sliding window (8), so sliding and global layers differ
-
-
-def same_target(target: Target) -> TargetsFor:
-    """Every linear of every layer gets ``target`` (the engine's ``targets_for``)."""
-    return lambda index, linears, stats: {name: replace(target, name=name) for name in linears}
 
 
 def windows(n: int = 6, seed: int = 0) -> torch.Tensor:
@@ -66,7 +59,7 @@ def test_window_nll_in_blocks_of_positions_equals_the_models_own_loss(arch: str,
 def test_engine_with_zero_sparsity_changes_nothing(arch: str) -> None:
     model = tiny_model(arch)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    res = engine(model).run(build_method("wanda", {}), same_target(Target(0.0)), ["Linear"], ["lm_head"], list(windows().split(3)))
+    res = engine(model).run(job(build_method("wanda", {}), Target(0.0), ignore=["lm_head"]), list(windows().split(3)))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert len(res.layers) == model.config.num_hidden_layers
     assert all(r.zeros == 0 for layer in res.layers for r in layer.linears.values())
@@ -75,7 +68,7 @@ def test_engine_with_zero_sparsity_changes_nothing(arch: str) -> None:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_engine_prunes_every_target_row(arch: str) -> None:
     model = tiny_model(arch)
-    res = engine(model).run(build_method("statprune", {}), same_target(Target(0.5)), ["Linear"], ["lm_head"], list(windows().split(3)))
+    res = engine(model).run(job(build_method("statprune", {}), Target(0.5), ignore=["lm_head"]), list(windows().split(3)))
     name, layers = find_decoder_layers(model)
     for i, layer in enumerate(layers):
         lins = target_linears(layer, f"{name}.{i}", ["Linear"], [])
@@ -95,10 +88,10 @@ def test_collected_stats_equal_the_layer_inputs() -> None:
         model(ids)
     for h in hooks:
         h.remove()
-    res = engine(model).run(None, None, ["Linear"], [], [ids])
+    res = engine(model).statistics([ids], Selection(), Collect())
     for key, name in (("down", "model.layers.1.mlp.down_proj"), ("q", "model.layers.1.self_attn.q_proj")):
         ref = ChannelStats.of(seen[key])
-        got = res.stats[name]
+        got = res[name]
         assert got.count == ids.numel()
         assert torch.allclose(got.sumsq, ref.sumsq, rtol=1e-6) and torch.allclose(got.sum, ref.sum, rtol=1e-6, atol=1e-6)
 
@@ -125,9 +118,9 @@ def test_channel_stats_of_a_batch_equal_the_float64_formulas(dtype: torch.dtype,
 def test_skip_first_tokens_leaves_the_first_positions_out() -> None:
     model = tiny_model("llama")
     ids = windows()
-    res = engine(model).run(None, None, ["re:.*q_proj"], [], [ids], skip_first=2)
-    assert all(s.count == ids.shape[0] * (SEQ - 2) for s in res.stats.values())
-    assert set(res.stats) == {f"model.layers.{i}.self_attn.q_proj" for i in range(3)}
+    res = engine(model).statistics([ids], Selection(("re:.*q_proj",)), Collect(skip_first=2))
+    assert all(s.count == ids.shape[0] * (SEQ - 2) for s in res.values())
+    assert set(res) == {f"model.layers.{i}.self_attn.q_proj" for i in range(3)}
 
 
 def test_sequential_uses_pruned_outputs() -> None:
@@ -135,7 +128,7 @@ def test_sequential_uses_pruned_outputs() -> None:
     runs = {}
     for seq in (True, False):
         model = tiny_model("llama")
-        engine(model).run(build_method("wanda", {}), same_target(Target(0.5)), ["Linear"], [], ids, sequential=seq)
+        engine(model).run(job(build_method("wanda", {}), Target(0.5), sequential=seq), ids)
         runs[seq] = model.model.layers[2].mlp.down_proj.weight.clone()
     assert not torch.equal(runs[True], runs[False])
 
@@ -143,35 +136,20 @@ def test_sequential_uses_pruned_outputs() -> None:
 def test_one_shot_from_saved_stats_matches_dense_activation_run() -> None:
     ids = list(windows().split(3))
     dense = tiny_model("llama")
-    stats = engine(dense).run(None, None, ["Linear"], [], ids).stats
+    stats = engine(dense).statistics(ids, Selection(), Collect())
     a, b = tiny_model("llama"), tiny_model("llama")
-    engine(a).run(build_method("wanda", {}), same_target(Target(0.5)), ["Linear"], [], None, stats=stats)
-    engine(b).run(build_method("wanda", {}), same_target(Target(0.5)), ["Linear"], [], ids, sequential=False)
+    engine(a).run(job(build_method("wanda", {}), Target(0.5), stats=stats), None)
+    engine(b).run(job(build_method("wanda", {}), Target(0.5), sequential=False), ids)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
-
-
-@pytest.mark.parametrize("arch,flags,without_bias", [
-    ("llama", ["attention_bias", "mlp_bias"], set()),
-    ("qwen2", [], {"o_proj", "gate_proj", "up_proj", "down_proj"}),
-    ("gemma3", ["attention_bias"], {"gate_proj", "up_proj", "down_proj"}),
-    ("opt", [], set()),
-])
-def test_enable_biases_follows_the_architecture(arch: str, flags: list[str], without_bias: set[str]) -> None:
-    model = tiny_model(arch)
-    name, layers = find_decoder_layers(model)
-    targets = [n for i in range(len(layers)) for n in target_linears(layers[i], f"{name}.{i}", ["Linear"], [])]
-    assert enable_biases(model, targets) == flags
-    modules = dict(model.named_modules())
-    assert {n.rsplit(".", 1)[-1] for n in targets if modules[n].bias is None} == without_bias
 
 
 def test_compensated_model_reloads_in_transformers(tmp_path: Path) -> None:
     model = tiny_model("llama")
     ids = windows()
-    name, layers = find_decoder_layers(model)
-    enable_biases(model, [n for n, m in model.named_modules() if n.startswith(f"{name}.") and isinstance(m, torch.nn.Linear)])
-    engine(model).run(build_method("statprune", {"compensation": "both"}), same_target(Target(0.5)), ["Linear"], [], [ids])
-    assert model.model.layers[0].self_attn.q_proj.bias.abs().sum() > 0
+    dense = model.model.layers[0].mlp.down_proj.weight.detach().clone()
+    engine(model).run(job(build_method("statprune", {}, "2:4"), Target(0.5, (2, 4))), [ids])
+    pruned = model.model.layers[0].mlp.down_proj.weight.detach()
+    assert not torch.equal(pruned, dense.masked_fill(pruned == 0, 0.0))  # the update and the energy moved kept weights
     model.save_pretrained(tmp_path)
     again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
@@ -186,20 +164,7 @@ def test_non_finite_weights_stop_with_the_layer_name() -> None:
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(PruneError, match=r"model\.layers\.1\.mlp\.up_proj"):
-        engine(model).run(build_method("magnitude", {}), same_target(Target(0.5)), ["Linear"], [], None)
-
-
-@pytest.mark.parametrize("sequential", [True, False])
-def test_measured_compensation_runs_in_the_engine(sequential: bool) -> None:
-    model = tiny_model("llama")
-    name, layers = find_decoder_layers(model)
-    enable_biases(model, [n for n, m in model.named_modules() if n.startswith(f"{name}.") and isinstance(m, torch.nn.Linear)])
-    method = build_method("statprune", {"compensation": "measured", "measure_tokens": 16})
-    res = engine(model).run(method, same_target(Target(0.5)), ["Linear"], [], list(windows().split(3)), sequential=sequential)
-    for layer in res.layers:
-        for r in layer.linears.values():
-            assert r.sparsity == 0.5 and r.info["measured_tokens"] == 2 * 16 and r.info["scale_mean"] != 1.0
-    assert model.model.layers[2].mlp.down_proj.bias.abs().sum() > 0
+        engine(model).run(job(build_method("magnitude", {}), Target(0.5)), None)
 
 
 def test_non_finite_statistics_stop_with_the_layer_name() -> None:
@@ -209,7 +174,7 @@ def test_non_finite_statistics_stop_with_the_layer_name() -> None:
     with torch.no_grad():
         model.model.embed_tokens.weight.fill_(float("inf"))
     with pytest.raises(PruneError, match=r"non-finite input statistics.*model\.layers\.0\.self_attn\.q_proj"):
-        engine(model).run(build_method("wanda", {}), same_target(Target(0.5)), ["Linear"], [], [windows()])
+        engine(model).run(job(build_method("wanda", {}), Target(0.5)), [windows()])
 
 
 GROUPS = {
@@ -226,7 +191,7 @@ def test_input_groups_follow_the_forward(arch: str) -> None:
     model = tiny_model(arch)
     eng = engine(model)
     hidden, args = eng.capture([windows()])
-    linears = eng.linears(1, ["Linear"], [])
+    linears = eng.linears(1, Selection())
     groups = input_groups(eng.layers[1], linears, hidden[0], args[1], torch.device("cpu"))
     short = [[n.split(".layers.1.")[1] for n in g] for g in groups]
     assert short == GROUPS.get(arch, GROUPS["llama"])
@@ -255,8 +220,7 @@ def test_true_sequential_calibrates_each_linear_on_the_pruned_model_upstream(arc
     orders = []
     for true_sequential in (True, False):
         model = tiny_model(arch)
-        res = engine(model).run(build_method("wanda", {}), same_target(Target(0.5)), ["Linear"], [], ids,
-                                true_sequential=true_sequential)
+        res = engine(model).run(job(build_method("wanda", {}), Target(0.5), true_sequential=true_sequential), ids)
         final = input_stats_of_full_forward(model, ids)
         same = {n: torch.allclose(res.stats[n].sumsq, final[n], rtol=1e-5) for n in final}
         assert all(same.values()) == true_sequential, [n for n, ok in same.items() if not ok][:3]
@@ -275,8 +239,7 @@ def test_true_sequential_with_disk_offload_equals_cpu(tmp_path: Path, monkeypatc
     monkeypatch.setattr(Activations, "next_pass", lambda self: stored.append(1) or next_pass(self))
     for offload in (True, "disk"):
         model = tiny_model("llama")
-        LayerwiseEngine(model, torch.device("cpu"), offload, UI(quiet=True), activation_dir=tmp_path / str(offload)).run(
-            build_method("wanda", {}), same_target(Target(0.5)), ["Linear"], [], ids, true_sequential=True)
+        LayerwiseEngine(model, torch.device("cpu"), offload, UI(quiet=True), activation_dir=tmp_path / str(offload)).run(job(build_method("wanda", {}), Target(0.5), true_sequential=True), ids)
         weights.append(model.state_dict())
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     layers = model.config.num_hidden_layers  # per run: the capture, then per layer the pruned pass (the statistics
@@ -300,7 +263,7 @@ def test_statistics_pass_stops_after_the_last_observed_linear(arch: str) -> None
         eng = engine(model)
         if not stop:
             eng.early_stop.calls_once[type(layers[0])] = False
-        eng.run(build_method("wanda", {}), same_target(Target(0.5)), ["Linear"], [], ids)
+        eng.run(job(build_method("wanda", {}), Target(0.5)), ids)
         whole = [len(ids)] * len(layers)  # the pass of the pruned layer
         assert calls == ([len(ids) + 1] + whole[1:] if stop else [2 * len(ids)] * len(layers))
         weights.append(model.state_dict())

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, Phi3Config
 
 from statprune_cli import pipeline
 from statprune_cli.config import load_config
-from statprune_cli.engine import InMemoryLayers, LayerwiseEngine
+from statprune_cli.engine import Collect, InMemoryLayers, LayerwiseEngine, Selection
 from statprune_cli.errors import ConfigError
 from statprune_cli.layers import find_decoder_layers
 from statprune_cli.load import check_against_model
@@ -156,15 +156,14 @@ def test_the_dense_pass_for_the_order_reads_only_the_windows_its_token_budget_ne
     model = tiny_model("llama")
     engine = LayerwiseEngine(model, torch.device("cpu"), offload_activations=False, ui=UI(quiet=True))
     batches = list(torch.randint(3, 128, (6, 1, 32), generator=torch.Generator().manual_seed(0)))
-    cfg = load_config(write_config(tmp_path / "run.yaml", tiny_model_dir, text_files, tmp_path / "out"))
-    dense = pipeline.DenseStats(cfg, batches, UI(quiet=True))
+    dense = pipeline.DenseStats(Selection(), batches, UI(quiet=True))
     q = f"{engine.layers_name}.0.self_attn.q_proj"
-    assert dense.get(engine, 0, False, tokens=70)[q].count == 96  # three windows of 32 reach 70
-    assert dense.get(engine, 0, False, tokens=64)[q].count == 96  # a larger budget's statistics serve a smaller one
-    full = dense.get(engine, 0, False)
+    assert dense.get(engine, Collect(), tokens=70)[q].count == 96  # three windows of 32 reach 70
+    assert dense.get(engine, Collect(), tokens=64)[q].count == 96  # a larger budget's statistics serve a smaller one
+    full = dense.get(engine, Collect())
     assert full[q].count == 192
-    assert dense.get(engine, 0, False, tokens=70) is full
-    assert dense.get(engine, 0, False, tokens=10_000) is full
+    assert dense.get(engine, Collect(), tokens=70) is full
+    assert dense.get(engine, Collect(), tokens=10_000) is full
     pairs = list(torch.cat(batches).split(2))  # batches of two windows: the last one needed is cut to what it must give
     assert [len(b) for b in pipeline.first_windows(pairs, 70)] == [2, 1]
     assert [len(b) for b in pipeline.first_windows(pairs, 64)] == [2]
@@ -178,9 +177,8 @@ def test_dense_sketch_statistics_are_cached_under_the_stride_an_unset_one_resolv
     model = tiny_model("llama")
     engine = LayerwiseEngine(model, torch.device("cpu"), offload_activations=False, ui=UI(quiet=True))
     batches = list(torch.randint(3, 128, (2, 1, 32), generator=torch.Generator().manual_seed(0)))
-    cfg = load_config(write_config(tmp_path / "run.yaml", tiny_model_dir, text_files, tmp_path / "out"))
-    dense = pipeline.DenseStats(cfg, batches, UI(quiet=True))
-    auto = dense.get(engine, 0, False, sketch=8)
+    dense = pipeline.DenseStats(Selection(), batches, UI(quiet=True))
+    auto = dense.get(engine, Collect(sketch=8))
     assert auto_every(64) == 1
-    assert dense.get(engine, 0, False, sketch=8, sketch_every=1) is auto
-    assert dense.get(engine, 0, False, sketch=8, sketch_every=2) is not auto
+    assert dense.get(engine, Collect(sketch=8, sketch_every=1)) is auto
+    assert dense.get(engine, Collect(sketch=8, sketch_every=2)) is not auto

@@ -5,15 +5,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model, write_config
+from conftest import job, tiny_model, write_config
 from test_baselines import correlated_layer, output_error
-from test_engine import engine, same_target, windows
+from test_engine import engine, windows
 from typer.testing import CliRunner
 
 from statprune_cli.cli import app
 from statprune_cli.masks import nm_mask, unstructured_mask
 from statprune_cli.methods import Target, build_method
-from statprune_cli.sketch import auto_every, inverse_diagonal, least_squares_update, nystrom, probe
+from statprune_cli.engine import Collect, Selection
+from statprune_cli.sketch import auto_every, least_squares_update, nystrom, probe
 from statprune_cli.stats import ChannelStats, load_stats, save_stats
 
 runner = CliRunner()
@@ -39,26 +40,6 @@ def test_a_full_rank_sketch_gives_the_exact_least_squares_update() -> None:
     damped = h + 0.01 * h.diagonal().mean() * torch.eye(16, dtype=torch.float64)
     assert torch.allclose(w, reference_update(lin.weight.detach(), mask, damped), rtol=1e-4, atol=1e-5)  # G in float32
     assert bool((w[mask] == 0).all())
-
-
-def test_a_full_rank_sketch_gives_the_damped_hessians_inverse_diagonal_and_the_obs_score() -> None:
-    """``score: obs`` is |W_ij| / sqrt([H^-1]_jj): Optimal Brain Surgeon's saliency, under the sketched H."""
-    lin, x = correlated_layer(rows=12, cols=16)
-    h = x.double().T @ x.double()
-    u, lam = nystrom(h @ probe(16, 16).double(), probe(16, 16))
-    damped = h + 0.01 * h.diagonal().mean() * torch.eye(16, dtype=torch.float64)
-    expected = torch.linalg.inv(damped).diagonal()
-    assert torch.allclose(inverse_diagonal(h.diagonal(), u, lam, 0.01), expected, rtol=1e-6)
-    method = build_method("statprune", {"score": "obs", "sketch_rank": 16}, "2:4")
-    score = method.score(lin.weight.detach().clone(), ChannelStats.of(x, sketch=16))
-    assert torch.allclose(score.double(), lin.weight.detach().abs().double() / expected.sqrt(), rtol=1e-3)
-
-
-@pytest.mark.parametrize("pattern,options,rank", [
-    ("unstructured", {"score": "obs"}, 256), ("4:8", {"score": "obs", "compensation": "energy", "sketch_rank": 32}, 32),
-    ("4:8", {"compensation": "energy"}, 0)])
-def test_the_obs_score_brings_its_sketch_whatever_the_compensation(pattern: str, options: dict, rank: int) -> None:
-    assert build_method("statprune", options, pattern).sketch_rank == rank
 
 
 def test_nystrom_of_a_low_rank_matrix_is_exact_and_leaves_a_psd_residual() -> None:
@@ -92,13 +73,12 @@ def test_the_sketch_update_cuts_the_output_error_of_the_same_mask(nm: tuple[int,
     lin, x = correlated_layer(rows=16, cols=32, tokens=600)
     dense = lin.weight.detach().clone()
     errors = {}
-    for comp in ("none", "sketch"):
+    for comp, rank in (("none", 0), ("sketch", 16)):
         pruned = torch.nn.Linear(32, 16, bias=False)
         pruned.weight.data.copy_(dense)
         stats = ChannelStats.of(x, sketch=16)
         pattern = "unstructured" if nm is None else f"{nm[0]}:{nm[1]}"
-        build_method("statprune", {"compensation": comp, "sketch_rank": 16, "skip_first_tokens": 0}, pattern).prune(
-            pruned, stats, Target(0.5, nm))
+        build_method("statprune", {"beta": 0.0, "sketch_rank": rank}, pattern).prune(pruned, stats, Target(0.5, nm))
         errors[comp] = output_error(dense, pruned.weight.detach(), x)
         assert (pruned.weight == 0).sum() == 16 * 16  # the update moves kept weights, never the mask
     assert errors["sketch"] < 0.8 * errors["none"]
@@ -106,12 +86,12 @@ def test_the_sketch_update_cuts_the_output_error_of_the_same_mask(nm: tuple[int,
 
 def test_the_engine_collects_the_sketch_the_method_asks_for() -> None:
     model, ids = tiny_model("llama"), windows()
-    method = build_method("statprune", {"compensation": "sketch+energy", "sketch_rank": 4}, "2:4")
+    method = build_method("statprune", {"sketch_rank": 4}, "2:4")
     assert method.sketch_rank == 4
     assert build_method("statprune", {}, "2:4").sketch_rank == 256  # the N:M default
     assert build_method("statprune", {}, "unstructured").sketch_rank == 0
-    assert build_method("statprune", {"compensation": "energy"}, "2:4").sketch_rank == 0
-    res = engine(model).run(method, same_target(Target(0.5, (2, 4))), ["Linear"], [], [ids])
+    assert build_method("statprune", {"preset": "paper"}, "2:4").sketch_rank == 0
+    res = engine(model).run(job(method, Target(0.5, (2, 4))), [ids])
     infos = [r.info for layer in res.layers for r in layer.linears.values()]
     assert infos and all(i["sketch_rank"] == 4 for i in infos)
     for layer in model.model.layers:
@@ -133,10 +113,10 @@ def test_the_engine_takes_the_sketch_on_the_stride_it_is_given() -> None:
     with torch.no_grad():  # layer 0's q_proj reads the normalised embeddings
         x = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids))
     for every in (1, 3):
-        stats = engine(model).run(None, None, ["Linear"], [], [ids], sketch=4, sketch_every=every).stats
+        stats = engine(model).statistics([ids], Selection(), Collect(sketch=4, sketch_every=every))
         q = stats["model.layers.0.self_attn.q_proj"].sketch
         assert torch.allclose(q, ChannelStats.of(x, sketch=4, sketch_every=every).sketch, rtol=1e-4, atol=1e-4)
-    unset = engine(model).run(None, None, ["Linear"], [], [ids], sketch=4).stats  # 6 windows: under 8,192 tokens
+    unset = engine(model).statistics([ids], Selection(), Collect(sketch=4))  # 6 windows: under 8,192 tokens
     assert torch.equal(unset["model.layers.0.self_attn.q_proj"].sketch, ChannelStats.of(x, sketch=4).sketch)
     method = build_method("statprune", {"sketch_every": 3}, "2:4")
     assert method.sketch_every == 3 and build_method("statprune", {}, "2:4").sketch_every is None  # None: auto_every
@@ -152,12 +132,11 @@ def test_the_automatic_stride_reads_every_4th_token_but_never_fewer_than_8192(wi
 def test_one_shot_from_stats_without_the_sketch_is_refused(tmp_path: Path, tiny_model_dir: Path,
                                                             text_files: dict[str, Path]) -> None:
     cfg = write_config(tmp_path / "run.yaml", tiny_model_dir, text_files, tmp_path / "out")
-    sketched = ["--set", "pruning.method=statprune", "--set", "pruning.options.compensation=sketch",
-                "--set", "pruning.options.sketch_rank=4"]
+    sketched = ["--set", "pruning.method=statprune", "--set", "pruning.options.sketch_rank=4"]
     plain = tmp_path / "plain.stats.safetensors"
     assert runner.invoke(app, ["calibrate", str(cfg), "-q", "-o", str(plain)]).exit_code == 0
     res = runner.invoke(app, ["prune", str(cfg), "-q", "--stats", str(plain), *sketched])
-    assert res.exit_code == 2 and "has no 4-probe sketch" in res.stderr and "pruning.options.compensation" in res.stderr
+    assert res.exit_code == 2 and "has no 4-probe sketch" in res.stderr and "sketched update" in res.stderr
     with_sketch = tmp_path / "sketch.stats.safetensors"
     assert runner.invoke(app, ["calibrate", str(cfg), "-q", "-o", str(with_sketch), *sketched]).exit_code == 0
     res = runner.invoke(app, ["prune", str(cfg), "-q", "--json", "--stats", str(with_sketch), *sketched])
@@ -165,9 +144,9 @@ def test_one_shot_from_stats_without_the_sketch_is_refused(tmp_path: Path, tiny_
     assert json.loads(res.stdout)["sparsity"]["pruned_linears"]["sparsity"] == pytest.approx(0.5, abs=0.01)
 
 
-def test_sketch_rank_must_be_positive() -> None:
-    with pytest.raises(Exception, match="pruning.options.sketch_rank"):
-        build_method("statprune", {"sketch_rank": 0})
+def test_sketch_rank_must_not_be_negative() -> None:
+    with pytest.raises(Exception, match="pruning.options.sketch_rank: expected an integer >= 0, got -1"):
+        build_method("statprune", {"sketch_rank": -1})
 
 
 def test_the_shared_solve_follows_its_formula_and_still_cuts_the_error() -> None:
@@ -178,7 +157,7 @@ def test_the_shared_solve_follows_its_formula_and_still_cuts_the_error() -> None
     mask[1, :12] = True  # and one that keeps a quarter
     u, lam = nystrom(h @ probe(16, 6).double(), probe(16, 6))
     w = lin.weight.detach().double().clone()
-    least_squares_update(w, mask, h.diagonal(), u, lam, damp=0.01, per_row=False)
+    least_squares_update(w, mask, h.diagonal(), u, lam, damp=0.01)
     d = h.diagonal() - (u.square() * lam).sum(1) + 0.01 * h.diagonal().mean()
     w0 = lin.weight.detach().double()
     for r in range(12):

@@ -8,15 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ARCHS, tiny_model, write_config
+from conftest import ARCHS, job, tiny_model, write_config
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from statprune_cli.cli import app
 from statprune_cli.config import ModelConfig
-from statprune_cli.engine import LayerwiseEngine
+from statprune_cli.engine import Collect, LayerwiseEngine, Selection
 from statprune_cli.layers import find_decoder_layers
+from statprune_cli.methods import Target, build_method
 from statprune_cli.streaming import Checkpoint, StreamedLayers, load_skeleton
 from statprune_cli.ui import UI
 
@@ -43,7 +44,7 @@ def prune(cfg: Path, *args: str) -> dict:
     return json.loads(res.stdout)
 
 
-@pytest.mark.parametrize("method,options", [("wanda", {}), ("sparsegpt", {}), ("statprune", {"compensation": "mean"})])
+@pytest.mark.parametrize("method,options", [("wanda", {}), ("sparsegpt", {}), ("statprune", {"energy_targets": ["re:.*"]})])
 def test_streaming_output_equals_in_memory(tmp_path: Path, tiny_model_dir: Path, text_files: dict[str, Path], method: str,
                                            options: dict) -> None:
     cfg = write_config(tmp_path / "run.yaml", tiny_model_dir, text_files, tmp_path / "mem",
@@ -97,12 +98,12 @@ def test_resume_after_sigkill_is_bit_identical_and_a_changed_config_is_refused(
     assert "holds a partial run of another config (pruning.sparsity: 0.5 -> 0.6)" in refused.stderr
     # a partial run from a statprune whose defaults differed (here its record says reallocation was absorbed)
     record = json.loads((partial / "progress.json").read_text())
-    assert record["config"]["resolved"]["reallocation"] is False
-    other = {**record, "config": {**record["config"], "resolved": {**record["config"]["resolved"], "reallocation": "absorbed"}}}
+    assert record["config"]["plan"]["reallocation"] is False
+    other = {**record, "config": {**record["config"], "plan": {**record["config"]["plan"], "reallocation": "absorbed"}}}
     (partial / "progress.json").write_text(json.dumps(other))
     refused = run_cli(cfg)
     assert refused.returncode == 2
-    assert "(resolved.reallocation: 'absorbed' -> False); it was started by another statprune version" in refused.stderr
+    assert "(plan.reallocation: 'absorbed' -> False); it was started by another statprune version" in refused.stderr
     (partial / "progress.json").write_text(json.dumps(record))
     resumed = run_cli(cfg, "--json")
     assert resumed.returncode == 0, resumed.stderr
@@ -189,10 +190,10 @@ def test_streamed_layers_run_without_the_embeddings_and_give_the_in_memory_stati
         in_memory_while_layers_run.extend(n for n in outside if not state[n].is_meta)
 
     streamed = LayerwiseEngine(skeleton, torch.device("cpu"), False, UI(quiet=True), io=io)
-    stats = streamed.run(None, None, ["Linear"], [], batches, on_layer_done=on_layer_done).stats
+    stats = streamed.run(job(build_method("wanda", {}), Target(0.0)), batches, on_layer_done=on_layer_done).stats
     assert outside and in_memory_while_layers_run == []
     reference = LayerwiseEngine(model, torch.device("cpu"), False, UI(quiet=True))
-    expected = reference.run(None, None, ["Linear"], [], batches).stats
+    expected = reference.statistics(batches, Selection(), Collect())
     assert stats.keys() == expected.keys()
     assert all(torch.equal(stats[k].sumsq, expected[k].sumsq) for k in stats)
     final = streamed.hidden_states(batches[:1])  # capture reads them back

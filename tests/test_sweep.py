@@ -124,9 +124,10 @@ def test_realloc_suffixes_set_the_reallocation_key() -> None:
     assert parse_method("statprune+alloc(off)") == ("statprune", {"method": "statprune", "allocation": "uniform"})
     assert parse_method("statprune+onepass") == ("statprune", {"method": "statprune", "sequential": False})
     assert parse_method("statprune+onepass(off)") == ("statprune", {"method": "statprune", "sequential": True})
-    assert parse_method("statprune+sketch(off)") == ("statprune", {"method": "statprune", "options": {"compensation": "energy"}})
+    assert parse_method("statprune+sketch(off)") == ("statprune", {"method": "statprune", "options": {"sketch_rank": 0}})
+    assert parse_method("statprune+paper") == ("statprune", {"method": "statprune", "options": {"preset": "paper"}})
     assert parse_method("statprune+sketch(every=4;rank=128)") == ("statprune", {"method": "statprune", "options": {
-        "compensation": "sketch+energy", "sketch_every": 4, "sketch_rank": 128}})
+        "sketch_every": 4, "sketch_rank": 128}})
     with pytest.raises(ConfigError, match="unknown key 'stride' inside"):
         parse_method("statprune+sketch(stride=4)")
     with pytest.raises(ConfigError, match="expected key=value inside"):
@@ -136,9 +137,9 @@ def test_realloc_suffixes_set_the_reallocation_key() -> None:
     assert parse_method("wanda+matrix") == ("wanda", {"method": "wanda", "granularity": "matrix"})
 
 
-def test_the_sketch_suffix_sets_statprunes_compensation_whatever_the_configs_method(cfg: Path) -> None:
+def test_the_sketch_suffix_sets_statprunes_sketch_whatever_the_configs_method(cfg: Path) -> None:
     cells = plan_cells(load_config(cfg), ["statprune+sketch", "statprune+sketch(off)"], ["2:4"])
-    assert [c.cfg.pruning.options["compensation"] for c in cells] == ["sketch+energy", "energy"]
+    assert [c.cfg.pruning.options["sketch_rank"] for c in cells] == [256, 0]
     with pytest.raises(ConfigError, match="pruning.options"):  # the config's method is not statprune's: refused
         plan_cells(load_config(cfg), ["wanda+sketch"], ["2:4"])
 

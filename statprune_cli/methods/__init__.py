@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from statprune_cli.config import parse_pattern
-from statprune_cli.methods.base import Method, Options, Refiner, Target
+from statprune_cli.schema import parse_pattern
+from statprune_cli.methods.base import Method, Options, Outcome, Target
 from statprune_cli.methods.magnitude import Magnitude
 from statprune_cli.methods.ria import RIA
 from statprune_cli.methods.sparsegpt import SparseGPT
@@ -19,4 +19,4 @@ def build_method(name: str, options: dict, pattern: str = "unstructured") -> Met
     return cls(cls.Options.from_dict(options), parse_pattern(pattern))
 
 
-__all__ = ["METHODS", "Method", "Options", "Refiner", "Target", "build_method"]
+__all__ = ["METHODS", "Method", "Options", "Outcome", "Target", "build_method"]

@@ -1,19 +1,20 @@
 """What a pruning method is: a score, a mask rule and an optional weight update.
 
 The engine calls ``Method.prune`` once per target linear, after calibration; nothing in the
-engine knows which method runs. ``prune`` returns report info; tensors in it (RIA's channel
-permutation) are saved beside the weights in the output's pruning_extras.safetensors instead.
+engine knows which method runs. ``prune`` writes the pruned weight in place (no second copy of a
+large matrix) and returns an ``Outcome``: report figures, and the input-channel order when the N:M
+groups were taken over reallocated channels.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from statprune_cli.config import options_from_dict
+from statprune_cli.schema import build
 from statprune_cli.masks import make_mask, nm_kept_score, reallocation_order, refine_order
 from statprune_cli.stats import ChannelStats
 
@@ -55,15 +56,17 @@ class Options:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Options:
-        return options_from_dict(cls, data)
+        return build(cls, data, "pruning.options")
 
 
-class Refiner(Protocol):
-    """Watches a pruned linear's inputs during the next pass through its layer, then corrects it once."""
+@dataclass
+class Outcome:
+    """What pruning one linear did besides writing its weight."""
 
-    def observe(self, x: torch.Tensor) -> None: ...
-
-    def apply(self) -> dict[str, Any]: ...
+    info: dict[str, float | int | str] = field(default_factory=dict)  # for the report
+    # the input channels in the order its N:M groups were taken (``Target.reallocation``): the model absorbs it, or
+    # it is saved beside the weights
+    permutation: torch.Tensor | None = None
 
 
 class Method:
@@ -87,11 +90,6 @@ class Method:
     def sketch_every(self) -> int | None:
         """The sketch is collected on every this many-th token (``ChannelStats.of``); None: ``sketch.auto_every``."""
         return None
-
-    @property
-    def wants_bias(self) -> bool:
-        """True when the update writes into the bias, so the engine adds zero biases first."""
-        return False
 
     @property
     def sequential(self) -> bool:
@@ -133,48 +131,36 @@ class Method:
         """Positions at the start of each window left out of the statistics, unless the config says otherwise."""
         return 0
 
-    @property
-    def needs_output_pass(self) -> bool:
-        """True when ``prune`` hands back refiners, which need calibration inputs after the mask is set."""
-        return False
-
     def score(self, weight: torch.Tensor, stats: ChannelStats | None) -> torch.Tensor:
         """Importance of each weight (higher = keep); weight is float32, shape (out, in)."""
         raise NotImplementedError
 
     def update(self, linear: nn.Linear, weight: torch.Tensor, mask: torch.Tensor, stats: ChannelStats | None,
-               target: Target) -> dict[str, Any]:
-        """Write the pruned weight into ``linear``; subclasses may also compensate. Returns report info."""
+               target: Target) -> dict[str, float | int]:
+        """Write the pruned weight into ``linear``; subclasses may also compensate. Returns report figures."""
         linear.weight.data.masked_fill_(mask, 0.0)  # in place: no second copy of a large matrix
         return {}
 
-    def refiner(self, linear: nn.Linear, dense: torch.Tensor, stats: ChannelStats | None) -> Refiner | None:
-        """An optional measured correction of the pruned ``linear``; ``dense`` is its weight before pruning."""
-        return None
-
-    def mask(self, weight: torch.Tensor, score: torch.Tensor, stats: ChannelStats | None,
-             target: Target) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Which weights go (True = pruned), and report info on the choice. With ``target.reallocation`` the
-        method's rule (``select``) sees the input channels in reallocation order and its mask is mapped back, so
-        the weights keep the layer's function and are N:M once their columns are put in that order, which the
-        engine saves (``channel_permutation``)."""
+    def mask(self, weight: torch.Tensor, score: torch.Tensor, target: Target) -> tuple[torch.Tensor, Outcome]:
+        """Which weights go (True = pruned). With ``target.reallocation`` the rule (``select``) sees the input
+        channels in reallocation order and its mask is mapped back, so the weights keep the layer's function and are
+        N:M once their columns are put in that order (``Outcome.permutation``)."""
         if not target.reallocation:
-            return self.select(weight, score, stats, target)
+            return self.select(score, target), Outcome()
         order = target.channel_order(score)
-        chosen, info = self.select(weight[:, order], score[:, order], None if stats is None else stats.permuted(order), target)
+        chosen = self.select(score[:, order], target)
         mask = torch.empty_like(chosen)
         mask[:, order] = chosen
         stored = nm_kept_score(score, *target.nm)
-        return mask, {**info, "reallocation_kept_score_gain": float(score[~mask].sum(dtype=torch.float64)) / stored - 1.0,
-                      "channel_permutation": order.to(torch.int32)}
+        gain = float(score[~mask].sum(dtype=torch.float64)) / stored - 1.0
+        return mask, Outcome({"reallocation_kept_score_gain": gain}, order.to(torch.int32))
 
-    def select(self, weight: torch.Tensor, score: torch.Tensor, stats: ChannelStats | None,
-               target: Target) -> tuple[torch.Tensor, dict[str, Any]]:
-        """The mask rule: keep the highest scores under the target's pattern. Subclasses may correct the choice."""
-        return make_mask(score, target.sparsity, target.nm, target.granularity), {}
+    def select(self, score: torch.Tensor, target: Target) -> torch.Tensor:
+        """The mask rule: keep the highest scores under the target's pattern."""
+        return make_mask(score, target.sparsity, target.nm, target.granularity)
 
-    def prune(self, linear: nn.Linear, stats: ChannelStats | None, target: Target) -> tuple[dict[str, Any], Refiner | None]:
+    def prune(self, linear: nn.Linear, stats: ChannelStats | None, target: Target) -> Outcome:
         weight = linear.weight.data.float()  # no copy of a float32 weight: nothing writes to it before ``update`` reads it
-        mask, info = self.mask(weight, self.score(weight, stats), stats, target)
-        dense = weight.clone() if self.needs_output_pass else weight  # a refiner compares with the unpruned weight
-        return {**self.update(linear, weight, mask, stats, target), **info}, self.refiner(linear, dense, stats)
+        mask, outcome = self.mask(weight, self.score(weight, stats), target)
+        outcome.info = {**self.update(linear, weight, mask, stats, target), **outcome.info}
+        return outcome

@@ -19,14 +19,13 @@ Differences from the reference code, on purpose: the unstructured mask of a bloc
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
 from statprune_cli.errors import ConfigError, PruneError
 from statprune_cli.masks import nm_mask, unstructured_mask
-from statprune_cli.methods.base import Method, Options, Refiner, Target
+from statprune_cli.methods.base import Method, Options, Outcome, Target
 from statprune_cli.stats import ChannelStats
 
 
@@ -97,21 +96,20 @@ class SparseGPT(Method):
     granularity = "matrix"  # the reference compares within each block of columns, over all rows
     Options = SparseGPTOptions
 
-    def prune(self, linear: nn.Linear, stats: ChannelStats | None, target: Target) -> tuple[dict[str, Any], Refiner | None]:
+    def prune(self, linear: nn.Linear, stats: ChannelStats | None, target: Target) -> Outcome:
         if stats is None or stats.gram is None:
             raise PruneError("sparsegpt needs the input Hessian; statistics files from `statprune calibrate` carry it "
                              "only when the config's pruning.method is sparsegpt")
         weight = linear.weight.data.float().clone()
-        info: dict[str, Any] = {}
+        order = None
         if target.reallocation:
             order = target.channel_order(stats.wanda_score(weight))
             weight, stats = weight[:, order], stats.permuted(order)
-            info["channel_permutation"] = order.to(torch.int32)
         hinv, dead = inverse_hessian_factor(stats.gram.to(weight.device), stats.count, self.options.percdamp)
         weight[:, dead] = 0.0
         sparsegpt_prune(weight, hinv, target, self.options.blocksize)
-        if target.reallocation:
+        if order is not None:
             linear.weight.data[:, order] = weight.to(linear.weight.dtype)
         else:
             linear.weight.data.copy_(weight)
-        return {**info, "dead_channels": int(dead.sum())}, None
+        return Outcome({"dead_channels": int(dead.sum())}, None if order is None else order.to(torch.int32))
