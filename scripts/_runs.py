@@ -116,9 +116,8 @@ def write_section(name: str, markdown: str) -> None:
     present = {p.stem: p for p in SECTIONS.glob("*.md")}
     order = [n for n in SECTION_ORDER if n in present] + sorted(set(present) - set(SECTION_ORDER))
     body = "\n".join(present[n].read_text() for n in order)
-    header = ("# Results\n\nEvery figure below comes from a script in `scripts/`, run on this workplace's machine (2 CPU "
-              "cores, no GPU) unless a section says otherwise. Each section is written by its script into "
-              "`docs/results/` and gathered here.\n\n")
+    header = ("# Results\n\nEvery figure below comes from a script in `scripts/`, run on 2 CPU cores unless a section "
+              "says otherwise. Each section is written by its script into `docs/results/` and gathered here.\n\n")
     (ROOT / "docs" / "results.md").write_text(header + body)
 
 

@@ -35,7 +35,7 @@ def alloc(spread: float) -> list[str]:
 OWL_GRID = [("", []), ("(l=0.04)", ["pruning.owl.lam=0.04"]), ("(l=0.12)", ["pruning.owl.lam=0.12"]),
             ("(m=3)", ["pruning.owl.m=3"]), ("(m=7)", ["pruning.owl.m=7"])]
 VARIANTS: dict[str, list[str]] = {
-    "magnitude": ["pruning.method=magnitude", "pruning.granularity=row"],  # per row: magnitude's default until session 25
+    "magnitude": ["pruning.method=magnitude", "pruning.granularity=row"],  # per row: magnitude's default until abe4a1e
     "wanda": ["pruning.method=wanda"],
     "ria": ["pruning.method=ria"],
     "sparsegpt": ["pruning.method=sparsegpt"],
@@ -105,7 +105,7 @@ VARIANTS: dict[str, list[str]] = {
         SP, ENERGY.replace("beta: 1.0", "beta: 0.5, energy_targets: ['re:.*mlp']"), SKIP1, ONEPASS, *OWL, *owl]
        for tag, owl in OWL_GRID},
     **{f"magnitude+owl{tag}": ["pruning.method=magnitude", "pruning.granularity=row", *OWL, *owl] for tag, owl in OWL_GRID},
-    # magnitude as the Wanda and OWL reference code prune it (its default since session 25): one threshold per matrix
+    # magnitude as the Wanda and OWL reference code prune it (its default since abe4a1e): one threshold per matrix
     **{f"magnitude(matrix){tag}": ["pruning.method=magnitude", "pruning.granularity=matrix", *owl]
        for tag, owl in (("", []), ("+owl", OWL), ("+owl(m=7)", [*OWL, "pruning.owl.m=7"]))},
     # RIA compared within each row instead of over the whole matrix (its paper's), uniform and with OWL
@@ -113,7 +113,7 @@ VARIANTS: dict[str, list[str]] = {
     # a layer's sparsity spread over its linears by the share of output energy each loses (pruning.allocation)
     **{f"wanda+skip1+alloc(s={spread})": [SP, "pruning.options={compensation: none}", SKIP1, *alloc(spread)]
        for spread in (0.05, 0.1, 0.2)},
-    # the same (statprune's 50% default until session 23) on the dense model's statistics: one pass per layer (its default since)
+    # the same (statprune's 50% default until 5ef913b) on the dense model's statistics: one pass per layer (its default since)
     "wanda+skip1+onepass+alloc(s=0.1)": [SP, "pruning.options={compensation: none}", SKIP1, ONEPASS, *alloc(0.1)],
     # statprune's former 50% default (sequential) with the OWL profile (statprune's M)
     "wanda+skip1+owl(m=7)": ["pruning.method=wanda", SKIP1, *OWL, "pruning.owl.m=7"],

@@ -122,7 +122,7 @@ statistics pass, which stops at the last target linear's input, then the pruned 
 Its cost is therefore about half of Wanda's, plus its energy allocation (one sort of each linear's Wanda scores on a
 sample of its rows; `scripts/bench_allocation.py` times it alone: under a second per wide decoder layer) and the
 energy compensation's elementwise work. `statprune+onepass(off)` is statprune with Wanda's two passes (at 50% the
-default before session 23 ran them, without the compensation), which costs about what Wanda costs; on this machine
+default before 5ef913b ran them, without the compensation), which costs about what Wanda costs; on this machine
 two runs of the same command can differ by up to 25%. SparseGPT adds, per linear, the Gram matrix X X^T (as many FLOPs as a forward pass
 of a square layer per token), a Cholesky factorisation (d^3/3) and the column-by-column update (rows x d^2). With 8
 windows x 512 tokens on the wide model that is about 2.6 TFLOP per decoder layer on top of Wanda's 3.0 TFLOP of
@@ -132,11 +132,11 @@ than Wanda. The gap grows with width (d^3 and rows x d^2 against the forward's r
 column loop's launch overhead on a GPU, which this CPU measurement does not show."""
 
 
-READING_NM = """At an N:M pattern statprune adds to Wanda's passes its sketched least-squares update (since session 24:
+READING_NM = """At an N:M pattern statprune adds to Wanda's passes its sketched least-squares update (since df950ee:
 collecting a 256-probe sketch of each distinct linear input's second moments, two products of tokens x in x 256
 multiply-adds, then per linear a Nystrom factorisation and two products of the weight with a 256-column basis, as many
 as a forward pass over 512 tokens; by count the collection is about 3% of Wanda's two passes at the wide model's width
-and a fifth at SmolLM2's, where 256 probes come close to its 576 channels, on every token; since session 27 it reads
+and a fifth at SmolLM2's, where 256 probes come close to its 576 channels, on every token; since 39e572b it reads
 every 4th token, never fewer than 8,192 (`sketch_every` unset), a quarter of that at 64 windows: a
 `statprune+sketch(every=1)` column, where present, is the run on every token, a `statprune+sketch(off)` column the run
 without the update, and the rows timed before it are under key `n{windows}-s512-2:4-before-sketch` in

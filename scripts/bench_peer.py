@@ -285,7 +285,7 @@ Measured. Every cell agrees within 1% (largest: SparseGPT 50%, statprune 0.8% lo
   reconstructions.
 - Wall time, one tool after the other on the otherwise idle machine (load about 2): statprune takes
   0.76-0.80x llm-compressor's time for the same method (the Wanda 50% pair ran in an earlier,
-  contended session: its 0.70x is not comparable).
+  contended run: its 0.70x is not comparable).
 
 How llm-compressor computes the two methods (read from its source, see the report of this benchmark):
 its Wanda keeps a running mean over calibration *windows* of each input channel's squared L2 norm in
