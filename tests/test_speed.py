@@ -86,6 +86,13 @@ def test_plan_leaves_dense_the_shapes_the_kernels_cannot_take() -> None:
     assert "16x64" in plan.left_dense["b"] and "32x64" in plan.left_dense["b"]
 
 
+def test_backend_is_torchs_own_with_its_shape_limits() -> None:
+    backend = speed.semi_structured_backend()
+    expected = {"cusparselt": (16, 16), "cutlass": (32, 64)}  # bfloat16 rows x columns of torch's two backends
+    assert backend.min_shape == expected[backend.name]
+    assert backend.sparsify is torch.sparse.to_sparse_semi_structured
+
+
 def test_refuses_without_cuda_in_one_line_before_loading(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     res = runner.invoke(app, ["eval-speed", str(tmp_path / "no-such-model")])
