@@ -103,7 +103,13 @@ preflight() {  # what every phase needs, checked before the first starts
       || fail "torch sees no CUDA device: this benchmark needs a GPU (DEVICE=$DEVICE; --dry-run prints its plan anywhere)"
   fi
   [ -d "$DATA/c4" ] && [ -d "$DATA/wikitext-2-raw" ] || fail "no c4/ and wikitext-2-raw/ under DATA=$DATA"
-  if [ ! -f "$SMOL/config.json" ]; then
+  local smol=0  # whether a phase reads SmolLM2 (the synthetic checkpoint takes its tokenizer unless TOKENIZER is set)
+  case " ${phases[*]} " in *" smollm2 "*|*" equivalence "*|*" owl "*) smol=1 ;; esac
+  case " ${phases[*]} " in *" wide "*)
+    if [ "$TOKENIZER" = "$SMOL" ]; then smol=1
+    else [ -f "$TOKENIZER/tokenizer_config.json" ] || fail "no tokenizer in TOKENIZER=$TOKENIZER"; fi ;;
+  esac
+  if [ $smol = 1 ] && [ ! -f "$SMOL/config.json" ]; then
     if [ $DRY = 1 ]; then echo "   would build $SMOL with scripts/demo_model.py"; return; fi
     $PY scripts/demo_model.py models/smollm2-135m --hf "$SMOL" || fail "no $SMOL, and it could not be built (see above)"
   fi
