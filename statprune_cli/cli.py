@@ -336,5 +336,41 @@ def export(
         f"dense weights {sizes['dense_bytes'] / 2**20:.1f} MiB ({sizes['output_bytes'] / max(sizes['dense_bytes'], 1):.0%})"))
 
 
+@app.command("eval-speed")
+@_exit_codes
+def eval_speed(
+    pruned_dir: Annotated[Path, typer.Argument(help="A folder written by `statprune prune` with a 2:4 pattern.")],
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated prefill batch sizes.")] = "1,16",
+    seqlens: Annotated[str, typer.Option(help="Comma-separated prefill lengths in tokens; the shortest is also the decode prompt and the checked windows' length.")] = "512,2048",
+    decode_tokens: Annotated[int, typer.Option(min=0, help="Tokens decoded one by one (batch 1, greedy, KV cache); 0: no decode timing.")] = 64,
+    check_windows: Annotated[int, typer.Option(min=1, help="Windows of random tokens whose logits must match the dense format's.")] = 4,
+    rtol: Annotated[float, typer.Option(min=0.0, help="Largest relative L2 difference of the sparse format's logits from the dense format's.")] = 0.05,
+    warmup: Annotated[int, typer.Option(min=0, help="Untimed runs before each measurement.")] = 3,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed runs per measurement (the median is reported).")] = 10,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Prefill throughput and decode latency of a 2:4 model, dense format against PyTorch's semi-structured sparse one.
+
+    Needs a CUDA GPU of compute capability 8.0 or newer; the model runs in bfloat16. Exits 1, after the report, when the sparse format's logits differ from the dense format's by more than --rtol.
+    Example: statprune eval-speed out/smollm2-2of4 --batch-sizes 1,16 --seqlens 512,2048 --json
+    """
+    from statprune_cli import speed
+    from statprune_cli.errors import PruneError
+    from statprune_cli.ui import UI
+
+    settings = speed.SpeedSettings(speed.parse_sizes(batch_sizes, "--batch-sizes"), speed.parse_sizes(seqlens, "--seqlens"),
+                                   decode_tokens, check_windows, rtol, warmup, repeats)
+    if problem := speed.device_problem():
+        raise InputError(problem)
+    if not pruned_dir.is_dir():
+        raise InputError(f"PRUNED_DIR: {pruned_dir} is not a folder")
+    ui = UI(quiet=quiet)
+    report = speed.run_speed(pruned_dir, settings, ui)
+    _emit(report, as_json, lambda: None if quiet else speed.print_speed(report, ui.console))
+    if failure := speed.check_failure(report["check"]):
+        raise PruneError(failure)
+
+
 def main() -> None:
     app()
