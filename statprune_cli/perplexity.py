@@ -1,7 +1,9 @@
 """Perplexity with the GPTQ / SparseGPT / Wanda protocol, layer by layer.
 
 The text is tokenized once and cut into non-overlapping windows of ``seqlen`` tokens (tail
-dropped); ppl = exp(mean token NLL). The forward pass goes through the layer-wise engine, so a
+dropped); ppl = exp(mean token NLL). Where the model's tokenizer adds BOS, each window is BOS
+then ``seqlen - 1`` text tokens, and BOS is never scored (``eval.bos``; false keeps the papers'
+single token stream). The forward pass goes through the layer-wise engine, so a
 model that only fits one layer at a time on the device can be evaluated too. Under torchrun each
 process evaluates its share of the windows; the per-window NLL sums are gathered and added in
 window order, so the perplexity is the same, bit for bit, on any number of processes.
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
 from statprune_cli.config import DataConfig
-from statprune_cli.data import batched, eval_text, eval_windows
+from statprune_cli.data import batched, eval_text, eval_windows, window_bos
 from statprune_cli.engine import LayerwiseEngine
 
 
@@ -27,6 +29,7 @@ class EvalSet:
     windows: torch.Tensor
     seqlen: int
     max_tokens: int | None
+    bos: bool
 
 
 @dataclass
@@ -38,17 +41,24 @@ class PerplexityResult:
     tokens: int
     max_tokens: int | None
     dtype: str
+    bos: bool  # each window started with BOS
+    scored_tokens: int  # the predicted tokens: every window position but the first
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def load_eval_set(tokenizer: PreTrainedTokenizerBase, data: DataConfig, seqlen: int, max_tokens: int | None,
-                  key: str = "eval") -> EvalSet:
-    """Tokenize the evaluation text once, up front, so a bad data set fails before any heavy work."""
-    ids = tokenizer(eval_text(data, key), return_tensors="pt").input_ids[0]
+                  key: str = "eval", bos: bool | str = "auto") -> EvalSet:
+    """Tokenize the evaluation text once, up front, so a bad data set fails before any heavy work.
+
+    Without per-window BOS the text is tokenized as the papers do, special tokens included (one BOS at the start of
+    the stream where the tokenizer adds it).
+    """
+    bos_id = window_bos(tokenizer, bos, "eval.bos")
+    ids = tokenizer(eval_text(data, key), add_special_tokens=bos_id is None, return_tensors="pt").input_ids[0]
     name = data.dataset + (f"[{data.split}]" if data.split else "")
-    return EvalSet(name, eval_windows(ids, seqlen, max_tokens), seqlen, max_tokens)
+    return EvalSet(name, eval_windows(ids, seqlen, max_tokens, bos_id), seqlen, max_tokens, bos_id is not None)
 
 
 # Positions per block of logits: a window's logits and the softmax's copy are positions x vocabulary floats each
@@ -80,4 +90,5 @@ def evaluate_perplexity(engine: LayerwiseEngine, eval_set: EvalSet, batch_size: 
     nll, count = window_nll(engine, eval_set.windows, batch_size)
     dtype = str(next(engine.model.parameters()).dtype).replace("torch.", "")
     w = eval_set.windows
-    return PerplexityResult(eval_set.name, math.exp(nll / count), eval_set.seqlen, w.shape[0], w.numel(), eval_set.max_tokens, dtype)
+    return PerplexityResult(eval_set.name, math.exp(nll / count), eval_set.seqlen, w.shape[0], w.numel(), eval_set.max_tokens,
+                            dtype, eval_set.bos, count)

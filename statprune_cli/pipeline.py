@@ -19,7 +19,7 @@ import torch
 
 from statprune_cli.allocation import energy_sparsities
 from statprune_cli.config import Config, dump_config, parse_size
-from statprune_cli.data import batched, calibration_windows, load_documents
+from statprune_cli.data import batched, calibration_windows, load_documents, window_bos
 from statprune_cli.distributed import Communicator, launched, launched_world_size
 from statprune_cli.engine import Collect, EngineResult, Job, LayerDone, LayerIO, LayerwiseEngine, Resume, Selection
 from statprune_cli.errors import ConfigError, InputError
@@ -73,21 +73,26 @@ class Timer:
 
 def calibration_batches(cfg: Config, tokenizer: Any, ui: UI) -> tuple[list[torch.Tensor], str]:
     c = cfg.calibration
+    bos = window_bos(tokenizer, c.bos, "calibration.bos")
+    c.bos = bos is not None  # auto settled: report.json's calibration section and statprune.yaml say what ran
     docs = load_documents(c, "calibration", default_split="train")
 
     def tokenize(texts: list[str]) -> list[list[int]]:
         return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
-    windows, origin = calibration_windows(docs, tokenize, c.nsamples, c.seqlen, c.seed, log=ui.log)
+    windows, origin = calibration_windows(docs, tokenize, c.nsamples, c.seqlen, c.seed, log=ui.log, bos=bos)
     del docs
     trim_heap()  # tokenizing leaves tens of MB of freed heap that would count in the whole run's peak
     where = f" ({c.data_files})" if c.data_files else ""
-    return batched(windows, c.batch_size), f"{c.nsamples} windows x {c.seqlen} tokens from {c.dataset}{where}, seed {c.seed}, from {origin}"
+    first = " (BOS first)" if c.bos else ""
+    return batched(windows, c.batch_size), (f"{c.nsamples} windows x {c.seqlen} tokens{first} from {c.dataset}{where}, "
+                                            f"seed {c.seed}, from {origin}")
 
 
 def eval_sets(cfg: Config, tokenizer: Any) -> list[EvalSet]:
     e = cfg.eval
-    sets = [load_eval_set(tokenizer, d, e.seqlen, e.max_tokens, key=f"eval.datasets[{i}]") for i, d in enumerate(e.datasets)]
+    sets = [load_eval_set(tokenizer, d, e.seqlen, e.max_tokens, key=f"eval.datasets[{i}]", bos=e.bos)
+            for i, d in enumerate(e.datasets)]
     trim_heap()
     return sets
 

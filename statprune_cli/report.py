@@ -111,8 +111,9 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
     console.print(f"peak RSS {m['peak_rss_mib']:.0f} MiB{cuda}")
     for ppl in report.get("perplexity", []):
         limit = f", max_tokens={ppl['max_tokens']}" if ppl["max_tokens"] else ""
+        first = ", BOS first" if ppl["bos"] else ""
         console.print(f"[bold]{escape(ppl['dataset'])} perplexity {ppl['perplexity']:.4f}[/bold] (seqlen {ppl['seqlen']}, "
-                      f"{ppl['windows']} windows, {ppl['tokens']} tokens{limit}, {ppl['dtype']})")
+                      f"{ppl['windows']} windows{first}, {ppl['tokens']} tokens{limit}, {ppl['dtype']})")
     if report.get("zeroshot"):
         print_zeroshot(report["zeroshot"], console)
     for note in report.get("notes", []):

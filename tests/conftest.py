@@ -42,15 +42,18 @@ def tiny_model(arch: str, seed: int = 0):
     return model.eval()
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level-ish word tokenizer over a fixed vocabulary, built offline."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def tiny_tokenizer(bos: bool = False) -> PreTrainedTokenizerFast:
+    """A byte-level-ish word tokenizer over a fixed vocabulary, built offline; ``bos``: it puts <s> before every
+    text by default, as Llama's and Gemma's do (through a post-processor)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
     for i in range(3, VOCAB):
         vocab[f"w{i}"] = i
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
