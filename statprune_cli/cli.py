@@ -6,7 +6,6 @@ Exit codes: 0 success, 2 bad input (config, files, data), 1 a run that failed.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -64,7 +63,9 @@ def _emit(report: Any, as_json: bool, render: Callable[[], None]) -> None:
     if not is_main_process():
         return
     if as_json:
-        print(json.dumps(report, indent=2))
+        from statprune_cli.report import strict_json
+
+        print(strict_json(report))
     else:
         render()
 

@@ -19,7 +19,8 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from statprune_cli.errors import InputError
+from statprune_cli.errors import InputError, PruneError
+from statprune_cli.report import strict_json
 
 
 def check_output_dir(path: Path, overwrite: bool, key: str = "output.dir") -> None:
@@ -57,8 +58,19 @@ def replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old)
 
 
+def check_finite_tensors(tensors: dict[str, torch.Tensor]) -> None:
+    """Every floating tensor about to be written is finite: a nan outside the pruned linears (an embedding, a norm)
+    is never checked by pruning, and a checkpoint that holds one must not pass as a result."""
+    from statprune_cli.stats import all_finite
+
+    for name, t in tensors.items():
+        if t.is_floating_point() and not all_finite(t.detach()):
+            raise PruneError(f"non-finite values (nan or inf) in {name}; nothing is written (check the checkpoint)")
+
+
 def save_model_folder(folder: Path, model: nn.Module, tokenizer: PreTrainedTokenizerBase, shard_size: int) -> None:
     """A Hugging Face folder that ``AutoModelForCausalLM.from_pretrained`` loads as is."""
+    check_finite_tensors(model.state_dict())
     model.save_pretrained(folder, max_shard_size=shard_size)
     tokenizer.save_pretrained(folder)
 
@@ -77,5 +89,5 @@ def write_extras(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write through a temporary sibling and rename, so a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2))
+    tmp.write_text(strict_json(data))
     tmp.replace(path)

@@ -19,7 +19,7 @@ import torch
 
 from statprune_cli import __version__
 from statprune_cli.allocation import energy_sparsities
-from statprune_cli.config import (Config, allocation_mode, dump_config, lsa_mode, parse_pattern, parse_size,
+from statprune_cli.config import (Config, EvalConfig, allocation_mode, dump_config, lsa_mode, parse_pattern, parse_size,
                                   reallocation_mode, residual_mode)
 from statprune_cli.data import batched, calibration_windows, load_documents
 from statprune_cli.distributed import Communicator, launched, launched_world_size
@@ -27,19 +27,19 @@ from statprune_cli.engine import EngineResult, LayerDone, LayerIO, LayerwiseEngi
 from statprune_cli.errors import ConfigError, InputError
 from statprune_cli.export import EXTRAS_NAME, atomic_dir, check_output_dir, save_model_folder, write_extras, write_json_atomic
 from statprune_cli.layers import find_decoder_layers
-from statprune_cli.load import check_against_model, enable_biases, load_model, load_model_config, load_tokenizer, torch_dtype
+from statprune_cli.load import check_against_model, check_seqlen, enable_biases, load_model, load_model_config, load_tokenizer, torch_dtype
 from statprune_cli.methods import Method, Target, build_method
 from statprune_cli.permute import RESIDUAL_ROWS, RESIDUAL_TOKENS, ResidualPlan, head_blocks, producers, residual_order, residual_plan
 from statprune_cli.perplexity import EvalSet, evaluate_perplexity, load_eval_set
 from statprune_cli.profile import outlier_ratio, owl_sparsities
-from statprune_cli.report import layer_summary, model_sparsity, package_versions, peak_memory
+from statprune_cli.report import layer_summary, model_sparsity, package_versions, peak_memory, strict_json
 from statprune_cli.sketch import resolve_every
 from statprune_cli.stats import ChannelStats, load_stats, save_stats
 from statprune_cli.streaming import (Checkpoint, StreamedLayers, StreamingOutput, folder_sparsity, load_skeleton, partial_dir,
                                      resolve_folder, return_freed_memory_promptly, should_stream,
                                      trim_heap)
 from statprune_cli.ui import UI
-from statprune_cli.zeroshot import evaluate_zeroshot, prepare_zeroshot
+from statprune_cli.zeroshot import check_tokenizer, evaluate_zeroshot, prepare_zeroshot
 
 
 def setup_runtime(cfg: Config) -> torch.device:
@@ -595,7 +595,7 @@ class Run:
         report["timings"] = {k: round(v, 3) for k, v in self.timer.phases.items()}
         report["memory"] = peak_memory()
         report["extras_file"] = EXTRAS_NAME if (folder / EXTRAS_NAME).is_file() else None
-        (folder / "report.json").write_text(json.dumps(report, indent=2))
+        (folder / "report.json").write_text(strict_json(report))
 
 
 def pattern_label(cfg: Config, target: Target, reallocation: bool | str, residual: bool = False) -> str:
@@ -662,9 +662,7 @@ def run_eval(cfg: Config, ui: UI | None = None) -> list[dict[str, Any]]:
     ui = ui or UI()
     device = setup_runtime(cfg)
     config = load_model_config(cfg.model)
-    context = getattr(config, "max_position_embeddings", None)
-    if context is not None and cfg.eval.seqlen > context:
-        raise ConfigError("eval.seqlen", f"expected at most the model's context ({context} tokens), got {cfg.eval.seqlen}")
+    check_seqlen("eval.seqlen", cfg.eval.seqlen, EvalConfig.seqlen, config, how="--seqlen or eval.seqlen")
     streaming = decide_streaming(cfg)
     tokenizer = load_tokenizer(cfg.model)
     sets = eval_sets(cfg, tokenizer)
@@ -699,6 +697,7 @@ def run_zeroshot(cfg: Config, ui: UI | None = None) -> dict[str, Any]:
     device = setup_runtime(cfg)
     prepare_zeroshot(cfg.eval.zeroshot)
     tokenizer = load_tokenizer(cfg.model)
+    check_tokenizer(tokenizer, cfg.model.name_or_path)
     ui.log(f"loading {cfg.model.name_or_path} ({cfg.model.dtype})")
     model = load_model(cfg.model).to(device)
     result = evaluate_zeroshot(model, tokenizer, cfg.eval.zeroshot, ui).to_dict()

@@ -38,9 +38,9 @@ from statprune_cli.config import ModelConfig
 from statprune_cli.distributed import Communicator
 from statprune_cli.engine import LayerResult
 from statprune_cli.errors import InputError, PruneError
-from statprune_cli.export import replace_dir, write_extras
+from statprune_cli.export import check_finite_tensors, replace_dir, write_extras
 from statprune_cli.layers import find_decoder_layers
-from statprune_cli.load import torch_dtype
+from statprune_cli.load import safetensors_header, torch_dtype
 from statprune_cli.masks import count_zeros
 from statprune_cli.permute import ResidualPlan
 
@@ -102,10 +102,8 @@ class Checkpoint:
 
 
 def read_header(path: Path) -> tuple[int, dict[str, Any]]:
-    """(offset of the data, the JSON header) of a safetensors file."""
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        return 8 + size, json.loads(f.read(size))
+    """(offset of the data, the JSON header) of a safetensors file (a truncated one is an InputError naming it)."""
+    return safetensors_header(path)[:2]
 
 
 def resolve_folder(mc: ModelConfig) -> Path:
@@ -235,6 +233,7 @@ class ShardWriter:
     def write(self, k: int, tensors: dict[str, torch.Tensor]) -> None:
         """One shard; its header also counts its zeros, so the report's sparsity needs no second read."""
         data = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
+        check_finite_tensors(data)
         zeros = sum(count_zeros(t) for t in data.values())
         numel = sum(t.numel() for t in data.values())
         metadata = {"format": "pt", "statprune_zeros": str(zeros), "statprune_numel": str(numel)}
