@@ -99,6 +99,7 @@ def prune(
     Example: statprune prune configs/smollm2-135m-statprune-50.yaml --set pruning.sparsity=0.6 -o out/sp60
     """
     from statprune_cli.config import load_config
+    from statprune_cli.lock import prune_output
     from statprune_cli.pipeline import run_prune
     from statprune_cli.report import print_report
     from statprune_cli.distributed import is_main_process
@@ -108,7 +109,8 @@ def prune(
     if output is not None:
         cfg.output.dir = str(output)
     ui = UI(quiet=quiet or not is_main_process())
-    report = run_prune(cfg, overwrite=overwrite, stats_path=stats, ui=ui)
+    with prune_output(cfg, ui.log):
+        report = run_prune(cfg, overwrite=overwrite, stats_path=stats, ui=ui)
     _emit(report, as_json, lambda: None if quiet else print_report(report, ui.console))
 
 
@@ -241,6 +243,7 @@ def eval_ppl(
     Example: statprune eval-ppl out/smollm2-50 --dataset wikitext2 --data-files ../shared/data/wikitext-2-raw --seqlen 512
     """
     from statprune_cli.config import DataConfig, _build, validate
+    from statprune_cli.lock import recover_if_idle
     from statprune_cli.pipeline import run_eval
     from statprune_cli.distributed import is_main_process
     from statprune_cli.ui import UI
@@ -254,6 +257,7 @@ def eval_ppl(
             setattr(e, key, value)
     validate(cfg)
     ui = UI(quiet=quiet or not is_main_process())
+    recover_if_idle(Path(cfg.model.name_or_path), ui.log)
     results = run_eval(cfg, ui)
 
     def render() -> None:
@@ -286,6 +290,7 @@ def eval_zeroshot(
     Example: statprune eval-zeroshot out/smollm2-50 --data-dir ../shared/data/zeroshot --tasks boolq,piqa --limit 100
     """
     from statprune_cli.config import ZEROSHOT_DEFAULT, check_zeroshot_data_dir, check_zeroshot_tasks, validate
+    from statprune_cli.lock import recover_if_idle
     from statprune_cli.pipeline import run_zeroshot
     from statprune_cli.report import print_zeroshot
     from statprune_cli.ui import UI
@@ -305,6 +310,7 @@ def eval_zeroshot(
             setattr(z, key, value)
     validate(cfg)
     ui = UI(quiet=quiet)
+    recover_if_idle(Path(cfg.model.name_or_path), ui.log)
     result = run_zeroshot(cfg, ui)
     _emit(result, as_json, lambda: print_zeroshot(result, ui.console))
 
@@ -323,9 +329,12 @@ def export(
     Example: statprune export out/smollm2-50 --format bitmask -o out/smollm2-50-bitmask
     """
     from statprune_cli.bitmask import export_bitmask, export_dense
+    from statprune_cli.lock import recover_if_idle
+    from statprune_cli.ui import UI
 
     if format not in ("dense", "bitmask"):
         raise InputError(f"--format: expected dense or bitmask, got {format!r}")
+    recover_if_idle(pruned_dir, UI().log)
     if not pruned_dir.is_dir():
         raise InputError(f"PRUNED_DIR: {pruned_dir} is not a folder")
     output = output or pruned_dir.resolve().with_name(f"{pruned_dir.resolve().name}-{format}")

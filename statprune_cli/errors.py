@@ -30,3 +30,7 @@ class ConfigError(InputError):
 
 class PruneError(RuntimeError):
     """A failure during the run itself (non-finite statistics, say). Exit code 1."""
+
+
+class OutputLocked(RuntimeError):
+    """Another run holds the output's lock (``lock.py``). Exit code 1: the input is fine, the moment is not."""

@@ -73,6 +73,30 @@ def check_weight_files(mc: ModelConfig) -> None:
             safetensors_header(path)
 
 
+STORED_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def output_bytes(mc: ModelConfig) -> int | None:
+    """About the size of a pruned output (dense weights in ``model.dtype``) from a local checkpoint's safetensors
+    headers; a GGUF or .bin checkpoint by its size on disk (GGUF: a lower bound, it is quantized); None for a hub id."""
+    folder = Path(mc.name_or_path)
+    if not folder.is_dir():
+        return None
+    files = [] if mc.gguf_file else sorted(folder.glob("*.safetensors"))
+    if not files:
+        others = [folder / mc.gguf_file] if mc.gguf_file else list(folder.glob("*.bin"))
+        return sum(f.stat().st_size for f in others if f.is_file()) or None
+    total = 0
+    for path in files:
+        for name, info in safetensors_header(path)[1].items():
+            if name != "__metadata__":
+                stored = info["data_offsets"][1] - info["data_offsets"][0]
+                bytes_each = STORED_BYTES.get(info["dtype"])
+                total += stored // bytes_each * DTYPE_BYTES.get(mc.dtype, bytes_each) if bytes_each else stored
+    return total
+
+
 def check_seqlen(key: str, seqlen: int, default: int, config: PretrainedConfig, how: str | None = None) -> None:
     """Windows no longer than the model's context; an unset key that got the default is told what to set."""
     context = getattr(config, "max_position_embeddings", None)

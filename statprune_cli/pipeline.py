@@ -37,7 +37,7 @@ from statprune_cli.sketch import resolve_every
 from statprune_cli.stats import ChannelStats, load_stats, save_stats
 from statprune_cli.streaming import (Checkpoint, StreamedLayers, StreamingOutput, folder_sparsity, load_skeleton, partial_dir,
                                      resolve_folder, return_freed_memory_promptly, should_stream,
-                                     trim_heap)
+                                     tokenizer_folder, trim_heap)
 from statprune_cli.ui import UI
 from statprune_cli.zeroshot import check_tokenizer, evaluate_zeroshot, prepare_zeroshot
 
@@ -421,7 +421,7 @@ def run_prune(cfg: Config, overwrite: bool = False, stats_path: Path | None = No
         run = Run(cfg, method, list(shapes), batches, stats, stats_path, evals, device, ui, timer, comm)
         if checkpoint is None:
             return prune_in_memory(run, out, overwrite, tokenizer, calibration)
-        with tempfile.TemporaryDirectory(prefix="statprune-tokenizer-") as tokenizer_dir:
+        with tokenizer_folder(out, comm.suffix) as tokenizer_dir:
             tokenizer.save_pretrained(tokenizer_dir)
             del tokenizer  # only its files go on; the layers to come want its memory back (24 MiB measured)
             trim_heap()
@@ -485,7 +485,7 @@ def prune_streamed(run: Run, out: Path, checkpoint: Checkpoint, model_config: An
             model = load_skeleton(cfg.model, model_config, checkpoint)
         layers_name, layers = find_decoder_layers(model)
         output = StreamingOutput(partial, checkpoint, layers_name, len(layers),
-                                 {**cfg.to_dict(), "resolved": resolved_choices(cfg, run.method)}, comm)
+                                 {**cfg.to_dict(), "resolved": resolved_choices(cfg, run.method)}, comm, run.batches)
         state = output.resume()
         placement = Placement(StreamedLayers(checkpoint, layers_name, torch_dtype(cfg.model.dtype)), partial,
                               None if state is None else Resume(*state), output.layer_done, comm)

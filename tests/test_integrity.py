@@ -17,7 +17,6 @@ from typer.testing import CliRunner
 
 from statprune_cli.cli import app
 from statprune_cli.data import calibration_windows
-from statprune_cli.report import strict_json
 
 runner = CliRunner()
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -200,6 +199,8 @@ def test_nan_outside_the_pruned_linears_is_an_error(cfg: Path, tmp_path: Path, t
 
 
 def test_reports_are_strict_json() -> None:
+    from statprune_cli.report import strict_json
+
     text = strict_json({"perplexity": [{"dataset": "d", "perplexity": math.nan}], "layer_target_sparsity": [0.5, math.inf]})
 
     def refuse(constant: str) -> None:
@@ -219,3 +220,178 @@ def test_quiet_prints_nothing_on_stderr(cfg: Path, tiny_model_dir: Path) -> None
     assert res.returncode == 0 and res.stderr == "", res.stderr
     res = run_cli("eval-ppl", str(cfg), "-q")
     assert res.returncode == 0 and res.stderr == "", res.stderr
+
+
+# ---------------------------------------------------------------- 1: one run per output
+
+
+def _hold_lock(out: Path) -> subprocess.Popen:
+    """Another process holding ``out``'s lock, as a running prune does, until it is killed."""
+    code = ("import sys; from pathlib import Path; from statprune_cli.lock import output_lock\n"
+            "with output_lock(Path(sys.argv[1]), print):\n    print('held', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_second_run_on_a_locked_output_stops_at_once_and_a_dead_holder_is_taken_over(cfg: Path, tmp_path: Path) -> None:
+    import socket
+
+    out = tmp_path / "out"
+    holder = _hold_lock(out)
+    try:
+        line = one_line_error(run("prune", str(cfg), "-q", "--set", "runtime.streaming=true"), code=1)
+        assert f"{out} is in use by another statprune run (pid {holder.pid} on host {socket.gethostname()}, started " \
+               f"{time.strftime('%Y-%m-%d')}" in line
+        assert not (tmp_path / ".out.partial").exists()  # stopped before any work
+    finally:
+        holder.kill()
+        holder.wait()
+    res = run("prune", str(cfg), "--set", "runtime.streaming=true")  # the holder died: its lock is taken over
+    assert res.exit_code == 0, res.output
+    assert f"taking over the lock on {out} left by pid {holder.pid}" in res.stderr
+    assert (out / "report.json").is_file() and json.loads((tmp_path / ".out.lock").read_text() or "null") is None
+
+
+def test_a_lock_record_from_another_host_stops_the_run(cfg: Path, tmp_path: Path) -> None:
+    (tmp_path / ".out.lock").write_text(json.dumps({"pid": 12, "host": "elsewhere", "started": "then"}))
+    line = one_line_error(run("prune", str(cfg), "-q"), code=1)
+    assert "locked by a run on another host (pid 12 on host elsewhere, started then)" in line
+    assert f"delete {tmp_path / '.out.lock'}" in line
+
+
+# ---------------------------------------------------------------- 4: unwritable or full output location
+
+
+def test_an_unwritable_output_location_is_refused_before_the_model_loads(cfg: Path, tmp_path: Path, tiny_model_dir: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    import statprune_cli.pipeline
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(statprune_cli.pipeline, "load_model", no_load)
+    try:
+        Path("/sys/statprune-probe").mkdir()
+        pytest.skip("/sys is writable here")
+    except OSError:
+        pass
+    line = one_line_error(run("prune", str(cfg), "-q", "-o", "/sys/statprune-out/run"))
+    assert "output.dir: cannot write in /sys" in line
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=100_000))
+    line = one_line_error(run("prune", str(cfg), "-q"))
+    need = sum(f.stat().st_size for f in tiny_model_dir.glob("*.safetensors")) / 2**20
+    assert f"output.dir: {tmp_path} has 0.1 MiB free; the output needs about {need:.1f} MiB" in line
+    assert not list(tmp_path.glob(".out*"))
+
+
+# ---------------------------------------------------------------- 5: --overwrite cut short between its renames
+
+
+def _fail_second_rename(monkeypatch: pytest.MonkeyPatch, dst: Path) -> None:
+    """A fault (a kill, a power cut) after the old output is moved aside and before the new one takes its name."""
+    rename = Path.rename
+
+    def faulty(self: Path, target):
+        if Path(target) == dst and self.name != f".{dst.name}.old-{os.getpid()}" and \
+                list(dst.parent.glob(f".{dst.name}.old-*")):
+            raise KeyboardInterrupt("killed between the renames")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", faulty)
+
+
+@pytest.mark.parametrize("streaming", ["false", "true"])
+def test_an_interrupted_overwrite_is_completed_by_the_next_command(cfg: Path, tmp_path: Path, streaming: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    stream = ["--set", f"runtime.streaming={streaming}"]
+    assert run("prune", str(cfg), "-q", *stream).exit_code == 0
+    first = (out / "report.json").read_text()
+    with monkeypatch.context() as m:
+        _fail_second_rename(m, out)
+        res = run("prune", str(cfg), "-q", "--overwrite", "--set", "pruning.sparsity=0.6", *stream)
+    assert res.exit_code != 0 and not out.exists()
+    assert list(tmp_path.glob(".out.old-*")) and (tmp_path / ".out.swap").is_file()
+    res = run("eval-ppl", str(out), "--dataset", f"text:{tmp_path / 'eval.txt'}", "--seqlen", "32", "--json")
+    assert res.exit_code == 0, res.output
+    assert f"completed an interrupted --overwrite of {out}: the new output" in res.stderr
+    assert json.loads((out / "report.json").read_text())["target_sparsity"] == 0.6 != json.loads(first)["target_sparsity"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.") and p.name != ".out.lock"]
+
+
+def test_an_overwrite_cut_short_before_the_new_folder_was_named_restores_the_old_one(cfg: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert run("prune", str(cfg), "-q").exit_code == 0
+    old = tmp_path / ".out.old-99999"
+    out.rename(old)  # what the first rename leaves, the new folder lost with it
+    (tmp_path / ".out.swap").write_text(json.dumps({"new": ".out.tmp-99999", "old": old.name}))
+    res = run("export", str(out), "--format", "dense", "-o", str(tmp_path / "dense"))
+    assert res.exit_code == 0, res.output
+    assert f"restored {out} from .out.old-99999" in res.stderr
+    assert (out / "report.json").is_file() and not old.exists() and not (tmp_path / ".out.swap").exists()
+
+
+def test_a_killed_in_memory_run_leaves_nothing_the_next_run_keeps(cfg: Path, tmp_path: Path) -> None:
+    dead = tmp_path / ".out.tmp-99999"  # a run killed while writing: incomplete, never renamed
+    dead.mkdir()
+    (dead / "model.safetensors").write_bytes(b"half")
+    res = run("prune", str(cfg))
+    assert res.exit_code == 0, res.output
+    assert "removed .out.tmp-99999, the unfinished output of a run that was killed" in res.stderr
+    assert not dead.exists()
+
+
+# ---------------------------------------------------------------- 2, 10, 12: resuming a killed streaming run
+
+
+def _kill_after_layer_1(cfg: Path, tmp_path: Path, *args: str) -> None:
+    killed = run_cli("prune", str(cfg), "-q", *args, env={"STATPRUNE_TEST_KILL_AFTER_LAYER": "1",
+                                                          "TMPDIR": str(tmp_path / "tmp")})
+    assert killed.returncode == -9, killed.stderr
+    assert (tmp_path / ".out.partial" / "progress.json").is_file()
+
+
+@pytest.fixture
+def streaming_cfg(cfg: Path, tmp_path: Path) -> Path:
+    (tmp_path / "tmp").mkdir()
+    data = yaml.safe_load(cfg.read_text())
+    data["runtime"].update(streaming=True, threads=1)
+    cfg.write_text(yaml.safe_dump(data))
+    return cfg
+
+
+def test_a_resume_on_a_replaced_checkpoint_is_refused(streaming_cfg: Path, tmp_path: Path, tiny_model_dir: Path) -> None:
+    _kill_after_layer_1(streaming_cfg, tmp_path)
+    assert not list((tmp_path / "tmp").iterdir())  # no tokenizer files left in /tmp
+    tiny_model("llama", seed=1).save_pretrained(tiny_model_dir)  # same shapes, same header, other weights
+    res = run_cli("prune", str(streaming_cfg), "-q")
+    assert res.returncode == 2, res.stderr
+    assert f"holds a partial run of other inputs (model.safetensors: its contents changed); its layers would not " \
+           f"match these: delete {tmp_path / '.out.partial'} to start over" in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_resume_on_other_calibration_text_is_refused(streaming_cfg: Path, tmp_path: Path,
+                                                       text_files: dict[str, Path]) -> None:
+    _kill_after_layer_1(streaming_cfg, tmp_path)
+    text_files["cal"].write_text("".join(json.dumps({"text": random_text(300, seed=50 + i)}) + "\n" for i in range(20)))
+    res = run_cli("prune", str(streaming_cfg), "-q")
+    assert res.returncode == 2 and "(the calibration windows (the data, the tokenizer or their text changed))" in res.stderr
+
+
+def test_a_resume_needs_the_same_thread_count_and_leaves_no_tokenizer_files(streaming_cfg: Path, tmp_path: Path) -> None:
+    _kill_after_layer_1(streaming_cfg, tmp_path)
+    res = run_cli("prune", str(streaming_cfg), "-q", "--set", "runtime.threads=2")
+    assert res.returncode == 2
+    assert "holds a partial run on 1 thread(s), this one has 2: its later layers would differ by rounding; set " \
+           "runtime.threads: 1 to resume" in res.stderr
+    res = run_cli("prune", str(streaming_cfg), "-q", env={"TMPDIR": str(tmp_path / "tmp")})
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "out" / "report.json").is_file()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.") and p.name != ".out.lock"]
+    assert not list((tmp_path / "tmp").iterdir())
