@@ -7,7 +7,9 @@ second run on the same output stops at once (exit 1) with a line naming the hold
 The lock is ``fcntl.flock`` on that file, and the file records the holder (pid, host, start time)
 for that line. The kernel drops the lock when its holder exits, however it exits (SIGKILL
 included), so a run killed on this host never blocks the next: the next run takes the lock, finds
-the dead run's record, says it takes over, and writes its own. A run that ends clears the record.
+the dead run's record, says it takes over, and writes its own. A run that ends removes the file
+while it still holds the lock; a run that locked the file just before it went checks that the path
+still names the file it locked, else locks the new one.
 
 Across hosts on a shared file system: on NFS, Linux implements flock with NFS byte-range locks, so
 runs on two hosts exclude each other where the server supports locking. Where locks are local only
@@ -39,7 +41,9 @@ def lock_path(out: Path) -> Path:
     return out.parent / f".{out.name}.lock"
 
 
-def _holder(record: dict[str, Any]) -> str:
+def _holder(record: dict[str, Any] | None) -> str:
+    if not record:  # a run that has not written its record yet, or was killed while writing it
+        return "a run whose record is empty"
     return f"pid {record.get('pid')} on host {record.get('host')}, started {record.get('started')}"
 
 
@@ -49,34 +53,23 @@ def _read_record(fd: int) -> dict[str, Any] | None:
     try:
         return json.loads(raw) if raw.strip() else None
     except ValueError:  # a holder killed while writing its record
-        return {"pid": "?", "host": "?", "started": "?"}
+        return {}
 
 
-def _write_record(fd: int, record: dict[str, Any] | None) -> None:
+def _write_record(fd: int, record: dict[str, Any]) -> None:
     os.ftruncate(fd, 0)
-    if record is not None:
-        os.pwrite(fd, json.dumps(record).encode(), 0)
+    os.pwrite(fd, json.dumps(record).encode(), 0)
 
 
 @contextmanager
 def output_lock(out: Path, log: Callable[[str], None]) -> Iterator[None]:
     """Hold ``out``'s lock for the block; OutputLocked at once if a live run holds it."""
     path = lock_path(out)
+    fd = _locked_fd(path, out)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise InputError(f"output.dir: cannot create {path} ({e.strerror or e})") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            record = _read_record(fd) or {}
-            raise OutputLocked(f"{out} is in use by another statprune run ({_holder(record)}); wait for it to end or "
-                               "choose another output") from None
         previous = _read_record(fd)
         host = socket.gethostname()
-        if previous is not None and previous.get("host") != host:
+        if previous and previous.get("host", host) != host:
             raise OutputLocked(f"{out} is locked by a run on another host ({_holder(previous)}) that may still be "
                                f"running; once it is gone, delete {path}")
         if previous is not None:
@@ -85,9 +78,32 @@ def output_lock(out: Path, log: Callable[[str], None]) -> Iterator[None]:
         try:
             yield
         finally:
-            _write_record(fd, None)
+            path.unlink(missing_ok=True)  # while still locked: a run that opened it meanwhile sees it went
     finally:
         os.close(fd)  # releases the flock
+
+
+def _locked_fd(path: Path, out: Path) -> int:
+    """A descriptor of the lock file ``path``, flocked, and still the file at ``path``."""
+    while True:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise InputError(f"output.dir: cannot create {path} ({e.strerror or e})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            record = _read_record(fd)
+            os.close(fd)
+            raise OutputLocked(f"{out} is in use by another statprune run ({_holder(record)}); wait for it to end or "
+                               "choose another output") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # its holder removed it between our open and our lock: lock the next one
 
 
 @contextmanager
