@@ -142,7 +142,8 @@ def check_finite_tensors(tensors: dict[str, torch.Tensor]) -> None:
 
     for name, t in tensors.items():
         if t.is_floating_point() and not all_finite(t.detach()):
-            raise PruneError(f"non-finite values (nan or inf) in {name}; nothing is written (check the checkpoint)")
+            raise PruneError(f"non-finite values (nan or inf) in {name}, which the output would hold "
+                             "(check the checkpoint)")
 
 
 def save_model_folder(folder: Path, model: nn.Module, tokenizer: PreTrainedTokenizerBase, shard_size: int) -> None:

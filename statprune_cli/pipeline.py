@@ -416,6 +416,7 @@ def run_prune(cfg: Config, overwrite: bool = False, stats_path: Path | None = No
                 raise ConfigError("eval.zeroshot", "zero-shot evaluation puts the whole model on the device, which a "
                                                    "streaming run avoids; run `statprune eval-zeroshot` on the output instead")
             prepare_zeroshot(cfg.eval.zeroshot)
+            check_tokenizer(tokenizer, cfg.model.name_or_path)
     check_world(cfg, batches)
     with launched(device, cfg.runtime.dist_timeout_minutes) as (comm, device):
         run = Run(cfg, method, list(shapes), batches, stats, stats_path, evals, device, ui, timer, comm)
