@@ -6,7 +6,6 @@ Exit codes: 0 success, 2 bad input (config, files, data), 1 a run that failed.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -64,7 +63,9 @@ def _emit(report: Any, as_json: bool, render: Callable[[], None]) -> None:
     if not is_main_process():
         return
     if as_json:
-        print(json.dumps(report, indent=2))
+        from statprune_cli.report import strict_json
+
+        print(strict_json(report))
     else:
         render()
 
@@ -98,6 +99,7 @@ def prune(
     Example: statprune prune configs/smollm2-135m-statprune-50.yaml --set pruning.sparsity=0.6 -o out/sp60
     """
     from statprune_cli.config import load_config
+    from statprune_cli.lock import prune_output
     from statprune_cli.pipeline import run_prune
     from statprune_cli.report import print_report
     from statprune_cli.distributed import is_main_process
@@ -107,7 +109,8 @@ def prune(
     if output is not None:
         cfg.output.dir = str(output)
     ui = UI(quiet=quiet or not is_main_process())
-    report = run_prune(cfg, overwrite=overwrite, stats_path=stats, ui=ui)
+    with prune_output(cfg, ui.log):
+        report = run_prune(cfg, overwrite=overwrite, stats_path=stats, ui=ui)
     _emit(report, as_json, lambda: None if quiet else print_report(report, ui.console))
 
 
@@ -244,6 +247,7 @@ def eval_ppl(
     Example: statprune eval-ppl out/smollm2-50 --dataset wikitext2 --data-files ../shared/data/wikitext-2-raw --seqlen 512
     """
     from statprune_cli.config import DataConfig, parse_yaml, validate
+    from statprune_cli.lock import recover_if_idle
     from statprune_cli.schema import build
     from statprune_cli.pipeline import run_eval
     from statprune_cli.distributed import is_main_process
@@ -257,9 +261,10 @@ def eval_ppl(
         if value is not None:
             setattr(e, key, value)
     if bos is not None:
-        e.bos = parse_yaml(bos)
+        e.bos = parse_yaml(bos, "--bos")
     validate(cfg)
     ui = UI(quiet=quiet or not is_main_process())
+    recover_if_idle(Path(cfg.model.name_or_path), ui.log)
     results = run_eval(cfg, ui)
 
     def render() -> None:
@@ -293,6 +298,7 @@ def eval_zeroshot(
     Example: statprune eval-zeroshot out/smollm2-50 --data-dir ../shared/data/zeroshot --tasks boolq,piqa --limit 100
     """
     from statprune_cli.config import ZEROSHOT_DEFAULT, check_zeroshot_data_dir, check_zeroshot_tasks, validate
+    from statprune_cli.lock import recover_if_idle
     from statprune_cli.pipeline import run_zeroshot
     from statprune_cli.report import print_zeroshot
     from statprune_cli.ui import UI
@@ -312,6 +318,7 @@ def eval_zeroshot(
             setattr(z, key, value)
     validate(cfg)
     ui = UI(quiet=quiet)
+    recover_if_idle(Path(cfg.model.name_or_path), ui.log)
     result = run_zeroshot(cfg, ui)
     _emit(result, as_json, lambda: print_zeroshot(result, ui.console))
 
@@ -330,9 +337,12 @@ def export(
     Example: statprune export out/smollm2-50 --format bitmask -o out/smollm2-50-bitmask
     """
     from statprune_cli.bitmask import export_bitmask, export_dense
+    from statprune_cli.lock import recover_if_idle
+    from statprune_cli.ui import UI
 
     if format not in ("dense", "bitmask"):
         raise InputError(f"--format: expected dense or bitmask, got {format!r}")
+    recover_if_idle(pruned_dir, UI().log)
     if not pruned_dir.is_dir():
         raise InputError(f"PRUNED_DIR: {pruned_dir} is not a folder")
     output = output or pruned_dir.resolve().with_name(f"{pruned_dir.resolve().name}-{format}")

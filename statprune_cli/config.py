@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import yaml
 
 from statprune_cli.allocation import ALLOCATIONS
-from statprune_cli.errors import ConfigError
+from statprune_cli.errors import ConfigError, shown
 from statprune_cli.methods import METHODS, build_method
 from statprune_cli.plan import make_plan
 from statprune_cli.schema import build, parse_pattern
@@ -170,8 +170,30 @@ def parse_size(text: str | int, key: str) -> int:
     return int(float(m.group(1)) * scale)
 
 
+MAX_YAML_NODES = 10_000  # a config has a few hundred values; an alias bomb of 500 bytes expands to millions
+
+
+class YamlProblem(yaml.YAMLError):
+    """A YAML text that parses but is refused: a duplicate key, or aliases that expand too far."""
+
+
 class _Loader(yaml.SafeLoader):
-    """YAML without base-60 integers: PyYAML would read the pattern ``2:4`` as the number 124."""
+    """YAML without base-60 integers: PyYAML would read the pattern ``2:4`` as the number 124.
+
+    A key given twice in one mapping is an error: PyYAML keeps the last, so a second ``pruning:`` section
+    would silently replace the first.
+    """
+
+    def compose_mapping_node(self, anchor: str | None) -> yaml.MappingNode:
+        node = super().compose_mapping_node(anchor)
+        lines: dict[str, int] = {}
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":  # "<<" may repeat
+                if key.value in lines:
+                    raise YamlProblem(f"duplicate key {shown(key.value)} at lines {lines[key.value]} and "
+                                      f"{key.start_mark.line + 1}")
+                lines[key.value] = key.start_mark.line + 1
+        return node
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -187,8 +209,55 @@ _Loader.add_implicit_resolver(  # 1e-3: a float in YAML 1.2, a string in PyYAML'
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+(?:\.[0-9]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
 
-def parse_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+def expanded_size(node: yaml.Node, limit: int = MAX_YAML_NODES) -> int:
+    """The number of nodes once every alias is expanded, counted on the node graph (each node once) so that an
+    alias bomb is refused before any object is built; a YamlProblem past ``limit`` or for a recursive alias."""
+    sizes: dict[int, int] = {}
+
+    def size(n: yaml.Node) -> int:
+        if id(n) in sizes:
+            if sizes[id(n)] < 0:
+                raise YamlProblem(f"a recursive alias at line {n.start_mark.line + 1}")
+            return sizes[id(n)]
+        sizes[id(n)] = -1  # being counted
+        children = [c for pair in n.value for c in pair] if isinstance(n, yaml.MappingNode) else (
+            n.value if isinstance(n, yaml.SequenceNode) else [])
+        total = 1 + sum(size(c) for c in children)
+        if total > limit:
+            raise YamlProblem(f"aliases expand to more than {limit} values (from line {n.start_mark.line + 1}); "
+                              "write the values out instead")
+        sizes[id(n)] = total
+        return total
+
+    return size(node)
+
+
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """One line for a YAML error, with the line and column where PyYAML gives them."""
+    if isinstance(e, YamlProblem):
+        return str(e)
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem_mark is not None:
+        m = e.problem_mark
+        context = f" ({e.context})" if e.context else ""
+        return f"not valid YAML: {e.problem}{context} at line {m.line + 1}, column {m.column + 1}"
+    return f"not valid YAML: {str(e).splitlines()[0]}"
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML through the safe loader above; any problem is a ConfigError naming ``where`` (a file or a --set key)."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        expanded_size(node)
+        return loader.construct_document(node)
+    except yaml.YAMLError as e:
+        raise ConfigError(where, yaml_problem(e)) from None
+    except RecursionError:
+        raise ConfigError(where, "not valid YAML: nested too deeply") from None
+    finally:
+        loader.dispose()
 
 
 def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -197,7 +266,7 @@ def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     for p in parts[:-1]:
         child = node.setdefault(p, {})
         if not isinstance(child, dict):
-            raise ConfigError(dotted, f"cannot set inside {p!r}, which is not a mapping")
+            raise ConfigError(dotted, f"cannot set inside {shown(p)}, which is not a mapping")
         node = child
     node[parts[-1]] = value
 
@@ -206,9 +275,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     """Apply ``key.path=value`` strings; values are parsed as YAML (``0.6``, ``true``, ``[a, b]``)."""
     for item in overrides:
         if "=" not in item:
-            raise ConfigError("--set", f"expected key.path=value, got {item!r}")
+            raise ConfigError("--set", f"expected key.path=value, got {shown(item)}")
         key, raw = item.split("=", 1)
-        _set_path(data, key.strip(), parse_yaml(raw) if raw.strip() else None)
+        _set_path(data, key.strip(), parse_yaml(raw, f"--set {key.strip()}") if raw.strip() else None)
     return data
 
 
@@ -220,9 +289,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not p.is_file():
             raise ConfigError(str(path), "config file not found")
         try:
-            data = parse_yaml(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(str(path), f"not valid YAML: {str(e).splitlines()[0]}") from None
+            text = p.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(str(path), f"not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                                         "expected a YAML file") from None
+        data = parse_yaml(text, str(path)) or {}
         if not isinstance(data, dict):
             raise ConfigError(str(path), "expected a YAML mapping at the top level")
     apply_overrides(data, overrides or [])

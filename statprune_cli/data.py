@@ -15,37 +15,71 @@ import gzip
 import json
 import random
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from statprune_cli.config import DataConfig
-from statprune_cli.errors import ConfigError, InputError
+from statprune_cli.errors import ConfigError, InputError, shown
 
 C4_HUB = ("allenai/c4", "en/c4-train.00000-of-01024.json.gz")
 MAX_CALIBRATION_DOCS = 20_000  # tokenizing more than this buys nothing for a few hundred windows
 TOKENIZE_CHUNK = 256
 
 
-def _read_jsonl(path: Path, column: str, key: str) -> list[str]:
+def _read_text(path: Path, key: str) -> str:
+    """A text file's contents; a file that is not UTF-8 (a binary file given by mistake) is bad input."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{key}: {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+
+
+def _json_records(path: Path, key: str) -> Iterator[tuple[int | None, Any]]:
+    """(line number, record) of a JSON-lines file, or (None, record) of a JSON array, read as a stream."""
     opener = gzip.open if path.suffix == ".gz" else open
+    line_no = 0
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            first = f.read(1)
+            f.seek(0)
+            if first == "[":
+                try:
+                    records = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{key}: {path} line {e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+                yield from ((None, rec) for rec in records)
+                return
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:  # its line number is 1: json.loads sees one line
+                    raise InputError(f"{key}: {path} line {line_no}: not valid JSON ({e.msg}, column {e.colno})") from None
+                yield line_no, rec
+    except UnicodeDecodeError:
+        raise InputError(f"{key}: {path} is not UTF-8 text (line {line_no + 1})") from None
+
+
+def _read_jsonl(path: Path, column: str, key: str) -> list[str]:
     docs = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        first = f.read(1)
-        f.seek(0)
-        records = json.load(f) if first == "[" else (json.loads(line) for line in f if line.strip())
-        for i, rec in enumerate(records):
-            if column not in rec:
-                raise InputError(f"{key}: record {i} of {path} has no column {column!r} (text_column)")
-            docs.append(rec[column])
+    for i, (line, rec) in enumerate(_json_records(path, key)):
+        where = f"record {i}" + (f" (line {line})" if line else "") + f" of {path}"
+        if not isinstance(rec, dict) or column not in rec:
+            raise InputError(f"{key}: {where} has no column {column!r} (text_column)")
+        if not isinstance(rec[column], str):
+            value = "null" if rec[column] is None else shown(rec[column])
+            raise InputError(f"{key}: {where}: {column!r} is {value}, expected a string")
+        docs.append(rec[column])
     return docs
 
 
-def _wikitext_rows(path: Path) -> list[str]:
+def _wikitext_rows(path: Path, key: str) -> list[str]:
     """Rows of the Hugging Face ``wikitext`` data set from a ``wiki.*.raw`` file (blank line = empty row)."""
-    lines = path.read_text(encoding="utf-8").split("\n")
+    lines = _read_text(path, key).split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     return ["" if not line.strip() else line + "\n" for line in lines]
@@ -77,11 +111,11 @@ def load_documents(d: DataConfig, key: str, default_split: str) -> list[str]:
             p = p / f"wiki.{split_file}.raw" if p.is_dir() else p
             if not p.is_file():
                 raise InputError(f"{key}.data_files: no wiki.{split_file}.raw at {d.data_files}")
-            return _wikitext_rows(p)
+            return _wikitext_rows(p, f"{key}.data_files")
         return _hub("Salesforce/wikitext", "wikitext-2-raw-v1", split, "text", None, key)
     kind, ref = d.dataset.split(":", 1)
     if kind == "text":
-        return [Path(ref).read_text(encoding="utf-8")]
+        return [_read_text(Path(ref), f"{key}.dataset")]
     if kind == "jsonl":
         return _read_jsonl(Path(ref), d.text_column, key)
     return _hub(ref, d.subset, split, d.text_column, d.data_files, key)
@@ -156,7 +190,8 @@ def calibration_windows(
             "drawing windows from the concatenated token stream")
         origin = "token stream"
         for _ in range(nsamples):
-            start = rng.randint(0, len(stream) - seqlen - 1)
+            # Wanda's draw, which never takes the last start; a stream of exactly one window has only that one
+            start = rng.randint(0, max(len(stream) - seqlen - 1, 0))
             windows.append(stream[start : start + seqlen])
     return torch.stack([torch.frombuffer(w, dtype=torch.int32) for w in windows]).long(), origin
 

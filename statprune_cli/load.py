@@ -6,13 +6,15 @@ so that target, N:M and sequence-length errors surface before any weight is read
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
-from statprune_cli.config import Config, ModelConfig, parse_pattern
+from statprune_cli.config import CalibrationConfig, Config, EvalConfig, ModelConfig, parse_pattern
 from statprune_cli.errors import ConfigError, InputError
 from statprune_cli.layers import find_decoder_layers, target_linears
 from statprune_cli.permute import residual_plan
@@ -38,7 +40,70 @@ def looks_local(name_or_path: str) -> bool:
     return name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1
 
 
+def safetensors_header(path: Path, key: str = "model.name_or_path") -> tuple[int, dict[str, Any], bytes]:
+    """(offset of the data, the JSON header, its raw bytes) of a safetensors file, checked against the file's size,
+    so that a truncated file is named as such instead of failing deep inside a loader."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little")
+        if len(head) < 8 or 8 + length > size:
+            raise InputError(f"{key}: {path} is truncated or not a safetensors file ({size} bytes, its header "
+                             f"says {8 + length if len(head) == 8 else 'nothing'})")
+        raw = f.read(length)
+    try:
+        header = json.loads(raw)
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+        raise InputError(f"{key}: {path} is not a safetensors file (its header is not a tensor index)") from None
+    if 8 + length + end > size:
+        raise InputError(f"{key}: {path} is truncated: {size} bytes, its header describes {8 + length + end}")
+    return 8 + length, header, raw
+
+
+def check_weight_files(mc: ModelConfig) -> None:
+    """A local checkpoint's safetensors files, whole: a truncated copy is named before any weight is read."""
+    folder = Path(mc.name_or_path)
+    if folder.is_dir() and not mc.gguf_file:
+        for path in sorted(folder.glob("*.safetensors")):
+            safetensors_header(path)
+
+
+STORED_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def output_bytes(mc: ModelConfig) -> int | None:
+    """About the size of a pruned output (dense weights in ``model.dtype``) from a local checkpoint's safetensors
+    headers; a GGUF or .bin checkpoint by its size on disk (GGUF: a lower bound, it is quantized); None for a hub id."""
+    folder = Path(mc.name_or_path)
+    if not folder.is_dir():
+        return None
+    files = [] if mc.gguf_file else sorted(folder.glob("*.safetensors"))
+    if not files:
+        others = [folder / mc.gguf_file] if mc.gguf_file else list(folder.glob("*.bin"))
+        return sum(f.stat().st_size for f in others if f.is_file()) or None
+    total = 0
+    for path in files:
+        for name, info in safetensors_header(path)[1].items():
+            if name != "__metadata__":
+                stored = info["data_offsets"][1] - info["data_offsets"][0]
+                bytes_each = STORED_BYTES.get(info["dtype"])
+                total += stored // bytes_each * DTYPE_BYTES.get(mc.dtype, bytes_each) if bytes_each else stored
+    return total
+
+
+def check_seqlen(key: str, seqlen: int, default: int, config: PretrainedConfig, how: str | None = None) -> None:
+    """Windows no longer than the model's context; an unset key that got the default is told what to set."""
+    context = getattr(config, "max_position_embeddings", None)
+    if context is not None and seqlen > context:
+        unset = f"; {seqlen} is the default: set {how or key} to at most {context}" if seqlen == default else ""
+        raise ConfigError(key, f"expected at most the model's context ({context} tokens), got {seqlen}{unset}")
+
+
 def load_model_config(mc: ModelConfig) -> PretrainedConfig:
+    """The checkpoint's config.json (every command reads it first), after checking its weight files are whole."""
+    check_weight_files(mc)
     if looks_local(mc.name_or_path) and not Path(mc.name_or_path).expanduser().exists():
         raise ConfigError("model.name_or_path", f"no folder {mc.name_or_path} (a hub id is owner/name)")
     if mc.gguf_file and Path(mc.name_or_path).is_dir() and not (Path(mc.name_or_path) / mc.gguf_file).is_file():
@@ -58,6 +123,7 @@ def load_tokenizer(mc: ModelConfig) -> PreTrainedTokenizerBase:
 
 def load_model(mc: ModelConfig) -> nn.Module:
     """Weights on CPU in ``model.dtype``, in eval mode, with GGUF quantization metadata dropped."""
+    check_weight_files(mc)
     try:
         model = AutoModelForCausalLM.from_pretrained(mc.name_or_path, dtype=torch_dtype(mc.dtype), **_source(mc))
     except (OSError, ValueError, KeyError) as e:
@@ -97,8 +163,7 @@ def check_against_model(cfg: Config, config: PretrainedConfig) -> dict[str, tupl
         plan = residual_plan(skeleton, layers_name, config.hidden_size)
         if isinstance(plan, str):
             raise ConfigError("pruning.residual_permutation", f"not known for this architecture: {plan}")
-    context = getattr(config, "max_position_embeddings", None)
-    for key, seqlen in (("calibration.seqlen", cfg.calibration.seqlen), ("eval.seqlen", cfg.eval.seqlen)):
-        if context is not None and seqlen > context:
-            raise ConfigError(key, f"expected at most the model's context ({context} tokens), got {seqlen}")
+    check_seqlen("calibration.seqlen", cfg.calibration.seqlen, CalibrationConfig.seqlen, config)
+    if cfg.eval.datasets:  # without a data set no window is cut: an unset eval.seqlen must not stop the run
+        check_seqlen("eval.seqlen", cfg.eval.seqlen, EvalConfig.seqlen, config)
     return {n: (m.out_features, m.in_features) for n, m in found.items()}

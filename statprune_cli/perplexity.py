@@ -12,6 +12,7 @@ window order, so the perplexity is the same, bit for bit, on any number of proce
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import asdict, dataclass
 
 import torch
@@ -21,6 +22,7 @@ from transformers import PreTrainedTokenizerBase
 from statprune_cli.config import DataConfig
 from statprune_cli.data import batched, eval_text, eval_windows, window_bos
 from statprune_cli.engine import LayerwiseEngine
+from statprune_cli.errors import PruneError
 
 
 @dataclass
@@ -64,6 +66,7 @@ def load_eval_set(tokenizer: PreTrainedTokenizerBase, data: DataConfig, seqlen: 
 # Positions per block of logits: a window's logits and the softmax's copy are positions x vocabulary floats each
 # (2 GiB for 2048 positions of a 128k vocabulary), so they are made and consumed a block at a time.
 LOGIT_BLOCK = 256
+MAX_LOG_PERPLEXITY = math.log(sys.float_info.max)  # above it exp() overflows
 
 
 @torch.no_grad()
@@ -87,8 +90,14 @@ def window_nll(engine: LayerwiseEngine, windows: torch.Tensor, batch_size: int) 
 
 
 def evaluate_perplexity(engine: LayerwiseEngine, eval_set: EvalSet, batch_size: int) -> PerplexityResult:
+    """A non-finite perplexity is an error, not a number to report: nan or inf in the model's outputs (a weight
+    outside the pruned linears, say) would otherwise pass as a result."""
     nll, count = window_nll(engine, eval_set.windows, batch_size)
     dtype = str(next(engine.model.parameters()).dtype).replace("torch.", "")
+    mean = nll / count
+    if not math.isfinite(mean) or mean > MAX_LOG_PERPLEXITY:
+        raise PruneError(f"perplexity on {eval_set.name} is not finite (mean NLL {mean}): the model's outputs hold "
+                         f"nan or inf ({dtype}); check the checkpoint's weights outside the pruned linears")
     w = eval_set.windows
-    return PerplexityResult(eval_set.name, math.exp(nll / count), eval_set.seqlen, w.shape[0], w.numel(), eval_set.max_tokens,
+    return PerplexityResult(eval_set.name, math.exp(mean), eval_set.seqlen, w.shape[0], w.numel(), eval_set.max_tokens,
                             dtype, eval_set.bos, count)

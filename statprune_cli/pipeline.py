@@ -18,27 +18,27 @@ from typing import Any
 import torch
 
 from statprune_cli.allocation import energy_sparsities
-from statprune_cli.config import Config, dump_config, parse_size
+from statprune_cli.config import Config, EvalConfig, dump_config, parse_size
 from statprune_cli.data import batched, calibration_windows, load_documents, window_bos
 from statprune_cli.distributed import Communicator, launched, launched_world_size
 from statprune_cli.engine import Collect, EngineResult, Job, LayerDone, LayerIO, LayerwiseEngine, Resume, Selection
 from statprune_cli.errors import ConfigError, InputError
 from statprune_cli.export import EXTRAS_NAME, atomic_dir, check_output_dir, save_model_folder, write_extras, write_json_atomic
 from statprune_cli.layers import find_decoder_layers
-from statprune_cli.load import check_against_model, load_model, load_model_config, load_tokenizer, torch_dtype
+from statprune_cli.load import check_against_model, check_seqlen, load_model, load_model_config, load_tokenizer, torch_dtype
 from statprune_cli.methods import Method, Target, build_method
 from statprune_cli.plan import Plan, make_plan
 from statprune_cli.permute import RESIDUAL_ROWS, RESIDUAL_TOKENS, ResidualPlan, head_blocks, producers, residual_order, residual_plan
 from statprune_cli.perplexity import EvalSet, evaluate_perplexity, load_eval_set
 from statprune_cli.profile import outlier_ratio, owl_sparsities
-from statprune_cli.report import layer_summary, model_sparsity, package_versions, peak_memory
+from statprune_cli.report import layer_summary, model_sparsity, package_versions, peak_memory, strict_json
 from statprune_cli.sketch import resolve_every
 from statprune_cli.stats import ChannelStats, load_stats, save_stats
 from statprune_cli.streaming import (Checkpoint, StreamedLayers, StreamingOutput, folder_sparsity, load_skeleton, partial_dir,
                                      resolve_folder, return_freed_memory_promptly, should_stream,
-                                     trim_heap)
+                                     tokenizer_folder, trim_heap)
 from statprune_cli.ui import UI
-from statprune_cli.zeroshot import evaluate_zeroshot, prepare_zeroshot
+from statprune_cli.zeroshot import check_tokenizer, evaluate_zeroshot, prepare_zeroshot
 
 
 def setup_runtime(cfg: Config) -> torch.device:
@@ -405,12 +405,13 @@ def run_prune(cfg: Config, overwrite: bool = False, stats_path: Path | None = No
                 raise ConfigError("eval.zeroshot", "zero-shot evaluation puts the whole model on the device, which a "
                                                    "streaming run avoids; run `statprune eval-zeroshot` on the output instead")
             prepare_zeroshot(cfg.eval.zeroshot)
+            check_tokenizer(tokenizer, cfg.model.name_or_path)
     check_world(cfg, batches)
     with launched(device, cfg.runtime.dist_timeout_minutes) as (comm, device):
         run = Run(PruneInputs(cfg, plan, method, batches, stats, stats_path), evals, device, ui, timer, comm)
         if checkpoint is None:
             return prune_in_memory(run, out, overwrite, tokenizer, calibration)
-        with tempfile.TemporaryDirectory(prefix="statprune-tokenizer-") as tokenizer_dir:
+        with tokenizer_folder(out, comm.suffix) as tokenizer_dir:
             tokenizer.save_pretrained(tokenizer_dir)
             del tokenizer  # only its files go on; the layers to come want its memory back (24 MiB measured)
             trim_heap()
@@ -474,7 +475,7 @@ def prune_streamed(run: Run, out: Path, checkpoint: Checkpoint, model_config: An
             model = load_skeleton(cfg.model, model_config, checkpoint)
         layers_name, layers = find_decoder_layers(model)
         output = StreamingOutput(partial, checkpoint, layers_name, len(layers),
-                                 {**cfg.to_dict(), "plan": run.inputs.plan.to_dict()}, comm)
+                                 {**cfg.to_dict(), "plan": run.inputs.plan.to_dict()}, comm, run.inputs.batches)
         state = output.resume()
         placement = Placement(StreamedLayers(checkpoint, layers_name, torch_dtype(cfg.model.dtype)), partial,
                               None if state is None else Resume(*state), output.layer_done, comm)
@@ -577,7 +578,7 @@ class Run:
         report["timings"] = {k: round(v, 3) for k, v in self.timer.phases.items()}
         report["memory"] = peak_memory()
         report["extras_file"] = EXTRAS_NAME if (folder / EXTRAS_NAME).is_file() else None
-        (folder / "report.json").write_text(json.dumps(report, indent=2))
+        (folder / "report.json").write_text(strict_json(report))
 
 
 def pattern_label(plan: Plan, residual: bool = False) -> str:
@@ -641,9 +642,7 @@ def run_eval(cfg: Config, ui: UI | None = None) -> list[dict[str, Any]]:
     ui = ui or UI()
     device = setup_runtime(cfg)
     config = load_model_config(cfg.model)
-    context = getattr(config, "max_position_embeddings", None)
-    if context is not None and cfg.eval.seqlen > context:
-        raise ConfigError("eval.seqlen", f"expected at most the model's context ({context} tokens), got {cfg.eval.seqlen}")
+    check_seqlen("eval.seqlen", cfg.eval.seqlen, EvalConfig.seqlen, config, how="--seqlen or eval.seqlen")
     streaming = decide_streaming(cfg)
     tokenizer = load_tokenizer(cfg.model)
     sets = eval_sets(cfg, tokenizer)
@@ -678,6 +677,7 @@ def run_zeroshot(cfg: Config, ui: UI | None = None) -> dict[str, Any]:
     device = setup_runtime(cfg)
     prepare_zeroshot(cfg.eval.zeroshot)
     tokenizer = load_tokenizer(cfg.model)
+    check_tokenizer(tokenizer, cfg.model.name_or_path)
     ui.log(f"loading {cfg.model.name_or_path} ({cfg.model.dtype})")
     model = load_model(cfg.model).to(device)
     result = evaluate_zeroshot(model, tokenizer, cfg.eval.zeroshot, ui).to_dict()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
+import math
 import platform
 import resource
 from collections.abc import Callable
@@ -19,6 +21,30 @@ from statprune_cli.engine import EngineResult
 from statprune_cli.masks import count_zeros
 
 PACKAGES = ("torch", "transformers", "accelerate", "safetensors", "datasets")
+
+
+def strict_json(data: Any) -> str:
+    """JSON that strict parsers accept (no bare NaN or Infinity): a non-finite number becomes null, and the mapping
+    that holds it says which key and what the value was, under ``non_finite``."""
+
+    def clean(value: Any) -> tuple[Any, bool]:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None, True
+        if isinstance(value, dict):
+            out, bad = {}, {}
+            for k, v in value.items():
+                out[k], found = clean(v)
+                if found and not isinstance(v, dict):  # a nested mapping names its own
+                    bad[k] = repr(v) if isinstance(v, float) else "non-finite numbers, now null"
+            if bad:
+                out["non_finite"] = bad
+            return out, False
+        if isinstance(value, (list, tuple)):
+            items = [clean(v) for v in value]
+            return [v for v, _ in items], any(found for _, found in items)
+        return value, False
+
+    return json.dumps(clean(data)[0], indent=2, allow_nan=False)
 
 
 def package_versions() -> dict[str, str]:

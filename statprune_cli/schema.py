@@ -9,7 +9,7 @@ import types
 import typing
 from typing import Any
 
-from statprune_cli.errors import ConfigError
+from statprune_cli.errors import ConfigError, shown
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
@@ -46,36 +46,36 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if shorthand and isinstance(value, str):
             value = {shorthand: value}
         if not isinstance(value, dict):
-            raise ConfigError(key, f"expected a mapping, got {value!r}")
+            raise ConfigError(key, f"expected a mapping, got {shown(value)}")
         return build(tp, value, key)
     if origin is list:
         (item,) = typing.get_args(tp)
         if isinstance(value, str) and item is str:
             value = [value]
         if not isinstance(value, list):
-            raise ConfigError(key, f"expected a list, got {value!r}")
+            raise ConfigError(key, f"expected a list, got {shown(value)}")
         return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(key, f"expected a mapping, got {value!r}")
+            raise ConfigError(key, f"expected a mapping, got {shown(value)}")
         return dict(value)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(key, f"expected a number, got {value!r}")
+            raise ConfigError(key, f"expected a number, got {shown(value)}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(key, f"expected an integer, got {value!r}")
+            raise ConfigError(key, f"expected an integer, got {shown(value)}")
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(key, f"expected true or false, got {value!r}")
+            raise ConfigError(key, f"expected true or false, got {shown(value)}")
         return value
     if tp is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         if not isinstance(value, str):
-            raise ConfigError(key, f"expected a string, got {value!r}")
+            raise ConfigError(key, f"expected a string, got {shown(value)}")
         return value
     if tp is Any:
         return value

@@ -155,6 +155,7 @@ def all_finite(t: torch.Tensor) -> bool:
 def save_stats(stats: dict[str, ChannelStats], path: Path, metadata: dict[str, str]) -> None:
     tensors = {}
     for name, s in stats.items():
+        s.check_finite(name)  # a later one-shot prune would only find them then
         for f in FIELDS:
             tensors[f"{name}.{f}"] = getattr(s, f).contiguous()
         tensors[f"{name}.count"] = torch.tensor([s.count], dtype=torch.int64)

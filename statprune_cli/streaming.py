@@ -8,7 +8,9 @@ Peak memory is one decoder layer plus the calibration activations plus the embed
 
 The output is built in ``.<name>.partial`` beside the output folder, which also records progress
 after every layer (``progress.json``, the activations entering the next layer, the random state),
-so a killed run started again with the same config continues from the next layer.
+so a killed run started again with the same config continues from the next layer. The record
+also holds what the config does not say: the checkpoint's identity, the calibration windows' hash
+and the thread count; a resume that finds any of them changed is refused (``Progress.load``).
 
 Under torchrun every process reads each layer from the checkpoint and prunes it identically; rank 0
 alone writes shards, ``progress.json`` and the final folder. Each process saves its own
@@ -19,8 +21,10 @@ them, so a resume needs the same number of processes.
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,9 +42,9 @@ from statprune_cli.config import ModelConfig
 from statprune_cli.distributed import Communicator
 from statprune_cli.engine import LayerResult
 from statprune_cli.errors import InputError, PruneError
-from statprune_cli.export import replace_dir, write_extras
+from statprune_cli.export import check_finite_tensors, replace_dir, write_extras
 from statprune_cli.layers import find_decoder_layers
-from statprune_cli.load import torch_dtype
+from statprune_cli.load import safetensors_header, torch_dtype
 from statprune_cli.masks import count_zeros
 from statprune_cli.permute import ResidualPlan
 
@@ -102,10 +106,8 @@ class Checkpoint:
 
 
 def read_header(path: Path) -> tuple[int, dict[str, Any]]:
-    """(offset of the data, the JSON header) of a safetensors file."""
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        return 8 + size, json.loads(f.read(size))
+    """(offset of the data, the JSON header) of a safetensors file (a truncated one is an InputError naming it)."""
+    return safetensors_header(path)[:2]
 
 
 def resolve_folder(mc: ModelConfig) -> Path:
@@ -235,6 +237,7 @@ class ShardWriter:
     def write(self, k: int, tensors: dict[str, torch.Tensor]) -> None:
         """One shard; its header also counts its zeros, so the report's sparsity needs no second read."""
         data = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
+        check_finite_tensors(data)
         zeros = sum(count_zeros(t) for t in data.values())
         numel = sum(t.numel() for t in data.values())
         metadata = {"format": "pt", "statprune_zeros": str(zeros), "statprune_numel": str(numel)}
@@ -349,18 +352,75 @@ def trim_heap(collect: bool = True) -> None:
 # ---------------------------------------------------------------- resume
 
 
+SAMPLE_BYTES = 1 << 20
+
+
+def checkpoint_identity(checkpoint: Checkpoint) -> dict[str, Any]:
+    """What a resumed run must find again: per weight file its size and a sha256 of its header and of the first and
+    last MiB of its data (a fine-tune of the same shapes has the same header), and the hub commit where the folder
+    is a hub snapshot (``.../snapshots/<commit>``)."""
+    files = {}
+    for path in sorted(set(checkpoint.files.values())):
+        start, _, raw = safetensors_header(path)
+        size = path.stat().st_size
+        digest = hashlib.sha256(raw)
+        with open(path, "rb") as f:
+            for offset in (start, max(start, size - SAMPLE_BYTES)):
+                f.seek(offset)
+                digest.update(f.read(SAMPLE_BYTES))
+        files[path.name] = {"bytes": size, "sha256": digest.hexdigest()}
+    folder = checkpoint.folder.resolve()
+    return {"files": files, "commit": folder.name if folder.parent.name == "snapshots" else None}
+
+
+def windows_sha256(batches: list[torch.Tensor] | None) -> str | None:
+    """The calibration windows' token ids, hashed: a data file edited in place, another tokenizer or seed."""
+    if batches is None:
+        return None
+    digest = hashlib.sha256()
+    for b in batches:
+        digest.update(b.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def identity_changes(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
+    """What differs between two runs' inputs (``StreamingOutput.inputs``), one phrase each."""
+    if old is None:
+        return ["it records no checkpoint identity (an older statprune)"]
+    out = []
+    a, b = old["checkpoint"]["files"], new["checkpoint"]["files"]
+    for name in sorted(set(a) | set(b)):
+        if name not in b or name not in a:
+            out.append(f"weight file {name} {'removed' if name not in b else 'added'}")
+        elif a[name]["bytes"] != b[name]["bytes"]:
+            out.append(f"{name}: {a[name]['bytes']} -> {b[name]['bytes']} bytes")
+        elif a[name]["sha256"] != b[name]["sha256"]:
+            out.append(f"{name}: its contents changed")
+    if old["checkpoint"]["commit"] != new["checkpoint"]["commit"]:
+        out.append(f"hub commit {old['checkpoint']['commit']} -> {new['checkpoint']['commit']}")
+    if old["calibration_sha256"] != new["calibration_sha256"]:
+        out.append("the calibration windows (the data, the tokenizer or their text changed)")
+    return out
+
+
 class Progress:
     """What a streaming run has finished, recorded in its partial folder after every layer.
 
     ``progress.json`` is written last, by rank 0, once every process's activations for its next
     layer are on disk, so a kill at any moment leaves either the previous record or the new one,
     never a mix. Activation files older than the record are deleted after it.
+
+    A resume is refused when the inputs changed (``identity_changes``), and when the thread count
+    differs from the record's: a matrix product's float sums depend on how many threads split it, so
+    the layers after a resume would differ by rounding (~1e-8) from those one uninterrupted run gives.
+    Refused rather than warned: a resumed run is meant to be the run, bit for bit.
     """
 
-    def __init__(self, folder: Path, comm: Communicator | None = None) -> None:
+    def __init__(self, folder: Path, comm: Communicator | None = None, inputs: dict[str, Any] | None = None) -> None:
         self.folder = folder
         self.path = folder / "progress.json"
         self.comm = comm or Communicator()
+        self.inputs_identity = inputs
 
     def inputs(self, next_layer: int) -> Path:
         """This process's activations entering ``next_layer``."""
@@ -382,6 +442,15 @@ class Progress:
         if world != self.comm.world_size:
             raise InputError(f"output.dir: {self.folder} holds a partial run on {world} process(es); resume it with "
                              f"{world} (got {self.comm.world_size}), or delete the folder to start over")
+        changes = identity_changes(record.get("inputs"), self.inputs_identity) if self.inputs_identity else []
+        if changes:
+            raise InputError(f"output.dir: {self.folder} holds a partial run of other inputs ({'; '.join(changes[:3])}); "
+                             f"its layers would not match these: delete {self.folder} to start over")
+        threads = record.get("threads")
+        if threads is not None and threads != torch.get_num_threads():
+            raise InputError(f"output.dir: {self.folder} holds a partial run on {threads} thread(s), this one has "
+                             f"{torch.get_num_threads()}: its later layers would differ by rounding; set "
+                             f"runtime.threads: {threads} to resume, or delete {self.folder} to start over")
         tensors = load_file(str(self.inputs(record["next_layer"])))
         hidden = [tensors[f"batch.{j}"] for j in range(sum(k.startswith("batch.") for k in tensors))]
         torch.set_rng_state(tensors["rng_state"])
@@ -397,6 +466,7 @@ class Progress:
         if not self.comm.is_main:
             return
         record = {"config": config, "next_layer": next_layer, "world_size": self.comm.world_size,
+                  "threads": torch.get_num_threads(), "inputs": self.inputs_identity,
                   "results": [r.record() for r in results], "extra": extra}
         _write_atomic(self.path, lambda p: p.write_text(json.dumps(record)))
         for old in self.folder.glob("inputs-*.safetensors"):
@@ -438,6 +508,20 @@ def partial_dir(path: Path, rename: bool = True) -> Iterator[Path]:
         replace_dir(partial, path)
 
 
+@contextmanager
+def tokenizer_folder(out: Path, suffix: str = "") -> Iterator[Path]:
+    """Where a streaming run keeps its tokenizer's files until they are copied into the output: ``.NAME.tokenizer``
+    beside it (``suffix``: one per process), not in /tmp, so that a killed run leaves nothing outside its output's
+    folder; the next run on the output replaces what a killed one left."""
+    folder = out.parent / f".{out.name}.tokenizer{suffix}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def available_memory() -> int:
     """Bytes the kernel says are available (MemAvailable), or total physical memory where /proc is absent."""
     try:
@@ -464,11 +548,12 @@ class StreamingOutput:
     """A streaming prune's output: shards written as layers finish, progress recorded, resumable."""
 
     def __init__(self, folder: Path, checkpoint: Checkpoint, layers_name: str, num_layers: int, config: dict[str, Any],
-                 comm: Communicator | None = None) -> None:
+                 comm: Communicator | None = None, calibration: list[torch.Tensor] | None = None) -> None:
         self.folder, self.checkpoint, self.layers_name = folder, checkpoint, layers_name
         self.comm = comm or Communicator()
         self.writer = ShardWriter(folder, num_layers)
-        self.progress = Progress(folder, self.comm)
+        inputs = {"checkpoint": checkpoint_identity(checkpoint), "calibration_sha256": windows_sha256(calibration)}
+        self.progress = Progress(folder, self.comm, inputs)
         self.config = config
 
     def resume(self) -> tuple[int, list[torch.Tensor], list[LayerResult]] | None:

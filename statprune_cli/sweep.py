@@ -18,7 +18,6 @@ only the cell it was in.
 from __future__ import annotations
 
 import copy
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +37,7 @@ from statprune_cli.pipeline import (DenseStats, PruneInputs, calibration_batches
                                     perplexities, prune_model, selection, setup_runtime)
 from statprune_cli.plan import make_plan
 from statprune_cli.methods.statprune import SKETCH_RANK
-from statprune_cli.report import package_versions
+from statprune_cli.report import package_versions, strict_json
 from statprune_cli.schema import build
 from statprune_cli.ui import UI
 from statprune_cli.zeroshot import evaluate_zeroshot, prepare_zeroshot
@@ -270,7 +269,7 @@ def run_sweep(cfg: Config, methods: list[str], settings: list[str], output: Path
 
     result = summary()
     with atomic_dir(output, overwrite, "--output") as tmp:
-        (tmp / "sweep.json").write_text(json.dumps(result, indent=2))
+        (tmp / "sweep.json").write_text(strict_json(result))
         (tmp / "sweep.md").write_text(sweep_table(result))
         result["plot"] = write_plot(result, tmp / "sweep.png")
     partial.unlink(missing_ok=True)

@@ -15,9 +15,22 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 
+def silence_libraries() -> None:
+    """Quiet means only errors on stderr: transformers draws its own bars ("Loading weights", "Writing model
+    shards") and logs warnings, and the hub client draws download bars, none of which go through this UI."""
+    import huggingface_hub.utils
+    import transformers.utils.logging
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    huggingface_hub.utils.disable_progress_bars()
+
+
 class UI:
     def __init__(self, quiet: bool = False, interactive: bool | None = None) -> None:
         self.quiet = quiet
+        if quiet:
+            silence_libraries()
         self.interactive = sys.stderr.isatty() if interactive is None else interactive
         # In a CI log there is no terminal width: 80 columns would truncate the per-layer table's names.
         self.console = Console(stderr=True, width=None if self.interactive else 160)

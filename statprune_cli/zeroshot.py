@@ -172,6 +172,13 @@ def hub_offline(active: bool) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def check_tokenizer(tokenizer: Any, name: str) -> None:
+    """lm-eval ends every request with the EOS token: a tokenizer without one fails inside it with a TypeError."""
+    if getattr(tokenizer, "eos_token_id", None) is None:
+        raise InputError(f"model.name_or_path: the tokenizer of {name} has no EOS token, which lm-eval's zero-shot "
+                         "tasks need; set eos_token in its tokenizer_config.json")
+
+
 def _score(task: str, metrics: dict[str, Any], n: int, caveat: str | None) -> TaskScore:
     def get(name: str) -> float | None:
         value = metrics.get(f"{name},none")
@@ -184,6 +191,7 @@ def evaluate_zeroshot(model: nn.Module, tokenizer: Any, zc: ZeroShotConfig, ui: 
     """0-shot accuracy of ``model`` as it is in memory (weights and device) on the tasks of ``zc``."""
     ui = ui or UI()
     prepared = prepare_zeroshot(zc)
+    check_tokenizer(tokenizer, getattr(tokenizer, "name_or_path", "the model"))
     version = require_lm_eval()
     import lm_eval
     from lm_eval.models.huggingface import HFLM
