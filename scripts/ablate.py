@@ -23,7 +23,7 @@ TRUESEQ = "pruning.true_sequential=true"
 ONEPASS = "pruning.sequential=false"
 REALLOC = "pruning.reallocation=true"
 LSA = "pruning.lsa=true"
-ENERGY = "pruning.options={score: tempered, alpha: 1.0, compensation: energy, beta: 1.0}"
+ENERGY = "pruning.options={alpha: 1.0, sketch_rank: 0, beta: 1.0}"
 OWL = ["pruning.profile=owl", "pruning.owl.m=5"]  # the paper's M unless a variant says (statprune's own is 7 since)
 
 
@@ -40,48 +40,21 @@ VARIANTS: dict[str, list[str]] = {
     "ria": ["pruning.method=ria"],
     "sparsegpt": ["pruning.method=sparsegpt"],
     # score only
-    "score=variance": [SP, "pruning.options={score: variance, compensation: none}"],
-    "score=tempered(a=0.5)": [SP, "pruning.options={score: tempered, alpha: 0.5, compensation: none}"],
-    "score=first_order": [SP, "pruning.options={score: first_order, compensation: none}"],
-    "score=tempered(a=1.25)": [SP, "pruning.options={score: tempered, alpha: 1.25, compensation: none}"],
-    "score=tempered(a=1.5)": [SP, "pruning.options={score: tempered, alpha: 1.5, compensation: none}"],
+    "score=tempered(a=0.5)": [SP, "pruning.options={alpha: 0.5, beta: 0.0, sketch_rank: 0}"],
+    "score=tempered(a=1.25)": [SP, "pruning.options={alpha: 1.25, beta: 0.0, sketch_rank: 0}"],
+    "score=tempered(a=1.5)": [SP, "pruning.options={alpha: 1.5, beta: 0.0, sketch_rank: 0}"],
     # compensation only
-    "comp=mean": [SP, "pruning.options={score: magnitude, compensation: mean}"],
-    "wanda+mean": [SP, "pruning.options={score: tempered, alpha: 1.0, compensation: mean}"],
     "wanda+energy(m2/b=1)": [SP, ENERGY],
     "wanda+energy(m2/b=0.5)": [SP, ENERGY.replace("beta: 1.0", "beta: 0.5")],
     "wanda+energy(m2/b=0.25)": [SP, ENERGY.replace("beta: 1.0", "beta: 0.25")],
-    # both
-    "variance+mean": [SP, "pruning.options={score: variance, compensation: mean}"],
-    "variance+energy(m2/b=1)": [SP, "pruning.options={score: variance, compensation: energy, beta: 1.0}"],
-    "variance+energy(s2/b=1)": [SP, "pruning.options={score: variance, compensation: energy, energy_stat: s2, beta: 1.0}"],
-    "variance+both(m2/b=0.5)": [SP, "pruning.options={score: variance, compensation: both, beta: 0.5}"],
-    "variance+both(m2/b=1)": [SP, "pruning.options={score: variance, compensation: both, beta: 1.0}"],
-    "tempered(a=0.5)+mean": [SP, "pruning.options={score: tempered, alpha: 0.5, compensation: mean}"],
-    # measured: least-squares per-row affine correction from a sample of dense and pruned outputs
-    "wanda+measured": [SP, "pruning.options={score: tempered, alpha: 1.0, compensation: measured}"],
-    "variance+measured": [SP, "pruning.options={score: variance, compensation: measured}"],
-    "wanda+measured_scale": [SP, "pruning.options={score: tempered, alpha: 1.0, compensation: measured_scale}"],
     # robust statistics: the first position of each window (attention sink) left out of the statistics
     "wanda+skip1": ["pruning.method=wanda", SKIP1],
-    "wanda+mean+skip1": [SP, "pruning.options={score: tempered, alpha: 1.0, compensation: mean}", SKIP1],
-    "tempered(a=0.5)+skip1": [SP, "pruning.options={score: tempered, alpha: 0.5, compensation: none}", SKIP1],
+    "tempered(a=0.5)+skip1": [SP, "pruning.options={alpha: 0.5, beta: 0.0, sketch_rank: 0}", SKIP1],
     "wanda+skip4": ["pruning.method=wanda", "calibration.skip_first_tokens=4"],
     "wanda+energy(m2/b=1)+skip1": [SP, ENERGY, SKIP1],
     "wanda+energy(m2/b=0.5)+skip1": [SP, ENERGY.replace("beta: 1.0", "beta: 0.5"), SKIP1],
-    "wanda+measured_scale+skip1": [SP, "pruning.options={score: tempered, alpha: 1.0, compensation: measured_scale}", SKIP1],
-    "wanda+measured+skip1": [SP, "pruning.options={score: tempered, alpha: 1.0, compensation: measured}", SKIP1],
-    "tempered(a=0.75)+skip1": [SP, "pruning.options={score: tempered, alpha: 0.75, compensation: none}", SKIP1],
-    "tempered(a=1.25)+skip1": [SP, "pruning.options={score: tempered, alpha: 1.25, compensation: none}", SKIP1],
-    "first_order+skip1": [SP, "pruning.options={score: first_order, compensation: none}", SKIP1],
-    "variance+mean+skip1": [SP, "pruning.options={score: variance, compensation: mean}", SKIP1],
-    # mask correction: swaps that bring each row's mean output back (on wanda+skip1)
-    "wanda+skip1+balance(c=50)": [SP, "pruning.options={compensation: none, balance_cycles: 50}", SKIP1],
-    "wanda+skip1+balance(c=50;p=0)": [SP, "pruning.options={compensation: none, balance_cycles: 50, balance_var_power: 0.0}", SKIP1],
-    "wanda+skip1+balance(c=50;p=2)": [SP, "pruning.options={compensation: none, balance_cycles: 50, balance_var_power: 2.0}", SKIP1],
-    "wanda+skip1+balance(c=200)": [SP, "pruning.options={compensation: none, balance_cycles: 200}", SKIP1],
-    "wanda+skip1+balance(c=50;attn)": [SP, "pruning.options={compensation: none, balance_cycles: 50, balance_targets: ['re:.*self_attn']}", SKIP1],
-    "wanda+skip1+balance(c=50;mlp)": [SP, "pruning.options={compensation: none, balance_cycles: 50, balance_targets: ['re:.*mlp']}", SKIP1],
+    "tempered(a=0.75)+skip1": [SP, "pruning.options={alpha: 0.75, beta: 0.0, sketch_rank: 0}", SKIP1],
+    "tempered(a=1.25)+skip1": [SP, "pruning.options={alpha: 1.25, beta: 0.0, sketch_rank: 0}", SKIP1],
     # true sequential: inside each layer q/k/v, then o, then gate/up, then down, each from the pruned upstream
     "wanda+trueseq": ["pruning.method=wanda", TRUESEQ],
     "wanda+skip1+trueseq": ["pruning.method=wanda", SKIP1, TRUESEQ],
@@ -111,10 +84,10 @@ VARIANTS: dict[str, list[str]] = {
     # RIA compared within each row instead of over the whole matrix (its paper's), uniform and with OWL
     **{f"ria(row){tag}": ["pruning.method=ria", "pruning.granularity=row", *owl] for tag, owl in (("", []), ("+owl", OWL))},
     # a layer's sparsity spread over its linears by the share of output energy each loses (pruning.allocation)
-    **{f"wanda+skip1+alloc(s={spread})": [SP, "pruning.options={compensation: none}", SKIP1, *alloc(spread)]
+    **{f"wanda+skip1+alloc(s={spread})": [SP, "pruning.options={beta: 0.0, sketch_rank: 0}", SKIP1, *alloc(spread)]
        for spread in (0.05, 0.1, 0.2)},
     # the same (statprune's 50% default until 5ef913b) on the dense model's statistics: one pass per layer (its default since)
-    "wanda+skip1+onepass+alloc(s=0.1)": [SP, "pruning.options={compensation: none}", SKIP1, ONEPASS, *alloc(0.1)],
+    "wanda+skip1+onepass+alloc(s=0.1)": [SP, "pruning.options={beta: 0.0, sketch_rank: 0}", SKIP1, ONEPASS, *alloc(0.1)],
     # statprune's former 50% default (sequential) with the OWL profile (statprune's M)
     "wanda+skip1+owl(m=7)": ["pruning.method=wanda", SKIP1, *OWL, "pruning.owl.m=7"],
     **{f"{method}+owl{tag}": [f"pruning.method={method}", *OWL, *owl] for method in ("wanda", "ria", "sparsegpt")
@@ -137,30 +110,25 @@ VARIANTS.update({f"wanda+energy(m2/b=0.5;mlp)+skip1+onepass+alloc(s={spread})": 
 # ... and one permutation of the residual stream for all its readers (pruning.residual_permutation)
 VARIANTS["wanda+energy(m2/b=0.5;mlp)+realloc(absorbed)+lsa+resperm"] = [
     *VARIANTS["wanda+energy(m2/b=0.5;mlp)+realloc(absorbed)+lsa"], "pruning.residual_permutation=true"]
-# the least-squares update of the kept weights from a rank-k sketch of the inputs' second moments (sketch.py), each row
-# solving its own k x k system
-VARIANTS.update({f"statprune+sketch(k={k}){tag}": [SP, f"pruning.options={{compensation: sketch{tag}, sketch_rank: {k}, sketch_per_row: true}}"]
-                 for k in (16, 32, 64, 128) for tag in ("", "+energy")})
-# ... with one k x k system for all rows (each row's kept share of U^T D^-1 U), which affords a larger k
+# the least-squares update of the kept weights from a rank-k sketch of the inputs' second moments (sketch.py), one
+# k x k system for all rows
 VARIANTS.update({f"statprune+sketch(k={k};shared)+energy": [
-    SP, f"pruning.options={{compensation: sketch+energy, sketch_rank: {k}, sketch_per_row: false}}"] for k in (64, 128, 256, 512)})
+    SP, f"pruning.options={{sketch_rank: {k}}}"] for k in (64, 128, 256, 512)})
 
 # ... and on the whole N:M default (absorbed reallocation, LSA, residual permutation), restoring energy on the MLP
 # only (the default's energy_targets) or on every linear
 VARIANTS.update({f"statprune+sketch(k=256;shared)+energy({tag})+realloc(absorbed)+lsa+resperm": [
-    SP, f"pruning.options={{compensation: sketch+energy, sketch_rank: 256, sketch_per_row: false, energy_targets: ['{rx}']}}",
+    SP, f"pruning.options={{sketch_rank: 256, energy_targets: ['{rx}']}}",
     "pruning.reallocation=absorbed", LSA, "pruning.residual_permutation=true"] for tag, rx in (("mlp", "re:.*mlp"), ("all", "re:.*"))})
 # ... with the sketch collected on every n-th token only (``sketch_every``): its two products cost a quarter of Wanda's
 # passes at SmolLM2's width
 VARIANTS.update({f"statprune+sketch(k=256;shared;every={n})+energy(mlp)+realloc(absorbed)+lsa+resperm": [
-    SP, f"pruning.options={{compensation: sketch+energy, sketch_rank: 256, sketch_per_row: false, sketch_every: {n}, "
+    SP, f"pruning.options={{sketch_rank: 256, sketch_every: {n}, "
     "energy_targets: ['re:.*mlp']}", "pruning.reallocation=absorbed", LSA, "pruning.residual_permutation=true"] for n in (4, 16)})
 # ... and that default (every=4) calibrated on the dense model's activations, one pass per layer as at unstructured
 # sparsity, or without the residual permutation
 NM_DEFAULT = "statprune+sketch(k=256;shared;every=4)+energy(mlp)+realloc(absorbed)+lsa+resperm"
 VARIANTS[f"{NM_DEFAULT}+onepass"] = [*VARIANTS[NM_DEFAULT], ONEPASS]
-# ... with Optimal Brain Surgeon's saliency w^2 / [H^-1]_jj from the sketch as the score (``score: obs``)
-VARIANTS[f"{NM_DEFAULT}+obs"] = [*VARIANTS[NM_DEFAULT], "pruning.options.score=obs"]
 # ... with more or less of the energy restored after the update than the beta 0.5 chosen before it existed
 VARIANTS.update({f"{NM_DEFAULT}+beta({b})": [*VARIANTS[NM_DEFAULT], f"pruning.options.beta={b}"] for b in (0.25, 0.75, 1.0)})
 VARIANTS[f"{NM_DEFAULT[:-len('+resperm')]}+resperm(off)"] = [
@@ -218,11 +186,10 @@ def write_doc(args: argparse.Namespace, key: str) -> None:
         f"Made by: `python scripts/ablate.py --settings {args.settings} --nsamples {args.nsamples} --seqlen {args.seqlen} --eval-tokens {args.eval_tokens}"
         + (f" --seed {args.seed}" if args.seed else "") + "`",
         "",
-        "Variant names: the score (`wanda` = tempered with alpha 1, i.e. |W| m2^(1/2); `variance`; `tempered(a=..)`), "
-        "then the compensation (`mean`, `energy(v/b=beta)`, `both`, `measured` = least-squares affine per row, "
-        "`measured_scale` = the same without intercept), then `skipK` = the first K positions of every window left out of "
-        "the statistics (attention sinks), then `balance(c=cycles;p=power;attn|mlp)` = DSnoT-style mean balancing of the "
-        "mask (`balance_cycles`, `balance_var_power`, `balance_targets`; on every linear unless attn or mlp is named). "
+        "Variant names: the score (`wanda` = statprune's with alpha 1, i.e. |W| m2^(1/2); `tempered(a=..)`), then "
+        "`energy(m2/b=beta)` = its energy restoration, then `skipK` = the first K positions of every window left out of "
+        "the statistics (attention sinks); score and compensation candidates that never became a default are in "
+        "docs/experiments.md. "
         "`trueseq`: `pruning.true_sequential`; `onepass`: `pruning.sequential: false` (statistics from the dense model, "
         "one pass per layer); `owl`: `pruning.profile: owl` (M 5, lambda 0.08 unless `m=` or `l=` says). "
         "`realloc`: `pruning.reallocation` (N:M channel reallocation); `lsa`: `pruning.lsa` (its order refined by linear sum assignment); `resperm`: `pruning.residual_permutation` (one order of the residual stream for every linear that reads it). `wanda`, `ria` and `sparsegpt` alone are those "
