@@ -420,7 +420,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError("pruning.targets", "expected at least one target")
     METHODS[p.method].Options.from_dict(p.options)
     validate_reordering(p, nm, cfg)
-    e = cfg.eval
+    validate_eval(cfg.eval)
+    validate_runtime(cfg)
+
+
+def validate_eval(e: EvalConfig) -> None:
+    """The eval section, data sets and zero-shot tasks included."""
     for i, d in enumerate(e.datasets):
         validate_data(d, f"eval.datasets[{i}]")
     if e.seqlen < 2:
@@ -431,6 +436,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("eval.batch_size", f"expected an integer >= 1, got {e.batch_size}")
     check_bos(e.bos, "eval.bos")
     validate_zeroshot(e.zeroshot)
+
+
+def validate_runtime(cfg: Config) -> None:
+    """The output and runtime sections (and the one model key streaming depends on)."""
     parse_size(cfg.output.shard_size, "output.shard_size")
     if cfg.runtime.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", cfg.runtime.device):
         raise ConfigError("runtime.device", f"expected auto, cpu, cuda or cuda:N, got {cfg.runtime.device!r}")
