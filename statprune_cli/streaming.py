@@ -432,6 +432,8 @@ class Progress:
             return None
         record = json.loads(self.path.read_text())
         differences = config_differences(record["config"], config)
+        # the plan repeats what a config key decided: name the key, and the plan only where no key differs
+        differences = [d for d in differences if not d.startswith("plan")] or differences
         if differences:
             hint = ("it was started by another statprune version whose defaults differ, so its layers would not match; "
                     "delete the folder to start over" if all(d.startswith("plan") for d in differences)

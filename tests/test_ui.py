@@ -57,7 +57,7 @@ def test_terminal_report_prints_notes_and_paths_as_text() -> None:
                   "mode": BRACKETS, "calibration": {"description": BRACKETS}, "timings": {"prune": 1.0},
                   "memory": {"peak_rss_mib": 1.0, "cuda_max_allocated_mib": None},
                   "perplexity": [{"dataset": "text:[/data]", "perplexity": 12.0, "seqlen": 8, "windows": 1, "tokens": 8,
-                                  "max_tokens": None, "dtype": "float32"}],
+                                  "max_tokens": None, "dtype": "float32", "bos": False}],
                   "notes": [BRACKETS], "output_dir": "out/[/run]"}, console)
     text = console.file.getvalue()
     assert text.count(BRACKETS) == 3 and "text:[/data] perplexity" in text and "output: out/[/run]" in text
