@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from statprune_cli.sweep import parse_method
+from statprune_cli.sweep_grid import parse_method
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -123,20 +123,15 @@ def dense_ppl(model: Path, seqlen: int, eval_tokens: int, split: str) -> float:
     return res[0]["perplexity"]
 
 
-SECTIONS = ROOT / "docs" / "results"
-SECTION_ORDER = ("bench", "bench-qwen", "recon-gap", "owl", "realloc", "realloc-absorbed", "realloc-lsa", "peer", "cost", "cost-60pct", "cost-2of4", "cost-2of4-n64", "residual-budget", "memory", "zeroshot", "distributed", "gpu")
+DRAFTS = ROOT / "out" / "results"
 
 
 def write_section(name: str, markdown: str) -> None:
-    """Write one benchmark's section (docs/results/NAME.md) and rebuild docs/results.md from all sections."""
-    SECTIONS.mkdir(parents=True, exist_ok=True)
-    (SECTIONS / f"{name}.md").write_text(markdown)
-    present = {p.stem: p for p in SECTIONS.glob("*.md")}
-    order = [n for n in SECTION_ORDER if n in present] + sorted(set(present) - set(SECTION_ORDER))
-    body = "\n".join(present[n].read_text() for n in order)
-    header = ("# Results\n\nEvery figure below comes from a script in `scripts/`, run on 2 CPU cores unless a section "
-              "says otherwise. Each section is written by its script into `docs/results/` and gathered here.\n\n")
-    (ROOT / "docs" / "results.md").write_text(header + body)
+    """Write one script's tables to out/results/NAME.md. docs/results.md is curated (current tables only, each with
+    its command), so a script never rewrites it: its figures are copied from this draft by hand."""
+    DRAFTS.mkdir(parents=True, exist_ok=True)
+    (DRAFTS / f"{name}.md").write_text(markdown)
+    print(f"wrote {(DRAFTS / f'{name}.md').relative_to(ROOT)}; docs/results.md takes its figures by hand", flush=True)
 
 
 def load_jsonl(path: Path) -> list[dict]:

@@ -3,7 +3,7 @@
 Calibrates on the C4 sample, scores on the WikiText-2 *validation* split (defaults are chosen on
 validation, results are reported on test), at 50% unstructured, 2:4 and 4:8. Each run is one
 `statprune prune` subprocess; results accumulate in docs/results/data/ablation.jsonl (a rerun skips what
-is there) and the table is written to docs/ablation.md.
+is there) and the table is written to out/results/ablation.md (docs/experiments.md takes its figures by hand).
 
 Usage: python scripts/ablate.py [--settings 50%,2:4,4:8] [--variants a,b] [--nsamples 32] [--eval-tokens 16384]
 """
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import RESULTS, ROOT, common_overrides, ensure_model, load_jsonl, pattern_overrides, run_grid  # noqa: E402
+from _runs import DRAFTS, RESULTS, common_overrides, ensure_model, load_jsonl, pattern_overrides, run_grid  # noqa: E402
 
 SP = "pruning.method=statprune"
 SKIP1 = "calibration.skip_first_tokens=1"
@@ -145,11 +145,11 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--results", type=Path, default=RESULTS / "ablation.jsonl")
     ap.add_argument("--doc", type=Path, default=None,
-                    help="default: docs/ablation.md (32 windows, seed 0), else docs/ablation[-nN][-seedS].md")
+                    help="default: out/results/ablation.md (32 windows, seed 0), else out/results/ablation[-nN][-seedS].md")
     ap.add_argument("--doc-only", action="store_true", help="rewrite the docs from the results so far, run nothing")
     args = ap.parse_args()
     name = "ablation" + (f"-n{args.nsamples}" if args.nsamples != 32 else "") + (f"-seed{args.seed}" if args.seed else "")
-    args.doc = args.doc or ROOT / "docs" / f"{name}.md"
+    args.doc = args.doc or DRAFTS / f"{name}.md"
     model = ensure_model()
     # no skipped positions, sequential, no LSA, no residual permutation and uniform allocation unless a variant says so
     # (statprune's own defaults would otherwise leak into its variants)
@@ -206,7 +206,7 @@ def write_doc(args: argparse.Namespace, key: str) -> None:
     args.doc.write_text("\n".join(lines) + "\n")
 
 
-def write_seed_summary(args: argparse.Namespace, path: Path = ROOT / "docs" / "ablation-seeds.md") -> None:
+def write_seed_summary(args: argparse.Namespace, path: Path = DRAFTS / "ablation-seeds.md") -> None:
     """Every variant run on two or more calibration seeds, against Wanda on the same seed: what decides the default.
 
     One seed's ranking can be noise (32 windows of C4 move Wanda's own perplexity by ~3%), so a variant
@@ -223,7 +223,7 @@ def write_seed_summary(args: argparse.Namespace, path: Path = ROOT / "docs" / "a
     lines = [
         "# Ablation over calibration seeds (SmolLM2-135M)",
         "",
-        f"Each cell as in `docs/ablation.md` (N windows x {args.seqlen} tokens of the C4 sample, perplexity on "
+        f"Each cell as in `ablation.md` (N windows x {args.seqlen} tokens of the C4 sample, perplexity on "
         f"{args.eval_tokens} tokens of the WikiText-2 validation split), with calibration seed S "
         "(`python scripts/ablate.py --nsamples N --seed S ...`). Change: (variant - wanda) / wanda on the same seed, "
         "averaged over the seeds both ran on; the variants run on two or more seeds. Lower is better.",

@@ -9,8 +9,8 @@ Calibration: 64 windows x 512 tokens of the C4 sample (seed 0, sequential). Eval
 first 65,536 tokens of the WikiText-2 test split at seqlen 512. Each prune is one
 `statprune prune` subprocess (its report gives the prune wall time and the process's peak RSS),
 all in this one run, one after another. Results accumulate in docs/results/data/bench.jsonl (a rerun
-with the same protocol skips what is there), keyed by model; docs/results.md is rewritten at the end (section
-``bench`` for SmolLM2, ``bench-qwen`` for Qwen). On 2 cores a Qwen cell takes about 4x a SmolLM2 cell.
+with the same protocol skips what is there), keyed by model; tables and plot go to out/results/ (bench.md and bench.png; bench-qwen.* for Qwen), and
+docs/results.md takes the figures by hand. On 2 cores a Qwen cell takes about 4x a SmolLM2 cell.
 
 Usage: python scripts/bench.py [--model smollm2|qwen] [--settings 50%,60%,2:4,4:8]
                                [--methods magnitude,wanda,sparsegpt,ria,statprune]
@@ -24,10 +24,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import (MODELS, SECTIONS, RESULTS, common_overrides, ensure_model, load_jsonl, method_overrides,  # noqa: E402
+from _runs import (DRAFTS, MODELS, RESULTS, common_overrides, ensure_model, load_jsonl, method_overrides,  # noqa: E402
                   pattern_overrides, run_grid, write_section)
 
-from statprune_cli.sweep import write_plot  # noqa: E402
+from statprune_cli.sweep_grid import write_plot  # noqa: E402
 
 
 def main() -> None:
@@ -114,7 +114,7 @@ def write_doc(args: argparse.Namespace, key: str) -> None:
         out.append("| dense | " + " | ".join(f"{dense['ppl']:.2f}" for _ in settings) + " |")
     for m in methods:
         out.append(f"| {m} | " + " | ".join(f"{by[(m, s)]['ppl']:.2f}" if (m, s) in by else "" for s in settings) + " |")
-    out += ["", f"![perplexity by method and sparsity](results/{section}.png)", "",
+    out += ["", f"![perplexity by method and sparsity]({section}.png)", "",
             "### Prune wall time (s) and peak RSS (MiB) of each `statprune prune` process", "",
             "Cells accumulate across runs: only cells of one commit that ran alone on the machine compare (see "
             "below); `docs/results.md`'s cost section times every method side by side.", "",
@@ -141,7 +141,7 @@ def write_doc(args: argparse.Namespace, key: str) -> None:
     plot = {"model": label, "datasets": ["wikitext2[test]"], "dense": [dense["ppl"]] if dense else [float("nan")],
             "methods": methods, "settings": settings,
             "cells": [{"method": m, "setting": s, "perplexity": [r["ppl"]], "error": None} for (m, s), r in by.items() if m != "dense"]}
-    write_plot(plot, SECTIONS / f"{section}.png")
+    write_plot(plot, DRAFTS / f"{section}.png")
 
 
 if __name__ == "__main__":

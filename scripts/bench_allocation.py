@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from statprune_cli.allocation import SAMPLED_ELEMENTS, column_losses, energy_sparsities
 from statprune_cli.config import PruningConfig

@@ -6,7 +6,7 @@ SparseGPT's extra work (Gram matrices, a Cholesky inverse per linear, the column
 with width while Wanda-cost methods only add elementwise work, so the ratio statprune / sparsegpt is the
 figure to watch. Each prune is one `statprune prune` subprocess with no evaluation, one after another in
 this run; the report's `timings.prune` is the time. Results go to docs/results/data/cost.jsonl and
-docs/results/cost.md.
+out/results/cost.md (its figures go into docs/results.md by hand).
 
 Usage: python scripts/bench_cost.py [--methods wanda,sparsegpt,ria,statprune] [--nsamples 8] [--seqlen 512]
                                     [--models smollm2,wide] [--repeats 1] [--setting 50%]
@@ -25,7 +25,7 @@ from _runs import (RESULTS, ROOT, append_jsonl, common_overrides, ensure_model, 
                    pattern_overrides, prune, synthetic_llama, write_section)
 
 from statprune_cli.permute import RESIDUAL_TOKENS  # noqa: E402
-from statprune_cli.pipeline import first_windows  # noqa: E402
+from statprune_cli.prepasses import first_windows  # noqa: E402
 
 WIDE = ROOT / "models" / "synthetic-llama-h4096-l4"
 

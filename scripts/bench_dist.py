@@ -3,7 +3,7 @@
 Runs `statprune prune` three times on the same config: 1 process x 1 thread, 2 processes x 1 thread
 (the pair that must give the same tensors, bit for bit), and 1 process x 2 threads (the same cores as
 the pair, for the time ratio only: another thread count may round differently). Reports whether the
-outputs are equal, each run's prune and process wall time, and the ratios; writes docs/results/distributed.md.
+outputs are equal, each run's prune and process wall time, and the ratios; writes out/results/distributed.md.
 
 Usage: python scripts/bench_dist.py [--method wanda] [--nsamples 16] [--seqlen 512] [--max-tokens 0]
 (--max-tokens 0: no evaluation; otherwise the first N tokens of the WikiText-2 test split.)

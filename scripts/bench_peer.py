@@ -19,7 +19,7 @@
    another, on the same machine.
 
 Results accumulate in docs/results/data/peer.jsonl (a rerun with the same protocol skips what is there);
-docs/results/peer.md is rewritten at the end. A statprune method that is not registered yet is skipped
+out/results/peer.md is written at the end. A statprune method that is not registered yet is skipped
 with a message, and a later rerun fills its cells.
 
 Usage: .venv/bin/python scripts/bench_peer.py [--methods wanda,sparsegpt] [--settings 50%,2:4]
@@ -87,7 +87,7 @@ def save_windows(model: Path, nsamples: int, seqlen: int, eval_tokens: int) -> P
 
     from statprune_cli.config import load_config
     from statprune_cli.load import load_tokenizer
-    from statprune_cli.pipeline import calibration_batches
+    from statprune_cli.data import calibration_batches
     from statprune_cli.ui import UI
 
     path = OUT / f"calib-n{nsamples}-s{seqlen}-seed0.safetensors"
@@ -363,7 +363,7 @@ def write_doc(args: argparse.Namespace, key: str, methods: list[str], settings: 
                        f"{b['prune_s'] / a['prune_s']:.2f}x | {masks} | {wd} |")
     out += ["", NOTES]
     write_section("peer", "\n".join(out) + "\n")
-    log("wrote docs/results/peer.md")
+    log("peer tables written")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ The task data are the local files in ../shared/data/zeroshot (no hub access). Ca
 64 windows x 512 tokens of the C4 sample, seed 0, sequential. Each pruned model is scored inside its own
 `statprune prune` process, on the in-memory pruned model (`eval.zeroshot`); the dense model by
 `statprune eval-zeroshot`. Results accumulate in docs/results/data/zeroshot.jsonl (a rerun with the same protocol skips
-what is there); the "Zero-shot accuracy" section at the end of docs/results.md is rewritten.
+what is there); the table goes to out/results/zeroshot.md, and docs/results.md takes its figures by hand.
 
 Usage: python scripts/bench_zeroshot.py [--methods wanda,statprune] [--sparsity 0.5] [--limit 40]
                                         [--tasks boolq,rte,...] [--nsamples 64] [--seqlen 512] [--batch-size 8]

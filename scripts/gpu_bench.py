@@ -6,7 +6,7 @@
   speed  `statprune eval-speed --json` on a model's kept 2:4 outputs, one line each in OUT/speed.jsonl.
   table  the Markdown tables of both files (OUT/tables.md), for docs/results.
 
-Cells share a process because each process pays the imports and CUDA's start-up again (docs/results/gpu.md: 26 s per
+Cells share a process because each process pays the imports and CUDA's start-up again (docs/results.md, GPU: 26 s per
 process around an 8.4 s prune); the CUDA peak is reset before each cell, and the libraries are started before the
 first so that it does not pay their initialization in its prune time.
 

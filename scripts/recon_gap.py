@@ -20,7 +20,7 @@ of the benchmark: C4 sample, seed 0) and measures each linear's output error tr(
   B = 32 and 128): block statistics cost tokens x in x B to collect, not in^2, and no error crosses a block.
 
 Each cell is the mean over the linears of that kind of the error relative to Wanda's. Lower is better.
-Writes docs/results/recon-gap.md. Usage: python scripts/recon_gap.py [--nsamples 64] [--layers 2,15,28]
+Writes out/results/recon-gap.md. Usage: python scripts/recon_gap.py [--nsamples 64] [--layers 2,15,28]
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import DATA, ROOT, ensure_model, write_section  # noqa: E402
+from _runs import DATA, ensure_model, write_section  # noqa: E402
 
 from statprune_cli.config import DataConfig  # noqa: E402
 from statprune_cli.data import calibration_windows, load_documents  # noqa: E402

@@ -8,7 +8,7 @@ every reader row's Wanda score from all 64 windows: the N:M kept score it gains 
 Orders from fewer reader rows (``permute.RESIDUAL_ROWS``) are measured too. Perplexity is left to the ablation
 (``ablate.py``): there, orders of similar kept score differ by several % on one seed.
 
-Writes docs/results/residual-budget.md. Usage: python scripts/residual_budget.py [--windows 1,2,4,8,64]
+Writes out/results/residual-budget.md. Usage: python scripts/residual_budget.py [--windows 1,2,4,8,64]
                                                [--rows 4096,8192,16384] [--patterns 2:4,4:8]
 """
 
@@ -23,7 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _runs import BASE_CONFIG, common_overrides, ensure_model, write_section  # noqa: E402
 
-from statprune_cli import permute, pipeline  # noqa: E402
+from statprune_cli import permute, prepasses  # noqa: E402
+from statprune_cli.data import calibration_batches  # noqa: E402
 from statprune_cli.config import load_config  # noqa: E402
 from statprune_cli.engine import Collect, LayerwiseEngine, Selection  # noqa: E402
 from statprune_cli.load import load_model, load_tokenizer  # noqa: E402
@@ -45,12 +46,12 @@ def main() -> None:
     cfg = load_config(BASE_CONFIG, common_overrides(model_dir, windows[-1], args.seqlen, args.seqlen, "validation"))
     ui = UI(quiet=True)
     model = load_model(cfg.model).eval()
-    batches, _ = pipeline.calibration_batches(cfg, load_tokenizer(cfg.model), ui)
+    batches, _ = calibration_batches(cfg, load_tokenizer(cfg.model), ui)
     engine = LayerwiseEngine(model, torch.device("cpu"), False, ui)
     plan = permute.residual_plan(model, engine.layers_name, model.config.hidden_size)
     assert not isinstance(plan, str), plan
     readers = [n for names in plan.reader_names(engine.layers_name, len(engine.layers)).values() for n in names]
-    dense = pipeline.DenseStats(Selection(tuple(cfg.pruning.targets), tuple(cfg.pruning.ignore)), batches, ui)
+    dense = prepasses.DenseStats(Selection(tuple(cfg.pruning.targets), tuple(cfg.pruning.ignore)), batches, ui)
     tokens = [w * args.seqlen for w in windows]
     stats = {t: dense.get(engine, Collect(), t) for t in tokens}  # smallest first: a larger pass would serve them all
     weights = {n: model.get_submodule(n).weight.detach().float().abs() for n in readers}
@@ -69,7 +70,7 @@ def main() -> None:
             for r in rows:
                 if r != max(rows) and t not in (tokens[1], tokens[-2]):
                     continue  # fewer rows: on two budgets only
-                order, _ = pipeline.residual_stream_order(engine, plan, stats[t], target, r)
+                order, _ = prepasses.residual_stream_order(engine, plan, stats[t], target, r)
                 gain = nm_kept_score(reference, n, m, order) / kept - 1.0
                 lines.append(f"| {pattern} | {t} | {r} | {gain:+.3%} |")
                 print(lines[-1], flush=True)

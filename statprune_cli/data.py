@@ -21,8 +21,10 @@ from typing import Any
 
 import torch
 
-from statprune_cli.config import DataConfig
+from statprune_cli.config import Config, DataConfig
 from statprune_cli.errors import ConfigError, InputError, shown
+from statprune_cli.memory import trim_heap
+from statprune_cli.ui import UI
 
 C4_HUB = ("allenai/c4", "en/c4-train.00000-of-01024.json.gz")
 MAX_CALIBRATION_DOCS = 20_000  # tokenizing more than this buys nothing for a few hundred windows
@@ -214,3 +216,22 @@ def eval_windows(ids: torch.Tensor, seqlen: int, max_tokens: int | None, bos: in
 
 def batched(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return list(torch.split(windows, batch_size))
+
+
+def calibration_batches(cfg: Config, tokenizer: Any, ui: UI) -> tuple[list[torch.Tensor], str]:
+    c = cfg.calibration
+    bos = window_bos(tokenizer, c.bos, "calibration.bos")
+    c.bos = bos is not None  # auto settled: report.json's calibration section and statprune.yaml say what ran
+    docs = load_documents(c, "calibration", default_split="train")
+
+    def tokenize(texts: list[str]) -> list[list[int]]:
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    windows, origin = calibration_windows(docs, tokenize, c.nsamples, c.seqlen, c.seed, log=ui.log, bos=bos)
+    del docs
+    trim_heap()  # tokenizing leaves tens of MB of freed heap that would count in the whole run's peak
+    where = f" ({c.data_files})" if c.data_files else ""
+    first = " (BOS first)" if c.bos else ""
+    return batched(windows, c.batch_size), (f"{c.nsamples} windows x {c.seqlen} tokens{first} from {c.dataset}{where}, "
+                                            f"seed {c.seed}, from {origin}")
+

@@ -14,15 +14,18 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
-from statprune_cli.config import DataConfig
+from statprune_cli.config import Config, DataConfig
 from statprune_cli.data import batched, eval_text, eval_windows, window_bos
 from statprune_cli.engine import LayerwiseEngine
 from statprune_cli.errors import PruneError
+from statprune_cli.memory import trim_heap
+from statprune_cli.ui import UI
 
 
 @dataclass
@@ -101,3 +104,20 @@ def evaluate_perplexity(engine: LayerwiseEngine, eval_set: EvalSet, batch_size: 
     w = eval_set.windows
     return PerplexityResult(eval_set.name, math.exp(mean), eval_set.seqlen, w.shape[0], w.numel(), eval_set.max_tokens,
                             dtype, eval_set.bos, count)
+
+
+def eval_sets(cfg: Config, tokenizer: Any) -> list[EvalSet]:
+    e = cfg.eval
+    sets = [load_eval_set(tokenizer, d, e.seqlen, e.max_tokens, key=f"eval.datasets[{i}]", bos=e.bos)
+            for i, d in enumerate(e.datasets)]
+    trim_heap()
+    return sets
+
+
+def perplexities(cfg: Config, engine: LayerwiseEngine, evals: list[EvalSet], ui: UI) -> list[dict[str, Any]]:
+    out = []
+    for es in evals:
+        ui.log(f"evaluating perplexity on {es.name}")
+        out.append(evaluate_perplexity(engine, es, cfg.eval.batch_size).to_dict())
+    return out
+

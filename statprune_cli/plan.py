@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from statprune_cli import __version__
+from statprune_cli.engine import Collect, Selection
 from statprune_cli.methods import Method, Target, build_method
 from statprune_cli.schema import parse_pattern
 from statprune_cli.sketch import auto_every
@@ -56,6 +57,15 @@ class Plan:
     def target(self) -> Target:
         """The target every linear starts from, before OWL, allocation and the architecture adjust it."""
         return Target(self.sparsity, self.nm, self.granularity, reallocation=bool(self.reallocation), lsa=self.lsa)
+
+    def selection(self) -> Selection:
+        return Selection(self.targets, self.ignore)
+
+    def collect(self, matrices: bool = True) -> Collect:
+        """What the plan's statistics passes gather (``matrices`` False: no Gram matrix or sketch, for OWL and the
+        residual order, which read the channel statistics alone)."""
+        return Collect(self.skip_first_tokens, self.gram and matrices, self.sketch_rank if matrices else 0,
+                       self.sketch_every)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

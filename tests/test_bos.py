@@ -14,7 +14,9 @@ from statprune_cli.config import DataConfig, load_config
 from statprune_cli.data import added_bos, calibration_windows, eval_windows, load_documents, window_bos
 from statprune_cli.errors import ConfigError
 from statprune_cli.perplexity import load_eval_set
-from statprune_cli.pipeline import calibration_batches, run_calibrate, run_eval
+from statprune_cli.commands.calibrate import run_calibrate
+from statprune_cli.commands.eval_ppl import run_eval
+from statprune_cli.data import calibration_batches
 from statprune_cli.stats import load_stats
 from statprune_cli.ui import UI
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import random_text, tiny_model, tiny_tokenizer, write_config
+from conftest import random_text, tiny_model, write_config
 from typer.testing import CliRunner
 
 from statprune_cli.cli import app
@@ -268,12 +268,12 @@ def test_an_unwritable_output_location_is_refused_before_the_model_loads(cfg: Pa
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
 
-    import statprune_cli.pipeline
+    import statprune_cli.commands.prune
 
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(statprune_cli.pipeline, "load_model", no_load)
+    monkeypatch.setattr(statprune_cli.commands.prune, "load_model", no_load)
     try:
         Path("/sys/statprune-probe").mkdir()
         pytest.skip("/sys is writable here")

@@ -14,7 +14,7 @@ from test_streaming import assert_same_weights, prune, run_cli, tensors
 from torch import nn
 from transformers import AutoModelForCausalLM, Phi3Config
 
-from statprune_cli import pipeline
+from statprune_cli import prepasses
 from statprune_cli.config import load_config
 from statprune_cli.engine import Collect, InMemoryLayers, LayerwiseEngine, Selection
 from statprune_cli.errors import ConfigError
@@ -97,8 +97,8 @@ def test_the_order_spreads_the_readers_important_channels_and_lsa_keeps_more() -
 def test_a_run_with_it_equals_a_run_on_the_checkpoint_permuted_beforehand(
         tmp_path: Path, tiny_model_dir: Path, text_files: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     chosen = []
-    order_of = pipeline.residual_order
-    monkeypatch.setattr(pipeline, "residual_order", lambda *a, **k: chosen.append(order_of(*a, **k)) or chosen[-1])
+    order_of = prepasses.residual_order
+    monkeypatch.setattr(prepasses, "residual_order", lambda *a, **k: chosen.append(order_of(*a, **k)) or chosen[-1])
     cfg = write_config(tmp_path / "run.yaml", tiny_model_dir, text_files, tmp_path / "mem",
                        pruning={"method": "statprune", "pattern": "2:4"})
     mem = prune(cfg, "--set", "runtime.streaming=false")
@@ -156,7 +156,7 @@ def test_the_dense_pass_for_the_order_reads_only_the_windows_its_token_budget_ne
     model = tiny_model("llama")
     engine = LayerwiseEngine(model, torch.device("cpu"), offload_activations=False, ui=UI(quiet=True))
     batches = list(torch.randint(3, 128, (6, 1, 32), generator=torch.Generator().manual_seed(0)))
-    dense = pipeline.DenseStats(Selection(), batches, UI(quiet=True))
+    dense = prepasses.DenseStats(Selection(), batches, UI(quiet=True))
     q = f"{engine.layers_name}.0.self_attn.q_proj"
     assert dense.get(engine, Collect(), tokens=70)[q].count == 96  # three windows of 32 reach 70
     assert dense.get(engine, Collect(), tokens=64)[q].count == 96  # a larger budget's statistics serve a smaller one
@@ -165,9 +165,9 @@ def test_the_dense_pass_for_the_order_reads_only_the_windows_its_token_budget_ne
     assert dense.get(engine, Collect(), tokens=70) is full
     assert dense.get(engine, Collect(), tokens=10_000) is full
     pairs = list(torch.cat(batches).split(2))  # batches of two windows: the last one needed is cut to what it must give
-    assert [len(b) for b in pipeline.first_windows(pairs, 70)] == [2, 1]
-    assert [len(b) for b in pipeline.first_windows(pairs, 64)] == [2]
-    assert torch.equal(torch.cat(pipeline.first_windows(pairs, 100)), torch.cat(batches[:4]))
+    assert [len(b) for b in prepasses.first_windows(pairs, 70)] == [2, 1]
+    assert [len(b) for b in prepasses.first_windows(pairs, 64)] == [2]
+    assert torch.equal(torch.cat(prepasses.first_windows(pairs, 100)), torch.cat(batches[:4]))
 
 
 def test_dense_sketch_statistics_are_cached_under_the_stride_an_unset_one_resolves_to(
@@ -177,7 +177,7 @@ def test_dense_sketch_statistics_are_cached_under_the_stride_an_unset_one_resolv
     model = tiny_model("llama")
     engine = LayerwiseEngine(model, torch.device("cpu"), offload_activations=False, ui=UI(quiet=True))
     batches = list(torch.randint(3, 128, (2, 1, 32), generator=torch.Generator().manual_seed(0)))
-    dense = pipeline.DenseStats(Selection(), batches, UI(quiet=True))
+    dense = prepasses.DenseStats(Selection(), batches, UI(quiet=True))
     auto = dense.get(engine, Collect(sketch=8))
     assert auto_every(64) == 1
     assert dense.get(engine, Collect(sketch=8, sketch_every=1)) is auto

@@ -11,7 +11,8 @@ from statprune_cli.cli import app
 from statprune_cli.config import load_config
 from statprune_cli.methods import METHODS
 from statprune_cli.errors import ConfigError
-from statprune_cli.sweep import parse_method, plan_cells, run_sweep
+from statprune_cli.commands.sweep import run_sweep
+from statprune_cli.sweep_grid import parse_method, plan_cells
 from statprune_cli.ui import UI
 
 runner = CliRunner()
@@ -162,7 +163,7 @@ def test_sweep_bad_input_is_one_line(cfg: Path, tmp_path: Path, args: list[str],
 
 
 def test_the_plot_does_not_join_unstructured_and_nm_points() -> None:
-    from statprune_cli.sweep import plot_segments
+    from statprune_cli.sweep_grid import plot_segments
 
     cell = lambda m, s, p, e=None: {"method": m, "setting": s, "perplexity": [p], "error": e}  # noqa: E731
     result = {"methods": ["wanda", "ria"], "settings": ["0.5", "0.6", "2:4", "4:8"],
@@ -173,7 +174,7 @@ def test_the_plot_does_not_join_unstructured_and_nm_points() -> None:
 
 def test_a_one_setting_plot_has_a_bar_per_method_that_has_a_perplexity() -> None:
     plt = pytest.importorskip("matplotlib.pyplot")
-    from statprune_cli.sweep import draw_plot
+    from statprune_cli.sweep_grid import draw_plot
 
     cell = lambda m, p, e=None: {"method": m, "setting": "70%", "perplexity": [p], "error": e}  # noqa: E731
     result = {"model": "m", "datasets": ["wikitext2[test]"], "dense": [30.0], "methods": ["wanda", "ria", "statprune"],

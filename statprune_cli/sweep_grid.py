@@ -1,46 +1,19 @@
-"""The sweep: every method at every sparsity on one model, one set of calibration windows, one evaluation.
-
-Everything the cells share is done once: the windows are drawn and tokenized, the evaluation text
-is tokenized, the model is loaded and the dense perplexity measured. Each cell prunes a fresh copy
-of the dense model. Cells calibrated on the dense model's activations (``pruning.sequential: false``,
-or the method's own choice when the key is unset) share dense statistics collected once (that is
-what a dense-activation run computes anyway); sequential cells need their own pass, since each
-method's pruned layers feed the next layer differently. A cell that fails records its error and
-the sweep goes on.
-
-Outputs, written together into one folder: ``sweep.json``, ``sweep.md`` (rows methods, columns
-settings: perplexity and prune wall time) and ``sweep.png`` (perplexity per setting, one line per
-method, log scale, dense as a horizontal line) when matplotlib is installed. Until then each finished cell
-is kept in ``OUTPUT.partial.json`` (same layout as sweep.json), so a sweep cut short by a time limit loses
-only the cell it was in.
-"""
+"""The sweep's grid: a cell per (method, setting) parsed from ``--methods`` and ``--sparsities`` and validated
+before anything loads, and the outputs' table and plot. ``commands/sweep.py`` runs the cells."""
 
 from __future__ import annotations
 
-import copy
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from statprune_cli.config import Config, validate
-from statprune_cli.distributed import launched_world_size
-from statprune_cli.engine import LayerwiseEngine
 from statprune_cli.errors import ConfigError, InputError
-from statprune_cli.export import atomic_dir, check_output_dir, write_json_atomic
-from statprune_cli.load import check_against_model, load_model, load_model_config, load_tokenizer
 from statprune_cli.methods import METHODS
-from statprune_cli.pipeline import (DenseStats, PruneInputs, calibration_batches, config_method, eval_sets, needs_batches,
-                                    perplexities, prune_model, selection, setup_runtime)
-from statprune_cli.plan import make_plan
 from statprune_cli.methods.statprune import SKETCH_RANK
-from statprune_cli.report import package_versions, strict_json
 from statprune_cli.schema import build
-from statprune_cli.ui import UI
-from statprune_cli.zeroshot import evaluate_zeroshot, prepare_zeroshot
 
 
 @dataclass
@@ -180,101 +153,6 @@ def plan_cells(cfg: Config, methods: list[str], settings: list[str]) -> list[Cel
         if len(errors) == len(settings):
             raise errors[0]
     return cells
-
-
-def run_sweep(cfg: Config, methods: list[str], settings: list[str], output: Path, overwrite: bool = False,
-              ui: UI | None = None, zeroshot: bool = False) -> dict[str, Any]:
-    """``zeroshot``: also the mean zero-shot accuracy of every cell, on the tasks of ``eval.zeroshot``."""
-    ui = ui or UI()
-    if launched_world_size() > 1:
-        raise InputError("sweep: runs in one process; start it without torchrun or accelerate launch")
-    check_output_dir(output, overwrite, "--output")
-    cells = plan_cells(cfg, methods, settings)
-    if zeroshot:
-        if not cfg.eval.zeroshot.tasks:
-            raise ConfigError("eval.zeroshot.tasks", "--zeroshot needs the tasks to score (e.g. --set 'eval.zeroshot.tasks=[boolq, rte]')")
-        prepare_zeroshot(cfg.eval.zeroshot)
-
-    def accuracy(model: torch.nn.Module) -> float | None:
-        if not zeroshot:
-            return None
-        acc = evaluate_zeroshot(model.to(device), tokenizer, cfg.eval.zeroshot, ui).mean
-        model.to("cpu")
-        return acc
-
-    device = setup_runtime(cfg)
-    model_config = load_model_config(cfg.model)
-    for c in cells:
-        check_against_model(c.cfg, model_config)
-    tokenizer = load_tokenizer(cfg.model)
-    batches, calibration = None, "none (no method needs data)"
-    cells_to_run = [c for c in cells if not c.not_applicable]
-    if any(needs_batches(c.cfg, config_method(c.cfg)) for c in cells_to_run):
-        batches, calibration = calibration_batches(cfg, tokenizer, ui)
-    evals = eval_sets(cfg, tokenizer)
-
-    ui.log(f"loading {cfg.model.name_or_path} ({cfg.model.dtype})")
-    dense_model = load_model(cfg.model)
-    dense = DenseStats(selection(make_plan(cfg)), batches, ui)
-    dense_ppl = perplexities(cfg, LayerwiseEngine(dense_model, device, cfg.runtime.offload_activations, ui), evals, ui)
-    dense_model.to("cpu")
-    dense_zeroshot = accuracy(dense_model)
-
-    versions = package_versions()
-
-    def summary() -> dict[str, Any]:
-        return {
-            "model": cfg.model.name_or_path,
-            "calibration": calibration,
-            "sequential": cfg.pruning.sequential,
-            "profile": cfg.pruning.profile,
-            "datasets": [es.name for es in evals],
-            "dense": [r["perplexity"] for r in dense_ppl],
-            "dense_zeroshot_mean_acc": dense_zeroshot,
-            "shared_dense_seconds": round(dense.seconds, 3),
-            "methods": methods,
-            "settings": [c.setting for c in cells[:: len(methods)]],
-            "cells": [c.to_dict() for c in cells],
-            "versions": versions,
-        }
-
-    partial = output.with_name(output.name + ".partial.json")
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    partial.unlink(missing_ok=True)  # an earlier sweep's, cut short
-    with ui.progress("sweep cells", len(cells_to_run)) as advance:
-        for c in cells_to_run:
-            ui.log(f"{c.method} at {c.setting}")
-            model = copy.deepcopy(dense_model)
-            try:
-                method = config_method(c.cfg)
-                t0, shared_before = time.perf_counter(), dense.seconds
-                inputs = PruneInputs(c.cfg, make_plan(c.cfg, method), method, batches)
-                pruned = prune_model(inputs, model, device, ui, dense=dense, shared=True)
-                c.prune_seconds = round(time.perf_counter() - t0 - (dense.seconds - shared_before), 3)
-                c.shared_stats = pruned.from_shared_stats
-                c.layer_sparsity = pruned.layer_sparsity
-                c.perplexity = [r["perplexity"] for r in perplexities(c.cfg, pruned.engine, evals, ui)]
-                zeros = sum(r.zeros for layer in pruned.result.layers for r in layer.linears.values())
-                numel = sum(r.shape[0] * r.shape[1] for layer in pruned.result.layers for r in layer.linears.values())
-                c.sparsity = zeros / numel if numel else 0.0
-                c.zeroshot_mean = accuracy(model)
-                ui.log(f"{c.method} at {c.setting}: perplexity " + ", ".join(f"{p:.2f}" for p in c.perplexity)
-                       + f" ({c.prune_seconds:.1f} s)")
-            except Exception as e:  # one failing cell must not lose the others
-                c.error = f"{type(e).__name__}: {e}"
-                ui.log(f"{c.method} at {c.setting} failed: {c.error}")
-            del model
-            write_json_atomic(partial, summary())  # a sweep cut short keeps its finished cells
-            advance()
-
-    result = summary()
-    with atomic_dir(output, overwrite, "--output") as tmp:
-        (tmp / "sweep.json").write_text(strict_json(result))
-        (tmp / "sweep.md").write_text(sweep_table(result))
-        result["plot"] = write_plot(result, tmp / "sweep.png")
-    partial.unlink(missing_ok=True)
-    result["output_dir"] = str(output)
-    return result
 
 
 def sweep_table(result: dict[str, Any]) -> str:
