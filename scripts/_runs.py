@@ -102,7 +102,7 @@ def pattern_overrides(setting: str) -> list[str]:
 
 def method_overrides(name: str) -> list[str]:
     """A --methods entry as ``--set`` flags, with the suffixes of ``statprune sweep --methods`` ('wanda+owl(m=7)',
-    'ria+realloc'; ``statprune_cli.sweep.parse_method``); without ``+owl`` the profile is uniform."""
+    'ria+realloc'; ``statprune_cli.sweep_grid.parse_method``); without ``+owl`` the profile is uniform."""
     _, overrides = parse_method(name)
     owl = overrides.pop("owl", {})
     flags = {"profile": "uniform", **overrides, **{f"owl.{k}": v for k, v in owl.items()}}

@@ -35,10 +35,10 @@ MIB = 2**20
 
 BASELINES = {
     # what every run imports first
-    "baseline": "torch, transformers, statprune_cli.pipeline",
+    "baseline": "torch, transformers, statprune_cli.commands.prune",
     # and the modeling code a prune of these checkpoints loads lazily (modeling_utils, modeling_llama; they import
     # torch.distributed and sympy): code, not model memory, and the same for every model size of an architecture
-    "baseline+modeling": "torch, transformers, statprune_cli.pipeline, transformers.models.llama.modeling_llama",
+    "baseline+modeling": "torch, transformers, statprune_cli.commands.prune, transformers.models.llama.modeling_llama",
 }
 
 
