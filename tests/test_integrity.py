@@ -139,6 +139,7 @@ def test_a_text_of_exactly_one_window_gives_that_window() -> None:
     assert origin == "token stream" and windows.tolist() == [ids]
 
 
+@pytest.mark.skipif(not (SHARED / "zeroshot").is_dir(), reason="needs ../shared/data/zeroshot")
 def test_eval_zeroshot_names_a_missing_eos_token(tmp_path: Path) -> None:
     pytest.importorskip("lm_eval")
     from tokenizers import Tokenizer, models, pre_tokenizers
