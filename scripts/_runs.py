@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,11 +152,16 @@ def commit() -> str:
 
 
 def run_grid(results: Path, key: str, label: str, cells: dict[tuple[str, str], list[str]], model: Path, seqlen: int,
-             eval_tokens: int, split: str) -> None:
-    """The dense perplexity, then one `statprune prune` per (name, setting) cell not yet in ``results``."""
+             eval_tokens: int, split: str, dense: Callable[[], dict[str, float]] | None = None) -> None:
+    """The dense perplexity, then one `statprune prune` per (name, setting) cell not yet in ``results``.
+
+    ``dense``: gives the dense perplexities by data set name, first one first, where the cells evaluate more than
+    WikiText-2. Each cell records every data set's perplexity under ``ppls``, and its first under ``ppl``.
+    """
     done = {(r["key"], r[label], r["setting"]) for r in load_jsonl(results)}
     if (key, "dense", "-") not in done:
-        append_jsonl(results, {"key": key, label: "dense", "setting": "-", "ppl": dense_ppl(model, seqlen, eval_tokens, split)})
+        ppls = dense() if dense else {f"wikitext2[{split}]": dense_ppl(model, seqlen, eval_tokens, split)}
+        append_jsonl(results, {"key": key, label: "dense", "setting": "-", "ppl": next(iter(ppls.values())), "ppls": ppls})
     for (name, setting), overrides in cells.items():
         if (key, name, setting) in done:
             continue
@@ -164,7 +170,7 @@ def run_grid(results: Path, key: str, label: str, cells: dict[tuple[str, str], l
                "prune_s": r["timings"]["prune"], "peak_rss_mib": r["memory"]["peak_rss_mib"],
                "sparsity_linears": r["sparsity"]["pruned_linears"]["sparsity"],
                "sparsity_all": r["sparsity"]["all_parameters"]["sparsity"], "options": r["options"], "mode": r["mode"].split(":")[0],
-               "commit": commit()}
+               "commit": commit(), "ppls": {p["dataset"]: p["perplexity"] for p in r["perplexity"]}}
         append_jsonl(results, rec)
         print(f"{setting:>5} {name:<28} ppl {rec['ppl']:9.3f}  prune {rec['prune_s']:6.1f}s  RSS {rec['peak_rss_mib']:.0f} MiB",
               flush=True)

@@ -1,7 +1,8 @@
 """Zero-shot accuracy on SmolLM2-135M: dense, then each method at one sparsity, through lm-evaluation-harness (0-shot).
 
 The task data are the local files in ../shared/data/zeroshot (no hub access). Calibration as in scripts/bench.py:
-64 windows x 512 tokens of the C4 sample, seed 0, sequential. Each pruned model is scored inside its own
+64 windows x 512 tokens of the C4 sample, seed 0, each method at its defaults
+(`--methods` takes bench.py's names: `statprune+paper` is the paper preset). Each pruned model is scored inside its own
 `statprune prune` process, on the in-memory pruned model (`eval.zeroshot`); the dense model by
 `statprune eval-zeroshot`. Results accumulate in docs/results/data/zeroshot.jsonl (a rerun with the same protocol skips
 what is there); the table goes to out/results/zeroshot.md, and docs/results.md takes its figures by hand.
@@ -19,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _runs import (DATA, RESULTS, ROOT, append_jsonl, common_overrides, ensure_model, load_jsonl,  # noqa: E402
-                   prune, statprune, write_section)
+                   method_overrides, prune, statprune, write_section)
 
 ZEROSHOT_DATA = DATA / "zeroshot"
 TASKS = "boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa,piqa"
@@ -50,7 +51,7 @@ def main() -> None:
         if method in done:
             continue
         overrides = (common_overrides(model, args.nsamples, args.seqlen, args.seqlen, "test")
-                     + ["eval.datasets=[]", f"pruning.method={method}", f"pruning.sparsity={args.sparsity}",
+                     + ["eval.datasets=[]", *method_overrides(method), f"pruning.sparsity={args.sparsity}",
                         "pruning.pattern=unstructured", *zeroshot])
         r = prune(overrides, ROOT / "bench-out" / "zeroshot-tmp")
         record(args.results, key, method, r["zeroshot"], prune_s=r["timings"]["prune"], zeroshot_s=r["timings"]["zeroshot"])
