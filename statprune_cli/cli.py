@@ -216,6 +216,7 @@ def calibrate(
 
     from statprune_cli.config import load_config
     from statprune_cli.commands.calibrate import run_calibrate
+    from statprune_cli.lock import one_writer
 
     cfg = load_config(config, list(set_ or []))
     if output is None:
@@ -223,7 +224,8 @@ def calibrate(
             raise InputError("--output: required (or set output.dir, which gives OUTPUT_DIR.stats.safetensors)")
         output = Path(cfg.output.dir.rstrip("/") + ".stats.safetensors")
     ui = say.ui()
-    summary = run_calibrate(cfg, output, overwrite=overwrite, ui=ui)
+    with one_writer(output, ui.log):  # a second calibrate to the same file stops at once
+        summary = run_calibrate(cfg, output, overwrite=overwrite, ui=ui)
 
     def render() -> None:
         table = Table(title="largest-energy input channels")

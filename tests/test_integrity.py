@@ -255,6 +255,22 @@ def test_a_second_run_on_a_locked_output_stops_at_once_and_a_dead_holder_is_take
     assert (out / "report.json").is_file() and not (tmp_path / ".out.lock").exists()
 
 
+def test_calibrate_and_export_stop_at_once_on_an_output_another_run_writes(cfg: Path, tmp_path: Path) -> None:
+    stats, dense = tmp_path / "s.safetensors", tmp_path / "dense"
+    assert run("prune", str(cfg), "-q").exit_code == 0
+    for out, args in ((stats, ("calibrate", str(cfg), "-q", "-o", str(stats))),
+                      (dense, ("export", str(tmp_path / "out"), "-q", "--format", "dense", "-o", str(dense)))):
+        holder = _hold_lock(out)
+        try:
+            line = one_line_error(run(*args), code=1)
+            assert f"{out} is in use by another statprune run (pid {holder.pid}" in line
+            assert not out.exists()
+        finally:
+            holder.kill()
+            holder.wait()
+        assert run(*args).exit_code == 0 and out.exists() and not (tmp_path / f".{out.name}.lock").exists()
+
+
 def test_a_lock_record_from_another_host_stops_the_run(cfg: Path, tmp_path: Path) -> None:
     (tmp_path / ".out.lock").write_text(json.dumps({"pid": 12, "host": "elsewhere", "started": "then"}))
     line = one_line_error(run("prune", str(cfg), "-q"), code=1)
