@@ -401,6 +401,18 @@ def test_a_resume_on_other_calibration_text_is_refused(streaming_cfg: Path, tmp_
     assert res.returncode == 2 and "(the calibration windows (the data, the tokenizer or their text changed))" in res.stderr
 
 
+def test_a_resume_with_other_statistics_is_refused(streaming_cfg: Path, tmp_path: Path) -> None:
+    stats = tmp_path / "s.safetensors"
+    assert run("calibrate", str(streaming_cfg), "-q", "-o", str(stats)).exit_code == 0
+    _kill_after_layer_1(streaming_cfg, tmp_path, "--stats", str(stats))
+    assert run("calibrate", str(streaming_cfg), "-q", "-o", str(stats), "--overwrite",
+               "--set", "calibration.seed=7").exit_code == 0
+    res = run_cli("prune", str(streaming_cfg), "-q", "--stats", str(stats))
+    assert res.returncode == 2 and "(the --stats file (another file, other contents, or given on one run only))" in res.stderr
+    res = run_cli("prune", str(streaming_cfg), "-q")  # nor without them: the layers so far came from statistics
+    assert res.returncode == 2 and "holds a partial run of" in res.stderr
+
+
 def test_a_resume_needs_the_same_thread_count_and_leaves_no_tokenizer_files(streaming_cfg: Path, tmp_path: Path) -> None:
     _kill_after_layer_1(streaming_cfg, tmp_path)
     res = run_cli("prune", str(streaming_cfg), "-q", "--set", "runtime.threads=2")
