@@ -21,6 +21,9 @@ import typer
 from statprune_cli import __version__
 from statprune_cli.errors import InputError
 
+if typing.TYPE_CHECKING:
+    from statprune_cli.ui import UI
+
 # Help texts are rich markup: "\\[eval]" prints "[eval]"; a bare "[eval]" would vanish as a tag.
 app = typer.Typer(
     name="statprune",
@@ -45,6 +48,13 @@ class Output:
 
     quiet: QuietOpt = False
     as_json: JsonOpt = False
+
+    def ui(self) -> UI:
+        """Progress and log lines: silenced by --quiet, and on every process but rank 0 under torchrun."""
+        from statprune_cli.distributed import is_main_process
+        from statprune_cli.ui import UI
+
+        return UI(quiet=self.quiet or not is_main_process())
 
 
 @dataclass
@@ -177,13 +187,11 @@ def prune(
     from statprune_cli.lock import prune_output
     from statprune_cli.commands.prune import run_prune
     from statprune_cli.report import print_report
-    from statprune_cli.distributed import is_main_process
-    from statprune_cli.ui import UI
 
     cfg = load_config(config, list(set_ or []))
     if output is not None:
         cfg.output.dir = str(output)
-    ui = UI(quiet=say.quiet or not is_main_process())
+    ui = say.ui()
     with prune_output(cfg, ui.log):
         report = run_prune(cfg, overwrite=overwrite, stats_path=stats, ui=ui)
     _emit(report, say, lambda: print_report(report, ui.console))
@@ -208,16 +216,16 @@ def calibrate(
 
     from statprune_cli.config import load_config
     from statprune_cli.commands.calibrate import run_calibrate
-    from statprune_cli.distributed import is_main_process
-    from statprune_cli.ui import UI
+    from statprune_cli.lock import one_writer
 
     cfg = load_config(config, list(set_ or []))
     if output is None:
         if not cfg.output.dir:
             raise InputError("--output: required (or set output.dir, which gives OUTPUT_DIR.stats.safetensors)")
         output = Path(cfg.output.dir.rstrip("/") + ".stats.safetensors")
-    ui = UI(quiet=say.quiet or not is_main_process())
-    summary = run_calibrate(cfg, output, overwrite=overwrite, ui=ui)
+    ui = say.ui()
+    with one_writer(output, ui.log):  # a second calibrate to the same file stops at once
+        summary = run_calibrate(cfg, output, overwrite=overwrite, ui=ui)
 
     def render() -> None:
         table = Table(title="largest-energy input channels")
@@ -254,15 +262,13 @@ def sweep(
     """
     from statprune_cli.config import load_config
     from statprune_cli.commands.sweep import run_sweep
-    from statprune_cli.distributed import is_main_process
-    from statprune_cli.ui import UI
 
     cfg = load_config(config, list(set_ or []))
     if output is None:
         if not cfg.output.dir:
             raise InputError("--output: required (or set output.dir, which gives OUTPUT_DIR-sweep)")
         output = Path(cfg.output.dir.rstrip("/") + "-sweep")
-    ui = UI(quiet=say.quiet or not is_main_process())
+    ui = say.ui()
     result = run_sweep(cfg, [m.strip() for m in methods.split(",") if m.strip()],
                        [s.strip() for s in sparsities.split(",") if s.strip()], output, overwrite=overwrite, ui=ui,
                        zeroshot=zeroshot)
@@ -310,10 +316,8 @@ def eval_ppl(
     """
     from statprune_cli.commands.eval_ppl import run_eval
     from statprune_cli.config import DataConfig, parse_yaml, validate
-    from statprune_cli.distributed import is_main_process
     from statprune_cli.lock import recover_if_idle
     from statprune_cli.schema import build
-    from statprune_cli.ui import UI
 
     cfg = _target_config(target, model)
     e = cfg.eval
@@ -326,7 +330,7 @@ def eval_ppl(
     if data.bos is not None:
         e.bos = parse_yaml(data.bos, "--bos")
     validate(cfg)
-    ui = UI(quiet=say.quiet or not is_main_process())
+    ui = say.ui()
     recover_if_idle(Path(cfg.model.name_or_path), ui.log)
     results = run_eval(cfg, ui)
 
@@ -361,7 +365,6 @@ def eval_zeroshot(
     from statprune_cli.config import ZEROSHOT_DEFAULT, check_zeroshot_data_dir, check_zeroshot_tasks, validate
     from statprune_cli.lock import recover_if_idle
     from statprune_cli.report import print_zeroshot
-    from statprune_cli.ui import UI
 
     cfg = _target_config(target, model)
     z = cfg.eval.zeroshot
@@ -377,7 +380,7 @@ def eval_zeroshot(
         if value is not None:
             setattr(z, key, value)
     validate(cfg)
-    ui = UI(quiet=say.quiet)
+    ui = say.ui()
     recover_if_idle(Path(cfg.model.name_or_path), ui.log)
     result = run_zeroshot(cfg, ui)
     _emit(result, say, lambda: print_zeroshot(result, ui.console), result=True)
@@ -398,9 +401,8 @@ def export(
     Example: statprune export out/smollm2-50 --format bitmask -o out/smollm2-50-bitmask
     """
     from statprune_cli.commands.export import run_export
-    from statprune_cli.ui import UI
 
-    result = run_export(pruned_dir, format, output, overwrite, UI(quiet=say.quiet))
+    result = run_export(pruned_dir, format, output, overwrite, say.ui())
     _emit(result, say, lambda: print(
         f"wrote {result['output']} ({format}): weights {result['output_bytes'] / 2**20:.1f} MiB, dense weights "
         f"{result['dense_bytes'] / 2**20:.1f} MiB ({result['output_bytes'] / max(result['dense_bytes'], 1):.0%})"),
@@ -422,7 +424,6 @@ def eval_speed(
     """
     from statprune_cli import speed
     from statprune_cli.errors import PruneError
-    from statprune_cli.ui import UI
 
     settings = speed.SpeedSettings(speed.parse_sizes(runs.batch_sizes, "--batch-sizes"),
                                    speed.parse_sizes(runs.seqlens, "--seqlens"), runs.decode_tokens, runs.check_windows,
@@ -431,7 +432,7 @@ def eval_speed(
         raise InputError(problem)
     if not pruned_dir.is_dir():
         raise InputError(f"PRUNED_DIR: {pruned_dir} is not a folder")
-    ui = UI(quiet=say.quiet)
+    ui = say.ui()
     report = speed.run_speed(pruned_dir, settings, ui)
     _emit(report, say, lambda: speed.print_speed(report, ui.console))
     if failure := speed.check_failure(report["check"]):

@@ -59,7 +59,7 @@ class CalibrationConfig(DataConfig):
     seqlen: int = 2048
     seed: int = 0
     batch_size: int = 1
-    skip_first_tokens: int | None = None  # None: the method's own choice (statprune leaves out the attention sink)
+    skip_first_tokens: int | None = None  # None: 0, or what a --stats file was collected with
     # auto: each window starts with BOS when the tokenizer adds one by default (BOS then seqlen-1 text tokens);
     # skip_first_tokens counts the BOS position
     bos: bool | str = "auto"

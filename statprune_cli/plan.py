@@ -93,8 +93,8 @@ def make_plan(cfg: Config, method: Method | None = None, skip_from_file: int | N
     residual = method.residual_permutation if p.residual_permutation is None else p.residual_permutation
     reallocates = bool(reallocation) or residual
     skip = cfg.calibration.skip_first_tokens
-    if skip is None:
-        skip = method.skip_first_tokens if skip_from_file is None else skip_from_file
+    if skip is None:  # every position counts unless a statistics file left some out (docs/methods.md says why)
+        skip = skip_from_file or 0
     every = method.sketch_every
     if method.sketch_rank and every is None:
         every = auto_every(cfg.calibration.nsamples * cfg.calibration.seqlen)

@@ -315,20 +315,23 @@ def folder_sparsity(checkpoint: Checkpoint) -> dict[str, float | int]:
 SAMPLE_BYTES = 1 << 20
 
 
+def file_identity(path: Path) -> dict[str, Any]:
+    """A safetensors file's size and a sha256 of its header and of the first and last MiB of its data (a fine-tune
+    of the same shapes has the same header): cheap for a checkpoint of any size, and any rewrite changes it."""
+    start, _, raw = safetensors_header(path)
+    size = path.stat().st_size
+    digest = hashlib.sha256(raw)
+    with open(path, "rb") as f:
+        for offset in (start, max(start, size - SAMPLE_BYTES)):
+            f.seek(offset)
+            digest.update(f.read(SAMPLE_BYTES))
+    return {"bytes": size, "sha256": digest.hexdigest()}
+
+
 def checkpoint_identity(checkpoint: Checkpoint) -> dict[str, Any]:
-    """What a resumed run must find again: per weight file its size and a sha256 of its header and of the first and
-    last MiB of its data (a fine-tune of the same shapes has the same header), and the hub commit where the folder
+    """What a resumed run must find again: each weight file's ``file_identity``, and the hub commit where the folder
     is a hub snapshot (``.../snapshots/<commit>``)."""
-    files = {}
-    for path in sorted(set(checkpoint.files.values())):
-        start, _, raw = safetensors_header(path)
-        size = path.stat().st_size
-        digest = hashlib.sha256(raw)
-        with open(path, "rb") as f:
-            for offset in (start, max(start, size - SAMPLE_BYTES)):
-                f.seek(offset)
-                digest.update(f.read(SAMPLE_BYTES))
-        files[path.name] = {"bytes": size, "sha256": digest.hexdigest()}
+    files = {path.name: file_identity(path) for path in sorted(set(checkpoint.files.values()))}
     folder = checkpoint.folder.resolve()
     return {"files": files, "commit": folder.name if folder.parent.name == "snapshots" else None}
 
@@ -360,6 +363,8 @@ def identity_changes(old: dict[str, Any] | None, new: dict[str, Any]) -> list[st
         out.append(f"hub commit {old['checkpoint']['commit']} -> {new['checkpoint']['commit']}")
     if old["calibration_sha256"] != new["calibration_sha256"]:
         out.append("the calibration windows (the data, the tokenizer or their text changed)")
+    if old.get("stats") != new.get("stats"):  # records without the key predate --stats in the identity
+        out.append("the --stats file (another file, other contents, or given on one run only)")
     return out
 
 
@@ -510,11 +515,13 @@ class StreamingOutput:
     """A streaming prune's output: shards written as layers finish, progress recorded, resumable."""
 
     def __init__(self, folder: Path, checkpoint: Checkpoint, layers_name: str, num_layers: int, config: dict[str, Any],
-                 comm: Communicator | None = None, calibration: list[torch.Tensor] | None = None) -> None:
+                 comm: Communicator | None = None, calibration: list[torch.Tensor] | None = None,
+                 stats: Path | None = None) -> None:
         self.folder, self.checkpoint, self.layers_name = folder, checkpoint, layers_name
         self.comm = comm or Communicator()
         self.writer = ShardWriter(folder, num_layers)
-        inputs = {"checkpoint": checkpoint_identity(checkpoint), "calibration_sha256": windows_sha256(calibration)}
+        inputs = {"checkpoint": checkpoint_identity(checkpoint), "calibration_sha256": windows_sha256(calibration),
+                  "stats": None if stats is None else file_identity(stats)}
         self.progress = Progress(folder, self.comm, inputs)
         self.config = config
 

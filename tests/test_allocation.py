@@ -130,7 +130,8 @@ def test_energy_allocation_through_the_cli(tmp_path: Path, tiny_model_dir: Path,
 def test_terminal_report_shows_each_layers_owl_target_under_the_allocation(tmp_path: Path, tiny_model_dir: Path,
                                                                             text_files: dict[str, Path]) -> None:
     cfg = write_config(tmp_path / "run.yaml", tiny_model_dir, text_files, tmp_path / "out",
-                       pruning={"method": "statprune", "sparsity": 0.6, "profile": "owl", "owl": {"m": 2.0, "lam": 0.05}})
+                       pruning={"method": "statprune", "sparsity": 0.6, "profile": "owl", "owl": {"m": 2.0, "lam": 0.05},
+                                "allocation": "energy"})
     res = CliRunner().invoke(app, ["prune", str(cfg)])
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -141,8 +142,8 @@ def test_terminal_report_shows_each_layers_owl_target_under_the_allocation(tmp_p
 
 
 @pytest.mark.parametrize("method,pattern,setting,expected", [
-    ("statprune", "unstructured", {}, "energy"), ("statprune", "2:4", {}, "uniform"), ("wanda", "unstructured", {}, "uniform"),
-    ("statprune", "unstructured", {"allocation": "uniform"}, "uniform"),
+    ("statprune", "unstructured", {}, "uniform"), ("statprune", "2:4", {}, "uniform"), ("wanda", "unstructured", {}, "uniform"),
+    ("statprune", "unstructured", {"allocation": "energy"}, "energy"),
     ("sparsegpt", "unstructured", {"allocation": "energy"}, "energy")])
 def test_allocation_is_the_methods_unless_set(method: str, pattern: str, setting: dict, expected: str, tmp_path: Path,
                                               tiny_model_dir: Path, text_files: dict[str, Path]) -> None:

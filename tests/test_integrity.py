@@ -255,6 +255,22 @@ def test_a_second_run_on_a_locked_output_stops_at_once_and_a_dead_holder_is_take
     assert (out / "report.json").is_file() and not (tmp_path / ".out.lock").exists()
 
 
+def test_calibrate_and_export_stop_at_once_on_an_output_another_run_writes(cfg: Path, tmp_path: Path) -> None:
+    stats, dense = tmp_path / "s.safetensors", tmp_path / "dense"
+    assert run("prune", str(cfg), "-q").exit_code == 0
+    for out, args in ((stats, ("calibrate", str(cfg), "-q", "-o", str(stats))),
+                      (dense, ("export", str(tmp_path / "out"), "-q", "--format", "dense", "-o", str(dense)))):
+        holder = _hold_lock(out)
+        try:
+            line = one_line_error(run(*args), code=1)
+            assert f"{out} is in use by another statprune run (pid {holder.pid}" in line
+            assert not out.exists()
+        finally:
+            holder.kill()
+            holder.wait()
+        assert run(*args).exit_code == 0 and out.exists() and not (tmp_path / f".{out.name}.lock").exists()
+
+
 def test_a_lock_record_from_another_host_stops_the_run(cfg: Path, tmp_path: Path) -> None:
     (tmp_path / ".out.lock").write_text(json.dumps({"pid": 12, "host": "elsewhere", "started": "then"}))
     line = one_line_error(run("prune", str(cfg), "-q"), code=1)
@@ -383,6 +399,18 @@ def test_a_resume_on_other_calibration_text_is_refused(streaming_cfg: Path, tmp_
     text_files["cal"].write_text("".join(json.dumps({"text": random_text(300, seed=50 + i)}) + "\n" for i in range(20)))
     res = run_cli("prune", str(streaming_cfg), "-q")
     assert res.returncode == 2 and "(the calibration windows (the data, the tokenizer or their text changed))" in res.stderr
+
+
+def test_a_resume_with_other_statistics_is_refused(streaming_cfg: Path, tmp_path: Path) -> None:
+    stats = tmp_path / "s.safetensors"
+    assert run("calibrate", str(streaming_cfg), "-q", "-o", str(stats)).exit_code == 0
+    _kill_after_layer_1(streaming_cfg, tmp_path, "--stats", str(stats))
+    assert run("calibrate", str(streaming_cfg), "-q", "-o", str(stats), "--overwrite",
+               "--set", "calibration.seed=7").exit_code == 0
+    res = run_cli("prune", str(streaming_cfg), "-q", "--stats", str(stats))
+    assert res.returncode == 2 and "(the --stats file (another file, other contents, or given on one run only))" in res.stderr
+    res = run_cli("prune", str(streaming_cfg), "-q")  # nor without them: the layers so far came from statistics
+    assert res.returncode == 2 and "holds a partial run of" in res.stderr
 
 
 def test_a_resume_needs_the_same_thread_count_and_leaves_no_tokenizer_files(streaming_cfg: Path, tmp_path: Path) -> None:

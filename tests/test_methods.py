@@ -102,24 +102,23 @@ def test_energy_targets_choose_the_linears_whose_energy_is_restored(options: dic
     assert torch.equal(lin.weight, w.masked_fill(lin.weight == 0, 0)) != scaled  # outside the targets: the mask alone
 
 
-@pytest.mark.parametrize("pattern,options,sketch,skip,sequential,reorders", [
-    ("unstructured", {}, 0, 1, False, False),
-    ("2:4", {}, 256, 0, True, True),
-    ("1:4", {}, 256, 0, True, True),
-    ("4:8", {}, 256, 0, True, True),
-    ("2:4", {"sketch_rank": 0}, 0, 0, True, True),
-    ("unstructured", {"sketch_rank": 32}, 32, 1, False, False),
-    ("2:4", {"preset": "paper"}, 0, 0, True, False),
-    ("unstructured", {"preset": "paper"}, 0, 1, False, False),
+@pytest.mark.parametrize("pattern,options,sketch,sequential,reorders", [
+    ("unstructured", {}, 0, False, False),
+    ("2:4", {}, 256, True, True),
+    ("1:4", {}, 256, True, True),
+    ("4:8", {}, 256, True, True),
+    ("2:4", {"sketch_rank": 0}, 0, True, True),
+    ("unstructured", {"sketch_rank": 32}, 32, False, False),
+    ("2:4", {"preset": "paper"}, 0, True, False),
+    ("unstructured", {"preset": "paper"}, 0, False, False),
 ])
-def test_statprune_defaults_follow_the_pattern_and_preset(pattern: str, options: dict, sketch: int, skip: int,
-                                                          sequential: bool, reorders: bool) -> None:
+def test_statprune_defaults_follow_the_pattern_and_preset(pattern: str, options: dict, sketch: int, sequential: bool,
+                                                          reorders: bool) -> None:
     method = build_method("statprune", options, pattern)
-    assert (method.sketch_rank, method.skip_first_tokens, method.options.beta) == (sketch, skip, 0.5)
+    assert (method.sketch_rank, method.options.beta) == (sketch, 0.5)
     assert method.sequential == sequential
     assert (bool(method.reallocation), method.residual_permutation) == (reorders, reorders)
-    full = options.get("preset", "full") == "full"
-    assert method.allocation == ("energy" if full and pattern == "unstructured" else "uniform")
+    assert method.allocation == "uniform"  # energy allocation won on SmolLM2 and lost on Qwen2.5 (docs/methods.md)
 
 
 def test_the_paper_preset_is_the_score_and_the_energy_compensation_alone() -> None:

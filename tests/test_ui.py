@@ -66,3 +66,17 @@ def test_terminal_report_prints_notes_and_paths_as_text() -> None:
 def test_help_shows_the_extras_in_brackets() -> None:
     assert "statprune[eval]" in CliRunner().invoke(app, ["eval-zeroshot", "--help"], terminal_width=200).output
     assert "statprune[eval]" in CliRunner().invoke(app, ["sweep", "--help"], terminal_width=200).output
+
+
+def test_every_command_speaks_only_on_rank_0_and_not_when_quiet(monkeypatch) -> None:
+    """Output.ui() is what each command logs through: rank 0 of a torchrun job speaks unless --quiet; others never do."""
+    import statprune_cli.ui
+    from statprune_cli.cli import Output
+
+    monkeypatch.setattr(statprune_cli.ui, "silence_libraries", lambda: None)  # a quiet UI silences them process-wide
+    monkeypatch.delenv("RANK", raising=False)
+    assert not Output().ui().quiet and Output(quiet=True).ui().quiet
+    monkeypatch.setenv("RANK", "1")
+    assert Output().ui().quiet
+    monkeypatch.setenv("RANK", "0")
+    assert not Output().ui().quiet

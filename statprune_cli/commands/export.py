@@ -7,7 +7,7 @@ from typing import Any
 
 from statprune_cli.bitmask import export_bitmask, export_dense
 from statprune_cli.errors import InputError
-from statprune_cli.lock import recover_if_idle
+from statprune_cli.lock import one_writer, recover_if_idle
 from statprune_cli.ui import UI
 
 
@@ -19,5 +19,6 @@ def run_export(pruned_dir: Path, format: str, output: Path | None, overwrite: bo
     if not pruned_dir.is_dir():
         raise InputError(f"PRUNED_DIR: {pruned_dir} is not a folder")
     output = output or pruned_dir.resolve().with_name(f"{pruned_dir.resolve().name}-{format}")
-    sizes = (export_dense if format == "dense" else export_bitmask)(pruned_dir, output, overwrite=overwrite)
+    with one_writer(output, ui.log):  # a second export to the same folder stops at once
+        sizes = (export_dense if format == "dense" else export_bitmask)(pruned_dir, output, overwrite=overwrite)
     return {"format": format, "output": str(output), **sizes}

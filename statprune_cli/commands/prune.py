@@ -115,7 +115,8 @@ def prune_streamed(run: Run, out: Path, checkpoint: Checkpoint, model_config: An
             model = load_skeleton(cfg.model, model_config, checkpoint)
         layers_name, layers = find_decoder_layers(model)
         output = StreamingOutput(partial, checkpoint, layers_name, len(layers),
-                                 {**cfg.to_dict(), "plan": run.inputs.plan.to_dict()}, comm, run.inputs.batches)
+                                 {**cfg.to_dict(), "plan": run.inputs.plan.to_dict()}, comm, run.inputs.batches,
+                                 run.inputs.stats_path)
         state = output.resume()
         placement = Placement(StreamedLayers(checkpoint, layers_name, torch_dtype(cfg.model.dtype)), partial,
                               None if state is None else Resume(*state), output.layer_done, comm)

@@ -126,11 +126,6 @@ class Method:
         """OWL's outlier threshold M unless ``pruning.owl.m`` says: the OWL paper's 5."""
         return 5.0
 
-    @property
-    def skip_first_tokens(self) -> int:
-        """Positions at the start of each window left out of the statistics, unless the config says otherwise."""
-        return 0
-
     def score(self, weight: torch.Tensor, stats: ChannelStats | None) -> torch.Tensor:
         """Importance of each weight (higher = keep); weight is float32, shape (out, in)."""
         raise NotImplementedError

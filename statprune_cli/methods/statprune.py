@@ -10,15 +10,14 @@ energy  kept W_ij *= gamma_i = (sum_j W_ij^2 m2_j / sum_kept W_ij^2 m2_j)^(beta/
         attention (``energy_targets``): the closed-form energy compensation
 
 Two presets (``pruning.options.preset``):
-- ``full`` (default): the settings that won on validation. Beyond the paper: the sketched update at N:M, N:M channel
-  reallocation absorbed into the model, LSA-refined, the residual stream permuted for its readers' N:M groups (one
-  extra dense pass), and unstructured sparsity spread over a layer's linears by lost energy.
+- ``full`` (default): the settings that won on validation on two model families. Beyond the paper, all at N:M: the
+  sketched update, N:M channel reallocation absorbed into the model, LSA-refined, the residual stream permuted for
+  its readers' N:M groups (one extra dense pass). Unstructured, it is the paper's method.
 - ``paper``: the paper's method as published: the calibrated score and the energy compensation, nothing else; no
   sketch or Gram matrix, no calibration pass beyond Wanda's.
 
-Calibration, in both: unstructured, one pass per layer on the dense model's activations, the first position of each
-window (the attention sink) left out of the statistics; N:M, Wanda's two passes per layer (sequential), every
-position. Why each choice: docs/methods.md.
+Calibration, in both: unstructured, one pass per layer on the dense model's activations; N:M, Wanda's two passes per
+layer (sequential). Every position of a window counts. Why each choice: docs/methods.md.
 """
 
 from __future__ import annotations
@@ -76,14 +75,6 @@ class StatPrune(Method):
     @property
     def sequential(self) -> bool:
         return self.nm is not None
-
-    @property
-    def skip_first_tokens(self) -> int:
-        return 0 if self.nm else 1
-
-    @property
-    def allocation(self) -> str:
-        return "energy" if self.full and self.nm is None else "uniform"
 
     @property
     def owl_m(self) -> float:
