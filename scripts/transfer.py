@@ -13,12 +13,13 @@ Usage: python scripts/transfer.py [--models smollm2,qwen] [--seeds 0,1,2] [--set
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import (DATA, MODELS, RESULTS, ROOT, common_overrides, ensure_model, load_jsonl, pattern_overrides,  # noqa: E402
-                   run_grid, statprune, write_section)
+from _runs import (DATA, MODELS, RESULTS, ROOT, common_overrides, dense_ppl, ensure_model, load_jsonl,  # noqa: E402
+                   pattern_overrides, run_grid, statprune, write_section)
 
 C4 = DATA / "c4" / "c4-train.00000-of-01024.first1000.jsonl"
 HELD_OUT = 200  # the sample's last documents: scored, never drawn for calibration
@@ -62,13 +63,11 @@ def c4_split() -> tuple[Path, Path]:
     return calib, held
 
 
+@functools.cache  # one model's dense perplexities are the same for every seed
 def dense_ppls(model: Path, held: Path, seqlen: int, tokens: int) -> dict[str, float]:
-    out = {}
-    for data in (["--dataset", "wikitext2", "--data-files", str(DATA / "wikitext-2-raw"), "--split", "validation"],
-                 ["--dataset", "c4", "--data-files", str(held)]):
-        res = statprune("eval-ppl", str(model), *data, "--seqlen", str(seqlen), "--max-tokens", str(tokens))
-        out[res[0]["dataset"]] = res[0]["perplexity"]
-    return out
+    c4 = statprune("eval-ppl", str(model), "--dataset", "c4", "--data-files", str(held), "--seqlen", str(seqlen),
+                   "--max-tokens", str(tokens))[0]
+    return {"wikitext2[validation]": dense_ppl(model, seqlen, tokens, "validation"), c4["dataset"]: c4["perplexity"]}
 
 
 def main() -> None:
@@ -86,7 +85,6 @@ def main() -> None:
     kind = "unstructured" if args.setting.endswith("%") else "nm"
     names = args.variants.split(",") if args.variants else list(VARIANTS[kind])
     calib, held = c4_split()
-    dense: dict[str, dict[str, float]] = {}  # per model: the same for every seed
     for name in args.models.split(",") if not args.doc_only else []:
         model = ensure_model(name)
         for seed in args.seeds.split(","):
@@ -96,8 +94,7 @@ def main() -> None:
                 f"{{dataset: c4, data_files: '{held}'}}]"]
             cells = {(v, args.setting): common + VARIANTS[kind][v] + pattern_overrides(args.setting) for v in names}
             run_grid(args.results, cell_key(name, args, seed), "variant", cells, model, args.seqlen, args.eval_tokens,
-                     "validation", dense=lambda m=name: dense.get(m) or dense.setdefault(
-                         m, dense_ppls(ensure_model(m), held, args.seqlen, args.eval_tokens)))
+                     "validation", dense=functools.partial(dense_ppls, model, held, args.seqlen, args.eval_tokens))
     write_section("transfer", table(args, kind))
 
 

@@ -116,8 +116,8 @@ def claimed_output(out: Path, log: Callable[[str], None]) -> Iterator[None]:
 
 @contextmanager
 def one_writer(out: Path, log: Callable[[str], None]) -> Iterator[None]:
-    """The lock and recovery of ``claimed_output`` for a command's output (prune's folder, calibrate's statistics,
-    export's folder), taken by rank 0 alone: it alone writes."""
+    """``claimed_output`` for an output written whole at the end (calibrate's statistics, export's folder), taken by
+    rank 0 alone: it alone writes."""
     if not is_main_process():
         yield
         return
@@ -128,14 +128,13 @@ def one_writer(out: Path, log: Callable[[str], None]) -> Iterator[None]:
 @contextmanager
 def prune_output(cfg: Config, log: Callable[[str], None]) -> Iterator[None]:
     """Everything ``prune`` settles about its output before the model loads: room for it (exit 2), the lock (exit 1),
-    what a killed run left. Without output.dir, ``run_prune`` says so."""
-    if not cfg.output.dir:
+    what a killed run left. Rank 0 alone writes, so it alone locks; without output.dir, ``run_prune`` says so."""
+    if not cfg.output.dir or not is_main_process():
         yield
         return
     out = Path(cfg.output.dir)
-    if is_main_process():
-        check_output_room(out, output_bytes(cfg.model))
-    with one_writer(out, log):
+    check_output_room(out, output_bytes(cfg.model))
+    with claimed_output(out, log):
         yield
 
 
