@@ -6,6 +6,7 @@ so that target, N:M and sequence-length errors surface before any weight is read
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -69,28 +70,55 @@ def check_weight_files(mc: ModelConfig) -> None:
             safetensors_header(path)
 
 
-STORED_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
+ELEMENT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+FLOATS = ("F32", "F16", "BF16")  # written in model.dtype; other tensors as stored
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def output_bytes(mc: ModelConfig) -> int | None:
-    """About the size of a pruned output (dense weights in ``model.dtype``) from a local checkpoint's safetensors
-    headers; a GGUF or .bin checkpoint by its size on disk (GGUF: a lower bound, it is quantized); None for a hub id."""
+    """About the size of a pruned output (dense weights in ``model.dtype``) from the checkpoint's safetensors
+    headers; a local GGUF or .bin checkpoint by its size on disk (GGUF: a lower bound, it is quantized); None when
+    nothing tells (only writability is then checked)."""
     folder = Path(mc.name_or_path)
     if not folder.is_dir():
-        return None
+        return None if looks_local(mc.name_or_path) or mc.gguf_file else _hub_output_bytes(mc)
     files = [] if mc.gguf_file else sorted(folder.glob("*.safetensors"))
     if not files:
         others = [folder / mc.gguf_file] if mc.gguf_file else list(folder.glob("*.bin"))
         return sum(f.stat().st_size for f in others if f.is_file()) or None
-    total = 0
+    counts: dict[str, int] = {}
     for path in files:
         for name, info in safetensors_header(path)[1].items():
             if name != "__metadata__":
-                stored = info["data_offsets"][1] - info["data_offsets"][0]
-                bytes_each = STORED_BYTES.get(info["dtype"])
-                total += stored // bytes_each * DTYPE_BYTES.get(mc.dtype, bytes_each) if bytes_each else stored
-    return total
+                size = ELEMENT_BYTES.get(info["dtype"], 1)
+                counts[info["dtype"]] = counts.get(info["dtype"], 0) + \
+                    (info["data_offsets"][1] - info["data_offsets"][0]) // size
+    return _weights_bytes(counts, mc.dtype)
+
+
+def _weights_bytes(counts: dict[str, int], dtype: str) -> int:
+    """Elements per stored dtype (safetensors' names: F32, BF16, I64, ...) as the bytes the output takes."""
+    return sum(n * (DTYPE_BYTES.get(dtype, ELEMENT_BYTES[stored]) if stored in FLOATS else ELEMENT_BYTES.get(stored, 1))
+               for stored, n in counts.items())
+
+
+def _hub_output_bytes(mc: ModelConfig) -> int | None:
+    """A hub id's safetensors headers: from the local cache when the checkpoint is there, else from the hub (a few
+    kB of range reads); None when neither answers (offline and not cached, gated, no safetensors)."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    try:
+        cached = Path(snapshot_download(mc.name_or_path, revision=mc.revision, local_files_only=True,
+                                        allow_patterns=["*.safetensors"]))
+        if any(cached.glob("*.safetensors")):
+            return output_bytes(dataclasses.replace(mc, name_or_path=str(cached)))
+    except Exception:  # the hub client raises many types for "not in the cache"
+        pass
+    try:
+        counts = HfApi().get_safetensors_metadata(mc.name_or_path, revision=mc.revision).parameter_count
+    except Exception:  # offline, not found, gated, no safetensors: the run itself will say which, if it matters
+        return None
+    return _weights_bytes(dict(counts), mc.dtype)
 
 
 def check_seqlen(key: str, seqlen: int, default: int, config: PretrainedConfig, how: str | None = None) -> None:

@@ -306,6 +306,46 @@ def test_an_unwritable_output_location_is_refused_before_the_model_loads(cfg: Pa
     assert not list(tmp_path.glob(".out*"))
 
 
+def test_a_hub_checkpoint_is_sized_from_the_cache_or_the_hubs_headers(tiny_model_dir: Path, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The room check needs the output's size for a hub id too: read from a cached snapshot's safetensors headers,
+    else from the hub's header metadata, else unknown (only writability is checked)."""
+    import shutil
+    from types import SimpleNamespace
+
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    from statprune_cli.config import ModelConfig
+    from statprune_cli.load import output_bytes
+
+    local = output_bytes(ModelConfig(name_or_path=str(tiny_model_dir)))
+    stored = sum(f.stat().st_size for f in tiny_model_dir.glob("*.safetensors"))
+    assert local is not None and 0.99 * stored < local <= stored  # float32 in, float32 out: the tensors, no header
+    assert output_bytes(ModelConfig(name_or_path=str(tiny_model_dir), dtype="bfloat16")) == local // 2
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--owner--tiny" / "snapshots" / ("a" * 40)
+    shutil.copytree(tiny_model_dir, snapshot)
+    (cache / "models--owner--tiny" / "refs").mkdir()
+    (cache / "models--owner--tiny" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    asked: list[str] = []
+
+    def headers(self, repo_id: str, revision: str | None = None):
+        asked.append(repo_id)
+        if repo_id != "owner/remote":
+            raise OSError("not found")
+        return SimpleNamespace(parameter_count={"F32": 1000, "I64": 10})
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "get_safetensors_metadata", headers)
+    assert output_bytes(ModelConfig(name_or_path="owner/tiny")) == local and asked == []
+    assert output_bytes(ModelConfig(name_or_path="owner/remote")) == 4000 + 80
+    assert output_bytes(ModelConfig(name_or_path="owner/remote", dtype="bfloat16")) == 2000 + 80
+    assert output_bytes(ModelConfig(name_or_path="owner/gone")) is None and asked == ["owner/remote"] * 2 + ["owner/gone"]
+    assert output_bytes(ModelConfig(name_or_path="/no/such/folder")) is None and len(asked) == 3
+
+
 # ---------------------------------------------------------------- 5: --overwrite cut short between its renames
 
 
