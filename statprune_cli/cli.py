@@ -184,7 +184,6 @@ def prune(
     Example: statprune prune configs/smollm2-135m-statprune-50.yaml --set pruning.sparsity=0.6 -o out/sp60
     """
     from statprune_cli.config import load_config
-    from statprune_cli.lock import prune_output
     from statprune_cli.commands.prune import run_prune
     from statprune_cli.report import print_report
 
@@ -192,8 +191,7 @@ def prune(
     if output is not None:
         cfg.output.dir = str(output)
     ui = say.ui()
-    with prune_output(cfg, ui.log):
-        report = run_prune(cfg, overwrite=overwrite, stats_path=stats, ui=ui)
+    report = run_prune(cfg, overwrite=overwrite, stats_path=stats, ui=ui)
     _emit(report, say, lambda: print_report(report, ui.console))
 
 
@@ -216,7 +214,6 @@ def calibrate(
 
     from statprune_cli.config import load_config
     from statprune_cli.commands.calibrate import run_calibrate
-    from statprune_cli.lock import one_writer
 
     cfg = load_config(config, list(set_ or []))
     if output is None:
@@ -224,8 +221,7 @@ def calibrate(
             raise InputError("--output: required (or set output.dir, which gives OUTPUT_DIR.stats.safetensors)")
         output = Path(cfg.output.dir.rstrip("/") + ".stats.safetensors")
     ui = say.ui()
-    with one_writer(output, ui.log):  # a second calibrate to the same file stops at once
-        summary = run_calibrate(cfg, output, overwrite=overwrite, ui=ui)
+    summary = run_calibrate(cfg, output, overwrite=overwrite, ui=ui)
 
     def render() -> None:
         table = Table(title="largest-energy input channels")

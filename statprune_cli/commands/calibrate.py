@@ -13,6 +13,7 @@ from statprune_cli.config import Config
 from statprune_cli.data import calibration_batches
 from statprune_cli.errors import InputError
 from statprune_cli.export import write_json_atomic
+from statprune_cli.lock import one_writer
 from statprune_cli.load import check_against_model, load_model_config, load_tokenizer
 from statprune_cli.plan import make_plan
 from statprune_cli.runtime import check_world, decide_streaming, reading_engine, setup_runtime
@@ -23,6 +24,11 @@ from statprune_cli.ui import UI
 def run_calibrate(cfg: Config, output: Path, overwrite: bool = False, ui: UI | None = None) -> dict[str, Any]:
     """One dense calibration pass; writes the per-linear statistics and a summary next to them."""
     ui = ui or UI()
+    with one_writer(output, ui.log):  # a second calibrate to the same file stops at once
+        return calibrate(cfg, output, overwrite, ui)
+
+
+def calibrate(cfg: Config, output: Path, overwrite: bool, ui: UI) -> dict[str, Any]:
     if output.exists() and not overwrite:
         raise InputError(f"--output: {output} already exists; pass --overwrite to replace it")
     device = setup_runtime(cfg)

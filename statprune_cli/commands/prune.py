@@ -22,6 +22,7 @@ from statprune_cli.errors import ConfigError
 from statprune_cli.export import EXTRAS_NAME, atomic_dir, check_output_dir, save_model_folder, write_extras
 from statprune_cli.layers import find_decoder_layers
 from statprune_cli.load import check_against_model, load_model, load_model_config, load_tokenizer, torch_dtype
+from statprune_cli.lock import prune_output
 from statprune_cli.memory import trim_heap
 from statprune_cli.perplexity import EvalSet, eval_sets, perplexities
 from statprune_cli.plan import Plan, make_plan
@@ -39,6 +40,11 @@ def run_prune(cfg: Config, overwrite: bool = False, stats_path: Path | None = No
     ui = ui or UI()
     if not cfg.output.dir:
         raise ConfigError("output.dir", "required: where to write the pruned model (or pass --output)")
+    with prune_output(cfg, ui.log):  # room for the output, its lock, what a killed run left: before the model loads
+        return prune(cfg, overwrite, stats_path, ui)
+
+
+def prune(cfg: Config, overwrite: bool, stats_path: Path | None, ui: UI) -> dict[str, Any]:
     out = Path(cfg.output.dir)
     check_output_dir(out, overwrite)
     device = setup_runtime(cfg)
