@@ -46,6 +46,14 @@ def first_position_shares(model: nn.Module, ids: torch.Tensor) -> tuple[list[tor
     return shares, ratios
 
 
+def c4_windows(tok, windows: int, seqlen: int) -> torch.Tensor:
+    """The first ``seqlen`` tokens of the C4 sample's first ``windows`` documents that long (no special tokens)."""
+    c4 = DATA / "c4" / "c4-train.00000-of-01024.first1000.jsonl"
+    docs = (json.loads(line)["text"] for line in c4.read_text().splitlines())
+    ids = (t[:seqlen] for t in (tok(d, add_special_tokens=False)["input_ids"] for d in docs) if len(t) >= seqlen)
+    return torch.tensor([next(ids) for _ in range(windows)])
+
+
 def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -56,10 +64,7 @@ def main() -> None:
     args = ap.parse_args()
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    c4 = DATA / "c4" / "c4-train.00000-of-01024.first1000.jsonl"
-    docs = (json.loads(line)["text"] for line in c4.read_text().splitlines())
-    ids = [t[: args.seqlen] for t in (tok(d, add_special_tokens=False)["input_ids"] for d in docs) if len(t) >= args.seqlen]
-    shares, ratios = first_position_shares(model, torch.tensor(ids[: args.windows]))
+    shares, ratios = first_position_shares(model, c4_windows(tok, args.windows, args.seqlen))
     for i, (s, r) in enumerate(zip(shares, ratios)):
         print(f"layer {i:2d}: {int((s > 0.5).sum()):3d} channels with over half their energy at position 0 "
               f"(largest share {float(s.max()):.3f}); residual norm at position 0 / others {r:6.1f}")
