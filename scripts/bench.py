@@ -101,9 +101,9 @@ def write_doc(args: argparse.Namespace, key: str) -> None:
         "as stored). `+realloc(absorbed)`: only on the MLP down projections (every weight N:M as stored; statprune's "
         "default at N:M). `+realloc(off)`: none. `+resperm`: one permutation of the residual stream for every linear "
         "that reads it (`pruning.residual_permutation`; every weight N:M as stored; statprune's default at N:M). `+lsa`: "
-        "the reallocation orders refined by linear sum assignment (`pruning.lsa`). `+alloc(off)`: every linear of a layer "
-        "at the layer's sparsity (`pruning.allocation: uniform`; statprune's default for unstructured sparsity spreads it "
-        "over the linears by lost energy). `(off)`: without statprune's default.",
+        "the reallocation orders refined by linear sum assignment (`pruning.lsa`). `+alloc`: a layer's sparsity spread over "
+        "its linears by lost energy (`pruning.allocation: energy`; otherwise every linear at the layer's sparsity). "
+        "`(off)`: without statprune's default.",
         "",
         "### Perplexity (lower is better)",
         "",
