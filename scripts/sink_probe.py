@@ -12,6 +12,7 @@ Usage: python scripts/sink_probe.py MODEL_DIR [--windows 8] [--seqlen 256]
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -51,7 +52,7 @@ def c4_windows(tok, windows: int, seqlen: int) -> torch.Tensor:
     c4 = DATA / "c4" / "c4-train.00000-of-01024.first1000.jsonl"
     docs = (json.loads(line)["text"] for line in c4.read_text().splitlines())
     ids = (t[:seqlen] for t in (tok(d, add_special_tokens=False)["input_ids"] for d in docs) if len(t) >= seqlen)
-    return torch.tensor([next(ids) for _ in range(windows)])
+    return torch.tensor(list(itertools.islice(ids, windows)))
 
 
 def main() -> None:

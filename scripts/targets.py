@@ -17,28 +17,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _runs import MODELS, RESULTS, load_jsonl, write_section  # noqa: E402
+from bench import cell_key  # noqa: E402
 
-KEYS = {"smollm2": "n64-s512-e65536", "qwen": "qwen-n64-s512-e65536"}  # bench.py's protocol key of each model
+PROTOCOL = {"nsamples": 64, "seqlen": 512, "max_tokens": 65536}  # bench.py's defaults: the tables' protocol
 SETTINGS = ["50%", "60%", "2:4", "4:8"]
 # (statprune row, reference method, the change it must reach: below 0, at or below 0, 5% below)
 CHECKS = [("statprune", "wanda", "<0"), ("statprune", "sparsegpt", "sgpt"),
           ("statprune+paper", "wanda", "<0"), ("statprune+paper", "ria", "<0")]
 
 
-def seed_of(key: str, base: str) -> int | None:
-    if key == base:
-        return 0
-    head, _, seed = key.rpartition("-seed")
-    return int(seed) if head == base and seed.isdigit() else None
-
-
-def cells(rows: list[dict], base: str, seeds: set[int]) -> dict[tuple[str, str], dict[int, float]]:
+def cells(rows: list[dict], model: str, seeds: set[int]) -> dict[tuple[str, str], dict[int, float]]:
     """(method, setting) -> {seed: perplexity}, current methods only (former defaults are kept as NAME@COMMIT)."""
+    keys = {cell_key(argparse.Namespace(model=model, seed=seed, **PROTOCOL)): seed for seed in seeds}
     got: dict[tuple[str, str], dict[int, float]] = {}
     for r in rows:
-        seed = seed_of(r["key"], base)
-        if seed in seeds and "@" not in r["method"]:
-            got.setdefault((r["method"], r["setting"]), {})[seed] = r["ppl"]
+        if r["key"] in keys and "@" not in r["method"]:
+            got.setdefault((r["method"], r["setting"]), {})[keys[r["key"]]] = r["ppl"]
     for setting in SETTINGS:
         if setting.endswith("%"):
             for seed, ppl in got.get(("statprune", setting), {}).items():
@@ -57,7 +51,7 @@ def met(rule: str, d: float, setting: str) -> bool:
 
 
 def table(rows: list[dict], model: str, seeds: set[int]) -> list[str]:
-    got = cells(rows, KEYS[model], seeds)
+    got = cells(rows, model, seeds)
     lines = [f"## {MODELS[model].label}", "", "| setting | " + " | ".join(f"{m} vs {o}" for m, o, _ in CHECKS) + " |",
              "|---|" + "---|" * len(CHECKS)]
     for setting in SETTINGS:

@@ -127,9 +127,9 @@ def one_writer(out: Path, log: Callable[[str], None]) -> Iterator[None]:
 
 @contextmanager
 def prune_output(cfg: Config, log: Callable[[str], None]) -> Iterator[None]:
-    """Everything ``prune`` settles about its output before the model loads: room for it (exit 2), the lock (exit 1),
-    what a killed run left. Rank 0 alone writes, so it alone locks; without output.dir, ``run_prune`` says so."""
-    if not cfg.output.dir or not is_main_process():
+    """Everything ``prune`` settles about its output (``output.dir``, which ``run_prune`` requires) before the model
+    loads: room for it (exit 2), the lock (exit 1), what a killed run left. Rank 0 alone writes, so it alone locks."""
+    if not is_main_process():
         yield
         return
     out = Path(cfg.output.dir)
