@@ -70,12 +70,14 @@ def synthetic_llama(path: Path, hidden: int, intermediate: int, layers: int, tok
     return path
 
 
-def statprune(*args: str, launcher: tuple[str, ...] = ()) -> dict | list:
+def statprune(*args: str, launcher: tuple[str, ...] = (), experimental: bool = False) -> dict | list:
     """Run the CLI with --json and return the parsed report; raise with its stderr on failure.
 
     ``launcher``: arguments between the interpreter and ``-m statprune_cli``, e.g. ``("-m", "torch.distributed.run", ...)``.
+    ``experimental``: run it through scripts/experimental.py, which registers the experimental methods first.
     """
-    cmd = [sys.executable, *launcher, "-m", "statprune_cli", *args, "--json", "--quiet"]
+    entry = [str(Path(__file__).resolve().parent / "experimental.py")] if experimental else ["-m", "statprune_cli"]
+    cmd = [sys.executable, *launcher, *entry, *args, "--json", "--quiet"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
@@ -87,11 +89,20 @@ def prune(overrides: list[str], out: Path) -> dict:
     partial = out.parent / f".{out.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     try:
+        methods = [o.split("=", 1)[1] for o in overrides if o.startswith("pruning.method=")]
         return statprune("prune", str(BASE_CONFIG), "--overwrite", "--output", str(out),
-                         *[a for o in overrides for a in ("--set", o)])
+                         *[a for o in overrides for a in ("--set", o)],
+                         experimental=any(m in experimental_methods() for m in methods))
     finally:
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(partial, ignore_errors=True)
+
+
+def experimental_methods() -> set[str]:
+    """The method names scripts/experimental.py registers."""
+    from experimental import EXPERIMENTAL
+
+    return set(EXPERIMENTAL)
 
 
 def pattern_overrides(setting: str) -> list[str]:

@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _runs import DATA, ensure_model, write_section  # noqa: E402
+from experimental import admm, sketch_system  # noqa: E402
 
 from statprune_cli.config import DataConfig  # noqa: E402
 from statprune_cli.data import calibration_windows, load_documents  # noqa: E402
@@ -110,6 +111,24 @@ def sketched_update(w: torch.Tensor, mask: torch.Tensor, h: torch.Tensor, k: int
     return out
 
 
+def admm_full(w: torch.Tensor, h: torch.Tensor, sparsity: float, nm: tuple[int, int] | None,
+              damp: float = 0.1, rho: float = 1.0) -> torch.Tensor:
+    """``admm`` on the whole H, as published (Boza, 2024)."""
+    norm = h.diagonal().sqrt().clamp_min(1e-8)
+    hn = h / norm[:, None] / norm[None, :] + damp * torch.eye(h.shape[0], dtype=h.dtype)
+    inv = torch.linalg.inv(hn + rho * torch.eye(h.shape[0], dtype=h.dtype))
+    return admm(w, norm, (w.double() * norm) @ hn, lambda r: r @ inv, sparsity, nm, rho=rho)
+
+
+def admm_sketch(w: torch.Tensor, h: torch.Tensor, k: int, sparsity: float, nm: tuple[int, int] | None,
+                damp: float = 0.1, rho: float = 1.0) -> torch.Tensor:
+    """``admm`` on statprune's sketch of H (the experimental ``statprune-admm``'s update)."""
+    k = min(k, h.shape[0])
+    u, lam = nystrom(h @ probe(h.shape[0], k).double(), probe(h.shape[0], k))
+    norm, hmul, solve = sketch_system(h.diagonal(), u, lam, damp, rho)
+    return admm(w, norm, hmul(w.double() * norm), solve, sparsity, nm, rho=rho)
+
+
 def block_diagonal(h: torch.Tensor, size: int) -> torch.Tensor:
     """``h`` with every entry outside the diagonal blocks of ``size`` consecutive channels set to zero."""
     block = torch.arange(h.shape[0], device=h.device) // size
@@ -179,7 +198,9 @@ def main() -> None:
                      "scale+bias": row_scale_error(w, wanda, h, s / ntok, ntok),
                      "LS, full H": float(error(w, exact_update(w, mask, h), h).sum()),
                      "sketch k=64 (per row)": float(error(w, sketched_update(w, mask, h, 64, True), h).sum()),
-                     "sketch k=256 (shared)": float(error(w, sketched_update(w, mask, h, 256, False), h).sum())}
+                     "sketch k=256 (shared)": float(error(w, sketched_update(w, mask, h, 256, False), h).sum()),
+                     "ADMM, sketch k=256": float(error(w, admm_sketch(w, h, 256, 0.5, nm), h).sum()),
+                     "ADMM, full H": float(error(w, admm_full(w, h, 0.5, nm), h).sum())}
             for col, (factor, blocksize) in factors.items():
                 found[col] = float(error(w, sparsegpt_weights(w, factor, target, blocksize), h).sum())
             if nm:
@@ -190,7 +211,7 @@ def main() -> None:
         print(f"done {name}", flush=True)
 
     cols = ("row scale", "scale+bias", "block OBS", *BLOCK_COLUMNS, "sketch k=64 (per row)", "sketch k=256 (shared)",
-            "LS, full H", "sparsegpt")
+            "ADMM, sketch k=256", "LS, full H", "ADMM, full H", "sparsegpt")
     lines = ["## How much of SparseGPT's lead is within reach of channel statistics\n",
              f"Made by: `python scripts/recon_gap.py --nsamples {args.nsamples} --seqlen {args.seqlen} --layers {args.layers}` "
              f"(SmolLM2-135M, dense inputs of layers {args.layers}, C4 sample, seed 0). Each cell: a linear's output "

@@ -30,6 +30,7 @@ SPLIT = ROOT / "bench-out" / "c4-split"
 # (`full` = `paper` there, the last variant but the references). The overrides are explicit, so a later seed
 # measures the same configurations whatever the defaults are. N:M: today's `full` with one part off.
 FORMER_FULL = ["calibration.skip_first_tokens=1", "pruning.allocation=energy"]
+FULL = ["calibration.skip_first_tokens=0", "pruning.allocation=uniform"]
 VARIANTS: dict[str, dict[str, list[str]]] = {
     "unstructured": {
         "former full": FORMER_FULL,
@@ -37,9 +38,11 @@ VARIANTS: dict[str, dict[str, list[str]]] = {
         "former full -allocation": [*FORMER_FULL, "pruning.allocation=uniform"],
         "former full -skip1": [*FORMER_FULL, "calibration.skip_first_tokens=0"],
         "former full +sequential": [*FORMER_FULL, "pruning.sequential=true"],
-        "former full -allocation -skip1 (= full)": ["calibration.skip_first_tokens=0", "pruning.allocation=uniform"],
+        "former full -allocation -skip1 (= full)": FULL,
         "wanda": ["pruning.method=wanda"],
         "sparsegpt": ["pruning.method=sparsegpt"],
+        # experimental (scripts/experimental.py): ADMM on a 256-probe sketch in place of the plain mask
+        "full +admm": [*FULL, "pruning.method=statprune-admm", "pruning.options.sketch_rank=256"],
     },
     "nm": {
         "full": [],
@@ -50,6 +53,8 @@ VARIANTS: dict[str, dict[str, list[str]]] = {
         "paper": ["pruning.options.preset=paper"],
         "wanda": ["pruning.method=wanda"],
         "sparsegpt": ["pruning.method=sparsegpt"],
+        "full +admm": ["pruning.method=statprune-admm"],  # experimental: ADMM on the sketch for the update
+        "full +admm -energy": ["pruning.method=statprune-admm", "pruning.options.beta=0.0"],
     },
 }
 

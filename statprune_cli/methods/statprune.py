@@ -116,12 +116,7 @@ class StatPrune(Method):
         if energy:
             v = stats.m2.to(weight.device)
             dense_energy = weight.double().square_() @ v
-        if self.sketch_rank:
-            u, lam = sketch_factors(stats, self.sketch_rank, weight.device)
-            least_squares_update(weight, mask, stats.sumsq.to(weight.device), u, lam, SKETCH_DAMP)
-            info["sketch_rank"] = self.sketch_rank
-        else:
-            weight.masked_fill_(mask, 0.0)
+        info.update(self.reconstruct(weight, mask, stats))
         if energy:
             kept_energy = weight.double().square_() @ v
             ratio = torch.where(kept_energy > 0, dense_energy / kept_energy.clamp_min(1e-300), torch.ones_like(kept_energy))
@@ -130,6 +125,16 @@ class StatPrune(Method):
             weight.mul_(gamma.to(weight.dtype)[:, None])
         linear.weight.data.copy_(weight)  # a no-op for float32 weights: ``weight`` is their storage
         return info
+
+    def reconstruct(self, weight: torch.Tensor, mask: torch.Tensor, stats: ChannelStats) -> dict[str, float | int]:
+        """Zero the pruned weights, in place, and move the kept ones by the sketched least-squares update where the
+        options ask for a sketch: the step an experimental update replaces (scripts/experimental.py)."""
+        if not self.sketch_rank:
+            weight.masked_fill_(mask, 0.0)
+            return {}
+        u, lam = sketch_factors(stats, self.sketch_rank, weight.device)
+        least_squares_update(weight, mask, stats.sumsq.to(weight.device), u, lam, SKETCH_DAMP)
+        return {"sketch_rank": self.sketch_rank}
 
 
 def sketch_factors(stats: ChannelStats, k: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,66 @@
+"""scripts/experimental.py: its methods run through the product's CLI and keep the product's guarantees."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from experimental import EXPERIMENTAL, sketch_system  # noqa: E402
+
+from conftest import prune_report  # noqa: E402
+from statprune_cli.methods import METHODS  # noqa: E402
+from statprune_cli.sketch import nystrom, probe  # noqa: E402
+
+
+def test_sketch_system_inverts_the_damped_unit_diagonal_h() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(200, 12, dtype=torch.float64) @ torch.randn(12, 12, dtype=torch.float64)
+    h = x.T @ x
+    u, lam = nystrom(h @ probe(12, 12).double(), probe(12, 12))  # k = in: the sketch is H
+    norm, hmul, solve = sketch_system(h.diagonal(), u, lam, 0.1, 1.0)
+    hn = h / norm[:, None] / norm[None, :]
+    r = torch.randn(3, 12, dtype=torch.float64)
+    torch.testing.assert_close(hmul(r), r @ (hn + 0.1 * torch.eye(12, dtype=h.dtype)))
+    torch.testing.assert_close(solve(r), r @ torch.linalg.inv(hn + 1.1 * torch.eye(12, dtype=h.dtype)))
+
+
+@pytest.mark.parametrize("pruning", [{"pattern": "2:4"}, {"sparsity": 0.5, "options": {"sketch_rank": 16}}])
+def test_statprune_admm_prunes_through_the_cli(tmp_path: Path, tiny_model_dir: Path, text_files: dict[str, Path],
+                                               monkeypatch: pytest.MonkeyPatch, pruning: dict) -> None:
+    for name, cls in EXPERIMENTAL.items():
+        monkeypatch.setitem(METHODS, name, cls)
+    report = prune_report(tmp_path, tiny_model_dir, text_files, method="statprune-admm", **pruning)
+    weights = load_file(str(tmp_path / "out" / "model.safetensors"))
+    linears = {n: w for n, w in weights.items() if n.endswith("proj.weight")}
+    if "pattern" in pruning:  # the N:M orders are absorbed: every stored weight is 2:4 as it stands
+        assert all(((w.reshape(w.shape[0], -1, 4) == 0).sum(-1) >= 2).all() for w in linears.values())
+    else:
+        assert all(((w == 0).sum(1) == w.shape[1] // 2).all() for w in linears.values())
+    assert report["sparsity"]["pruned_linears"]["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    (tmp_path / "plain").mkdir()
+    plain = prune_report(tmp_path / "plain", tiny_model_dir, text_files, method="statprune", **pruning)
+    assert plain["perplexity"][0]["perplexity"] != report["perplexity"][0]["perplexity"]
+
+
+def test_runs_launch_experimental_methods_through_the_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """scripts/_runs.py's prune goes through scripts/experimental.py exactly when a cell names an experimental method."""
+    import subprocess
+
+    import _runs
+
+    seen: list[list[str]] = []
+
+    def fake_run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+        seen.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, stdout="{}", stderr="")
+
+    monkeypatch.setattr(_runs.subprocess, "run", fake_run)
+    _runs.prune(["pruning.method=statprune-admm"], Path("unused"))
+    _runs.prune(["pruning.method=statprune"], Path("unused"))
+    assert seen[0][1].endswith("scripts/experimental.py") and seen[0][2] == "prune"
+    assert seen[1][1:3] == ["-m", "statprune_cli"]
