@@ -31,14 +31,21 @@ Solve = Callable[[torch.Tensor], torch.Tensor]
 
 def gradual_mask(v: torch.Tensor, sparsity: float, nm: tuple[int, int] | None) -> torch.Tensor:
     """The pruned weights at ``sparsity`` (at most the target's) by |v|: per row; under N:M only among each group's
-    n smallest, the smallest over the whole matrix, so the last step is exactly N:M."""
+    n smallest, those below a threshold over the whole matrix (the k-th smallest of an evenly strided sample of at
+    most 2^18 candidates: the count is approximate on the way, exact N:M at the target)."""
+    a = v.abs()
     if nm is None:
-        return unstructured_mask(v.abs(), sparsity)
-    cand = nm_mask(v.abs(), *nm)
-    flat = v.abs().masked_fill(~cand, float("inf")).flatten()
-    mask = torch.zeros(v.numel(), dtype=torch.bool, device=v.device)
-    mask[torch.topk(flat, int(v.numel() * sparsity), largest=False).indices] = True
-    return mask.reshape(v.shape)
+        return unstructured_mask(a, sparsity)
+    cand = nm_mask(a, *nm)
+    share = sparsity * nm[1] / nm[0]  # of the candidates
+    if share >= 1.0:
+        return cand
+    vals = a[cand]
+    sample = vals[:: max(1, vals.numel() >> 18)]
+    k = int(sample.numel() * share)
+    if k == 0:
+        return torch.zeros_like(cand)
+    return cand & (a <= sample.kthvalue(k).values)
 
 
 def admm(w: torch.Tensor, norm: torch.Tensor, xy: torch.Tensor, solve: Solve, sparsity: float,
@@ -48,22 +55,23 @@ def admm(w: torch.Tensor, norm: torch.Tensor, xy: torch.Tensor, solve: Solve, sp
     |w + dual| (Wanda's score there), growing to ``sparsity`` over ``steps[1]`` of the ``steps[0]`` steps on a cubic
     schedule, then fixed. Returns the pruned weight in the original scale, float32."""
     iters, ramp = steps
-    v = w.double() * norm
+    v = w.to(xy.dtype) * norm
     dual = torch.zeros_like(v)
     for t in range(iters):
         if t < ramp:
             mask = gradual_mask(v + dual, sparsity * (1 - (1 - (t + 1) / ramp) ** 3), nm)
-        z = (v + dual).masked_fill(mask, 0.0)
+        z = (v + dual).masked_fill_(mask, 0.0)
         dual += v - z
         v = solve(xy + rho * (z - dual))
-    return ((v + dual).masked_fill(mask, 0.0) / norm).float()
+    return ((v + dual).masked_fill_(mask, 0.0) / norm).float()
 
 
-def sketch_system(diag: torch.Tensor, u: torch.Tensor, lam: torch.Tensor, damp: float,
-                  rho: float) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], Solve]:
+def sketch_system(diag: torch.Tensor, u: torch.Tensor, lam: torch.Tensor, damp: float, rho: float,
+                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], Solve]:
     """For H ~ D + U diag(lam) U^T with the exact diagonal ``diag``: sqrt(diag H), w -> w (H_n + damp) and
     r -> r (H_n + damp + rho)^-1, H_n the unit-diagonal H. The inverse by Woodbury with one k x k eigendecomposition
-    shared by every row: (H_n + c)^-1 = diag(1/a) - P diag(1 / (1 + sigma)) P^T."""
+    shared by every row: (H_n + c)^-1 = diag(1/a) - P diag(1 / (1 + sigma)) P^T. Set up in float64; the products
+    with the weights, each step's work, run in ``dtype``."""
     diag, u, lam = diag.double(), u.double(), lam.double()
     norm = diag.sqrt().clamp_min(1e-8 * float(diag.sqrt().max()))
     un = u / norm[:, None]
@@ -72,6 +80,7 @@ def sketch_system(diag: torch.Tensor, u: torch.Tensor, lam: torch.Tensor, damp: 
     s = lam.sqrt()
     sigma, q = torch.linalg.eigh(s[:, None] * ((un.T / a) @ un) * s[None, :])
     p = (un / a[:, None]) @ (s[:, None] * q)
+    norm, un, d, a, lam, sigma, p = (t.to(dtype) for t in (norm, un, d, a, lam, sigma, p))
 
     def hmul(w: torch.Tensor) -> torch.Tensor:
         return w * d + ((w @ un) * lam) @ un.T
@@ -116,7 +125,7 @@ class StatPruneAdmm(StatPrune):
         else:
             weight_in = weight
         norm, hmul, solve = sketch_system(diag, u, lam, o.admm_damp, o.admm_rho)
-        new = admm(weight_in, norm, hmul(weight_in.double() * norm), solve, target.sparsity, target.nm,
+        new = admm(weight_in, norm, hmul(weight_in.to(norm.dtype) * norm), solve, target.sparsity, target.nm,
                    (o.admm_steps, o.admm_ramp), o.admm_rho)
         if order is not None:
             weight[:, order] = new.to(weight.dtype)

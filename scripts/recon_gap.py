@@ -125,7 +125,7 @@ def admm_sketch(w: torch.Tensor, h: torch.Tensor, k: int, sparsity: float, nm: t
     """``admm`` on statprune's sketch of H (the experimental ``statprune-admm``'s update)."""
     k = min(k, h.shape[0])
     u, lam = nystrom(h @ probe(h.shape[0], k).double(), probe(h.shape[0], k))
-    norm, hmul, solve = sketch_system(h.diagonal(), u, lam, damp, rho)
+    norm, hmul, solve = sketch_system(h.diagonal(), u, lam, damp, rho, torch.float64)
     return admm(w, norm, hmul(w.double() * norm), solve, sparsity, nm, rho=rho)
 
 

@@ -22,7 +22,7 @@ def test_sketch_system_inverts_the_damped_unit_diagonal_h() -> None:
     x = torch.randn(200, 12, dtype=torch.float64) @ torch.randn(12, 12, dtype=torch.float64)
     h = x.T @ x
     u, lam = nystrom(h @ probe(12, 12).double(), probe(12, 12))  # k = in: the sketch is H
-    norm, hmul, solve = sketch_system(h.diagonal(), u, lam, 0.1, 1.0)
+    norm, hmul, solve = sketch_system(h.diagonal(), u, lam, 0.1, 1.0, torch.float64)
     hn = h / norm[:, None] / norm[None, :]
     r = torch.randn(3, 12, dtype=torch.float64)
     torch.testing.assert_close(hmul(r), r @ (hn + 0.1 * torch.eye(12, dtype=h.dtype)))
