@@ -99,9 +99,11 @@ def prune(overrides: list[str], out: Path) -> dict:
 
 
 def experimental_methods() -> set[str]:
-    """The method names scripts/experimental.py registers."""
-    from experimental import EXPERIMENTAL
+    """The method names scripts/experimental.py registers; they are registered in this process too, so the scripts'
+    method lists (``parse_method``) accept them."""
+    from experimental import EXPERIMENTAL, register
 
+    register()
     return set(EXPERIMENTAL)
 
 
@@ -115,6 +117,7 @@ def pattern_overrides(setting: str) -> list[str]:
 def method_overrides(name: str) -> list[str]:
     """A --methods entry as ``--set`` flags, with the suffixes of ``statprune sweep --methods`` ('wanda+owl(m=7)',
     'ria+realloc'; ``statprune_cli.sweep_grid.parse_method``); without ``+owl`` the profile is uniform."""
+    experimental_methods()
     _, overrides = parse_method(name)
     owl = overrides.pop("owl", {})
     flags = {"profile": "uniform", **overrides, **{f"owl.{k}": v for k, v in owl.items()}}
