@@ -99,11 +99,9 @@ def prune(overrides: list[str], out: Path) -> dict:
 
 
 def experimental_methods() -> set[str]:
-    """The method names scripts/experimental.py registers; they are registered in this process too, so the scripts'
-    method lists (``parse_method``) accept them."""
-    from experimental import EXPERIMENTAL, register
+    """The method names scripts/experimental.py registers (read only: this process's registry stays the product's)."""
+    from experimental import EXPERIMENTAL
 
-    register()
     return set(EXPERIMENTAL)
 
 
@@ -117,7 +115,9 @@ def pattern_overrides(setting: str) -> list[str]:
 def method_overrides(name: str) -> list[str]:
     """A --methods entry as ``--set`` flags, with the suffixes of ``statprune sweep --methods`` ('wanda+owl(m=7)',
     'ria+realloc'; ``statprune_cli.sweep_grid.parse_method``); without ``+owl`` the profile is uniform."""
-    experimental_methods()
+    from experimental import register
+
+    register()  # a benchmark's method list may name experimental methods
     _, overrides = parse_method(name)
     owl = overrides.pop("owl", {})
     flags = {"profile": "uniform", **overrides, **{f"owl.{k}": v for k, v in owl.items()}}

@@ -24,6 +24,7 @@ from statprune_cli.masks import nm_mask, unstructured_mask  # noqa: E402
 from statprune_cli.methods import METHODS  # noqa: E402
 from statprune_cli.methods.base import Outcome, Target  # noqa: E402
 from statprune_cli.methods.statprune import StatPrune, StatPruneOptions, sketch_factors  # noqa: E402
+from statprune_cli.sketch import damped_diagonal  # noqa: E402
 from statprune_cli.stats import ChannelStats  # noqa: E402
 
 Solve = Callable[[torch.Tensor], torch.Tensor]
@@ -75,7 +76,7 @@ def sketch_system(diag: torch.Tensor, u: torch.Tensor, lam: torch.Tensor, damp: 
     diag, u, lam = diag.double(), u.double(), lam.double()
     norm = diag.sqrt().clamp_min(1e-8 * float(diag.sqrt().max()))
     un = u / norm[:, None]
-    d = (diag - (u.square() * lam).sum(1)).clamp_min(0.0) / norm.square() + damp  # D normalised, damped
+    d = damped_diagonal(diag, u, lam, 0.0) / norm.square() + damp  # D, normalised, with the unit-diagonal damping
     a = d + rho
     s = lam.sqrt()
     sigma, q = torch.linalg.eigh(s[:, None] * ((un.T / a) @ un) * s[None, :])

@@ -64,3 +64,4 @@ def test_runs_launch_experimental_methods_through_the_registry(monkeypatch: pyte
     _runs.prune(["pruning.method=statprune"], Path("unused"))
     assert seen[0][1].endswith("scripts/experimental.py") and seen[0][2] == "prune"
     assert seen[1][1:3] == ["-m", "statprune_cli"]
+    assert "statprune-admm" not in METHODS  # routing leaves this process's registry the product's
