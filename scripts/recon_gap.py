@@ -14,7 +14,9 @@ of the benchmark: C4 sample, seed 0) and measures each linear's output error tr(
 - ``LS, full H``: Wanda's mask, each row's kept weights moved by their exact least-squares update
   H_KK^-1 H_KP w_P (1% damping): the best any update of that mask can do,
 - ``sketch k=64 (per row)`` / ``sketch k=256 (shared)``: the same update under statprune's sketched H
-  (``compensation: sketch``, sketch.py; each row's own k x k system, or one shared by all rows, the default),
+  (sketch.py; each row's own k x k system, or one shared by all rows: scripts/experimental.py's ``statprune-ls``),
+- ``ADMM, sketch k=256`` / ``ADMM, full H``: ADMM with a gradual mask (admm.py; mask and update together) on the
+  sketched H (the full preset's N:M update) or on the whole H, as published,
 - ``sparsegpt``: statprune's SparseGPT (percdamp 0.01, blocksize 128),
 - ``sparsegpt, H in blocks of B``: the same on the block-diagonal part of H (blocks of B consecutive channels,
   B = 32 and 128): block statistics cost tokens x in x B to collect, not in^2, and no error crosses a block.
@@ -28,21 +30,22 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _runs import DATA, ensure_model, write_section  # noqa: E402
-from experimental import admm, sketch_system  # noqa: E402
+from experimental import SKETCH_DAMP, least_squares_update  # noqa: E402
 
+from statprune_cli.admm import DAMP, RHO, SketchSystem, admm  # noqa: E402
 from statprune_cli.config import DataConfig  # noqa: E402
 from statprune_cli.data import calibration_windows, load_documents  # noqa: E402
 from statprune_cli.masks import nm_mask, unstructured_mask  # noqa: E402
 from statprune_cli.methods.base import Target  # noqa: E402
 from statprune_cli.methods.sparsegpt import inverse_hessian_factor, sparsegpt_prune  # noqa: E402
-from statprune_cli.methods.statprune import SKETCH_DAMP  # noqa: E402
-from statprune_cli.sketch import least_squares_update, nystrom, probe  # noqa: E402
+from statprune_cli.sketch import nystrom, probe  # noqa: E402
 
 SETTINGS = {"50%": None, "2:4": (2, 4), "4:8": (4, 8)}
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -111,22 +114,38 @@ def sketched_update(w: torch.Tensor, mask: torch.Tensor, h: torch.Tensor, k: int
     return out
 
 
-def admm_full(w: torch.Tensor, h: torch.Tensor, sparsity: float, nm: tuple[int, int] | None,
-              damp: float = 0.1, rho: float = 1.0) -> torch.Tensor:
+@dataclass(frozen=True)
+class FullSystem:
+    """The whole H, unit-diagonal and damped, in the interface ``admm`` takes (``admm.SketchSystem``'s)."""
+
+    norm: torch.Tensor
+    hn: torch.Tensor
+    inv: torch.Tensor
+
+    @classmethod
+    def of(cls, h: torch.Tensor, damp: float = DAMP, rho: float = RHO) -> FullSystem:
+        norm = h.diagonal().sqrt().clamp_min(1e-8)
+        eye = torch.eye(h.shape[0], dtype=h.dtype)
+        hn = h / norm[:, None] / norm[None, :] + damp * eye
+        return cls(norm.float(), hn.float(), torch.linalg.inv(hn + rho * eye).float())
+
+    def hmul(self, w: torch.Tensor) -> torch.Tensor:
+        return w @ self.hn
+
+    def solve_(self, r: torch.Tensor) -> torch.Tensor:
+        return r.copy_(r @ self.inv)
+
+
+def admm_full(w: torch.Tensor, h: torch.Tensor, sparsity: float, nm: tuple[int, int] | None) -> torch.Tensor:
     """``admm`` on the whole H, as published (Boza, 2024)."""
-    norm = h.diagonal().sqrt().clamp_min(1e-8)
-    hn = h / norm[:, None] / norm[None, :] + damp * torch.eye(h.shape[0], dtype=h.dtype)
-    inv = torch.linalg.inv(hn + rho * torch.eye(h.shape[0], dtype=h.dtype))
-    return admm(w, norm, (w.double() * norm) @ hn, lambda r: r @ inv, sparsity, nm, rho=rho)
+    return admm(w, FullSystem.of(h), sparsity, nm)
 
 
-def admm_sketch(w: torch.Tensor, h: torch.Tensor, k: int, sparsity: float, nm: tuple[int, int] | None,
-                damp: float = 0.1, rho: float = 1.0) -> torch.Tensor:
-    """``admm`` on statprune's sketch of H (the experimental ``statprune-admm``'s update)."""
+def admm_sketch(w: torch.Tensor, h: torch.Tensor, k: int, sparsity: float, nm: tuple[int, int] | None) -> torch.Tensor:
+    """``admm`` on statprune's sketch of H (the full preset's N:M update)."""
     k = min(k, h.shape[0])
     u, lam = nystrom(h @ probe(h.shape[0], k).double(), probe(h.shape[0], k))
-    norm, hmul, solve = sketch_system(h.diagonal(), u, lam, damp, rho, torch.float64)
-    return admm(w, norm, hmul(w.double() * norm), solve, sparsity, nm, rho=rho)
+    return admm(w, SketchSystem.of(h.diagonal(), u, lam), sparsity, nm)
 
 
 def block_diagonal(h: torch.Tensor, size: int) -> torch.Tensor:

@@ -41,8 +41,7 @@ VARIANTS: dict[str, dict[str, list[str]]] = {
         "former full -allocation -skip1 (= full)": FULL,
         "wanda": ["pruning.method=wanda"],
         "sparsegpt": ["pruning.method=sparsegpt"],
-        # experimental (scripts/experimental.py): ADMM on a 256-probe sketch in place of the plain mask
-        "full +admm": [*FULL, "pruning.method=statprune-admm", "pruning.options.sketch_rank=256"],
+        "full +sketch": [*FULL, "pruning.options.sketch_rank=256"],  # ADMM on a 256-probe sketch, as at N:M
     },
     "nm": {
         "full": [],
@@ -53,8 +52,7 @@ VARIANTS: dict[str, dict[str, list[str]]] = {
         "paper": ["pruning.options.preset=paper"],
         "wanda": ["pruning.method=wanda"],
         "sparsegpt": ["pruning.method=sparsegpt"],
-        "full +admm": ["pruning.method=statprune-admm"],  # experimental: ADMM on the sketch for the update
-        "full +admm -energy": ["pruning.method=statprune-admm", "pruning.options.beta=0.0"],
+        "full, LS update": ["pruning.method=statprune-ls"],  # the former update (scripts/experimental.py)
     },
 }
 

@@ -8,11 +8,8 @@ them from Y = H Omega = sum x (x^T Omega) for a fixed Gaussian Omega of ``k`` co
 collect, a sum like every other statistic (it merges across batches and processes), then
 H ~ D + U diag(lam) U^T with U, lam from Y and D the diagonal H keeps beyond them (exact, from sum x^2).
 
-With that H, each row's best update of its kept weights K given its pruned ones P (minimise
-||(W - W') X||^2) is delta_K = H_KK^-1 H_KP w_P. D has no off-diagonal part, so H_KP w_P = U_K lam (U_P^T w_P)
-and Woodbury's identity inverts H_KK = D_K + U_K lam U_K^T with one k x k system per row (rows x in x k^2 work), or
-with one system shared by every row (rows x in x k; ``least_squares_update``, statprune's; the per-row systems serve
-scripts/recon_gap.py).
+With that H, (H + c)^-1 is one Woodbury solve shared by every row of a weight: the ADMM update (admm.py) moves
+the kept weights with two products of the weights with an in x k matrix per step, never an in x in one.
 """
 
 from __future__ import annotations
@@ -80,43 +77,3 @@ def damped_diagonal(diag: torch.Tensor, u: torch.Tensor, lam: torch.Tensor, damp
     """D of H ~ D + U diag(lam) U^T: what ``diag`` (H's exact diagonal) keeps beyond the sketch, plus ``damp`` times
     its mean (SparseGPT's damping: nothing leans on a direction the calibration tokens barely span), float64."""
     return (diag.double() - (u.square() * lam).sum(1)).clamp_min(0.0) + damp * float(diag.double().mean())
-
-
-def least_squares_update(weight: torch.Tensor, mask: torch.Tensor, diag: torch.Tensor, u: torch.Tensor,
-                         lam: torch.Tensor, damp: float, per_row: bool = False, rows_per_chunk: int = 1024) -> None:
-    """Zero ``weight`` where ``mask`` is True and move its kept weights, in place, by each row's least-squares update
-    under H ~ D + U diag(lam) U^T, with D = ``diag`` - diag(U lam U^T) + ``damp`` * mean(``diag``)
-    (``damped_diagonal``).
-
-    Per row, with z = U_P^T w_P and G = U_K^T D_K^-1 U_K: delta_K = D_K^-1 U_K (lam^-1 + G)^-1 z, solved as
-    S (I + S G S)^-1 S z with S = lam^(1/2), a system whose eigenvalues are all >= 1. ``per_row``: each row's own G,
-    rows x in x k^2 work (summed over the k (k + 1) / 2 distinct products u_a u_b). Otherwise G is taken as the
-    row's kept share f of U^T D^-1 U, the same directions for every row, so one eigendecomposition of S U^T D^-1 U S
-    solves every row and the work is two products of the weights with U (rows x in x k): the update can then afford a
-    larger k. Products with the weights run in float32, the k x k algebra in float64."""
-    d = damped_diagonal(diag, u, lam, damp)
-    k = lam.numel()
-    u32, inv_d = u.float(), (1.0 / d).float()
-    s = lam.sqrt()
-    if per_row:
-        ia, ib = torch.triu_indices(k, k, device=u.device)
-        pairs = u32[:, ia] * u32[:, ib]  # (in, k (k + 1) / 2)
-        eye = torch.eye(k, dtype=torch.float64, device=u.device)
-    else:
-        sigma, q = torch.linalg.eigh(s[:, None] * ((u.T / d) @ u) * s[None, :])
-        sq = s[:, None] * q  # S Q: t = S Q (I + f Sigma)^-1 Q^T S z
-    for w, m in zip(weight.split(rows_per_chunk), mask.split(rows_per_chunk)):
-        kept_over_d = (~m).float().mul_(inv_d)
-        z = (w.float().masked_fill(~m, 0.0) @ u32).double()  # U_P^T w_P
-        if per_row:
-            packed = (kept_over_d @ pairs).double()  # (rows, pairs): the upper triangle of each row's G
-            g = torch.zeros(w.shape[0], k, k, dtype=torch.float64, device=w.device)
-            g[:, ia, ib] = packed
-            g[:, ib, ia] = packed
-            b = eye + s[:, None] * g * s[None, :]
-            t = s * torch.cholesky_solve((s * z)[:, :, None], torch.linalg.cholesky(b))[:, :, 0]
-        else:
-            f = (~m).double().mean(1, keepdim=True)
-            t = ((z @ sq) / (1.0 + f * sigma)) @ sq.T
-        delta = (t.float() @ u32.T).mul_(kept_over_d)  # D_K^-1 U_K t
-        w.masked_fill_(m, 0.0).add_(delta.to(w.dtype))

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from experimental import admm, gradual_mask  # noqa: E402
 from recon_gap import (admm_full, admm_sketch, block_diagonal, block_obs, error, exact_update,  # noqa: E402
                        row_scale_error, sketched_update, sparsegpt_weights)
 
@@ -89,37 +88,8 @@ def test_the_exact_update_is_the_floor_that_the_sketched_ones_approach() -> None
     assert exact == pytest.approx(full_sketch, rel=1e-6) and exact < shared < base
 
 
-def test_gradual_mask_ends_exactly_n_m_and_grows_inside_the_groups_candidates() -> None:
-    torch.manual_seed(3)
-    v = torch.randn(4, 16, dtype=torch.float64)
-    final = gradual_mask(v, 0.5, (2, 4))
-    assert torch.equal(final.reshape(4, 4, 4).sum(-1), torch.full((4, 4), 2))
-    part = gradual_mask(v, 0.25, (2, 4))
-    assert int(part.sum()) == 16 and not (part & ~final).any()  # a subset of the N:M candidates
-    assert torch.equal(gradual_mask(v, 0.5, None).sum(1), torch.full((4,), 8))
-
-
-def test_admm_reaches_the_least_squares_optimum_of_its_final_mask() -> None:
-    """Once the mask is fixed ADMM solves a convex problem: enough steps give each row's exact damped least squares."""
-    torch.manual_seed(4)
-    h, w = correlated(12), torch.randn(5, 12)
-    norm = h.diagonal().sqrt()
-    hn = h / norm[:, None] / norm[None, :] + 0.1 * torch.eye(12, dtype=h.dtype)
-    inv = torch.linalg.inv(hn + torch.eye(12, dtype=h.dtype))
-    got = admm(w, norm, (w.double() * norm) @ hn, lambda r: r @ inv, 0.5, (2, 4), steps=(400, 15))
-    mask = got == 0
-    assert torch.equal(mask.reshape(5, 3, 4).sum(-1), torch.full((5, 3), 2))
-    wn, want = w.double() * norm, torch.zeros(5, 12, dtype=torch.float64)
-    for r in range(5):
-        k = (~mask[r]).nonzero()[:, 0]
-        want[r, k] = torch.linalg.solve(hn[k][:, k], (hn @ wn[r])[k])
-    torch.testing.assert_close(got.double() * norm, want, rtol=1e-4, atol=1e-5)
-
-
 @pytest.mark.parametrize("nm", [None, (2, 4)])
 def test_admm_on_a_full_rank_sketch_is_admm_on_h(nm: tuple[int, int] | None) -> None:
     torch.manual_seed(5)
     h, w = correlated(16), torch.randn(6, 16)
-    torch.testing.assert_close(admm_sketch(w, h, 16, 0.5, nm), admm_full(w, h, 0.5, nm), rtol=1e-4, atol=1e-5)
-    base = float(error(w, w.masked_fill(gradual_mask(w * h.diagonal().sqrt().float(), 0.5, nm), 0.0), h).sum())
-    assert float(error(w, admm_full(w, h, 0.5, nm), h).sum()) < base
+    torch.testing.assert_close(admm_sketch(w, h, 16, 0.5, nm), admm_full(w, h, 0.5, nm), rtol=1e-3, atol=1e-4)

@@ -1,6 +1,8 @@
-"""The sketched least-squares update (sketch.py): its formula, its statistics and its path through the CLI."""
+"""The sketch of H (sketch.py): its statistics, its factors, its path through the CLI, and the least-squares update it
+allows (scripts/experimental.py's ``statprune-ls``) against its formula."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,8 +16,11 @@ from statprune_cli.cli import app
 from statprune_cli.masks import nm_mask, unstructured_mask
 from statprune_cli.methods import Target, build_method
 from statprune_cli.engine import Collect, Selection
-from statprune_cli.sketch import auto_every, least_squares_update, nystrom, probe
+from statprune_cli.sketch import auto_every, nystrom, probe
 from statprune_cli.stats import ChannelStats, load_stats, save_stats
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from experimental import least_squares_update  # noqa: E402
 
 runner = CliRunner()
 

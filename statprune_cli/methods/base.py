@@ -131,8 +131,10 @@ class Method:
         raise NotImplementedError
 
     def update(self, linear: nn.Linear, weight: torch.Tensor, mask: torch.Tensor, stats: ChannelStats | None,
-               target: Target) -> dict[str, float | int]:
-        """Write the pruned weight into ``linear``; subclasses may also compensate. Returns report figures."""
+               target: Target, order: torch.Tensor | None = None) -> dict[str, float | int]:
+        """Write the pruned weight into ``linear``; subclasses may also compensate. ``order``: the input channels'
+        order of the N:M groups (``Outcome.permutation``) when the mask was taken over reallocated channels. Returns
+        report figures."""
         linear.weight.data.masked_fill_(mask, 0.0)  # in place: no second copy of a large matrix
         return {}
 
@@ -157,5 +159,5 @@ class Method:
     def prune(self, linear: nn.Linear, stats: ChannelStats | None, target: Target) -> Outcome:
         weight = linear.weight.data.float()  # no copy of a float32 weight: nothing writes to it before ``update`` reads it
         mask, outcome = self.mask(weight, self.score(weight, stats), target)
-        outcome.info = {**self.update(linear, weight, mask, stats, target), **outcome.info}
+        outcome.info = {**self.update(linear, weight, mask, stats, target, outcome.permutation), **outcome.info}
         return outcome

@@ -3,15 +3,15 @@
 Per input channel j the calibration gives the second moment m2_j = E[x_j^2]. Then, per linear:
 
 score   |W_ij| * m2_j^(alpha/2)           alpha = 1 is Wanda's score, alpha = 0 magnitude
-update  (preset ``full``, N:M only) the kept weights of each row take their least-squares update
-        delta_K = H_KK^-1 H_KP w_P under H = sum x x^T known as its exact diagonal plus a rank-``sketch_rank``
+update  (preset ``full``, N:M only) mask and kept weights come from ADMM with a gradual mask (admm.py), which
+        minimises ||(W - W') X||^2 under H = sum x x^T known as its exact diagonal plus a rank-``sketch_rank``
         Nystrom sketch (sketch.py): second-order information, beyond the paper
 energy  kept W_ij *= gamma_i = (sum_j W_ij^2 m2_j / sum_kept W_ij^2 m2_j)^(beta/2), on the linears outside
         attention (``energy_targets``): the closed-form energy compensation
 
 Two presets (``pruning.options.preset``):
 - ``full`` (default): the settings that won on validation on two model families. Beyond the paper, all at N:M: the
-  sketched update, N:M channel reallocation absorbed into the model, LSA-refined, the residual stream permuted for
+  ADMM update on the sketch, N:M channel reallocation absorbed into the model, LSA-refined, the residual stream permuted for
   its readers' N:M groups (one extra dense pass). Unstructured, it is the paper's method.
 - ``paper``: the paper's method as published: the calibrated score and the energy compensation, nothing else; no
   sketch or Gram matrix, no calibration pass beyond Wanda's.
@@ -30,10 +30,10 @@ from torch import nn
 from statprune_cli.errors import ConfigError
 from statprune_cli.layers import name_matches
 from statprune_cli.methods.base import Method, Options, Target
-from statprune_cli.sketch import least_squares_update, nystrom, probe
+from statprune_cli.admm import admm_update
+from statprune_cli.sketch import nystrom, probe
 from statprune_cli.stats import ChannelStats
 
-SKETCH_DAMP = 0.01  # SparseGPT's percdamp: the least-squares update's H gets this share of its mean diagonal added
 SKETCH_RANK = 256  # the probes of the full preset's sketch at N:M
 PRESETS = ("full", "paper")
 
@@ -106,7 +106,7 @@ class StatPrune(Method):
         return weight.abs().mul_(act.to(weight.device, torch.float32))  # in place: no second matrix-sized temporary
 
     def update(self, linear: nn.Linear, weight: torch.Tensor, mask: torch.Tensor, stats: ChannelStats | None,
-               target: Target) -> dict[str, float | int]:
+               target: Target, order: torch.Tensor | None = None) -> dict[str, float | int]:
         assert stats is not None
         o = self.options
         info: dict[str, float | int] = {}
@@ -116,7 +116,7 @@ class StatPrune(Method):
         if energy:
             v = stats.m2.to(weight.device)
             dense_energy = weight.double().square_() @ v
-        info.update(self.reconstruct(weight, mask, stats))
+        info.update(self.reconstruct(weight, mask, stats, target, order))
         if energy:
             kept_energy = weight.double().square_() @ v
             ratio = torch.where(kept_energy > 0, dense_energy / kept_energy.clamp_min(1e-300), torch.ones_like(kept_energy))
@@ -126,14 +126,16 @@ class StatPrune(Method):
         linear.weight.data.copy_(weight)  # a no-op for float32 weights: ``weight`` is their storage
         return info
 
-    def reconstruct(self, weight: torch.Tensor, mask: torch.Tensor, stats: ChannelStats) -> dict[str, float | int]:
-        """Zero the pruned weights, in place, and move the kept ones by the sketched least-squares update where the
-        options ask for a sketch: the step an experimental update replaces (scripts/experimental.py)."""
+    def reconstruct(self, weight: torch.Tensor, mask: torch.Tensor, stats: ChannelStats, target: Target,
+                    order: torch.Tensor | None) -> dict[str, float | int]:
+        """Prune ``weight`` in place: zero it where ``mask`` says, or, where the options ask for a sketch, let ADMM on
+        the sketch choose the mask (``mask``'s rule grown gradually, over the N:M groups in ``order``) and move the
+        kept weights. The step an experimental update replaces (scripts/experimental.py)."""
         if not self.sketch_rank:
             weight.masked_fill_(mask, 0.0)
             return {}
         u, lam = sketch_factors(stats, self.sketch_rank, weight.device)
-        least_squares_update(weight, mask, stats.sumsq.to(weight.device), u, lam, SKETCH_DAMP)
+        admm_update(weight, stats.sumsq.to(weight.device), u, lam, target.sparsity, target.nm, order)
         return {"sketch_rank": self.sketch_rank}
 
 
