@@ -52,7 +52,7 @@ VARIANTS: dict[str, dict[str, list[str]]] = {
         "paper": ["pruning.options.preset=paper"],
         "wanda": ["pruning.method=wanda"],
         "sparsegpt": ["pruning.method=sparsegpt"],
-        "full, LS update": ["pruning.method=statprune-ls"],  # the former update (scripts/experimental.py)
+        "full (LS update)": ["pruning.method=statprune-ls"],  # the former update (scripts/experimental.py)
     },
 }
 
