@@ -239,8 +239,9 @@ def main() -> None:
              "(and intercept), the best any row-wise compensation from channel statistics can do; `block OBS`: exact "
              "OBS inside each N:M group from the group's own block of H; `sparsegpt, H in blocks of B`: SparseGPT on "
              "the block-diagonal part of H (blocks of B consecutive channels, statistics that cost tokens x in x B); "
-             "`sketch k=..`: Wanda's mask with statprune's sketched least-squares update (`compensation: sketch`, "
-             "each row's own system or one shared by all rows, statprune's default); `LS, full H`: the exact "
+             "`sketch k=..`: Wanda's mask with the sketched least-squares update (`statprune-ls`, "
+             "each row's own system or one shared by all rows); `ADMM, ..`: mask and update together (the "
+             "full preset's N:M update on the sketch, or on the whole H); `LS, full H`: the exact "
              "least-squares update of Wanda's mask; `sparsegpt`: the full Hessian.\n"]
     for setting in SETTINGS:
         shown = [c for c in cols if (KINDS[0], setting, c) in cells]

@@ -9,6 +9,7 @@ import torch
 
 
 CHUNK_ELEMENTS = 1 << 20  # rows are selected in chunks of about this many scores
+NM_RANK_MAX_M = 8  # N:M masks of wider groups take topk: counting ranks costs m - 1 passes over the scores
 
 
 def lowest_k(score: torch.Tensor, k: int) -> torch.Tensor:
@@ -59,13 +60,27 @@ def check_groups(cols: int, m: int) -> None:
 
 
 def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Prune the n lowest scores in every group of m consecutive input channels of each row."""
+    """Prune the n lowest scores in every group of m consecutive input channels of each row, ties broken by column
+    index as in ``lowest_k``.
+
+    Up to m = 8 each entry's rank in its group is counted with m - 1 comparisons against the group's other
+    columns: 3.6x faster than ``topk`` at 2:4 and 1.4x at 4:8 on CPU (docs/experiments.md), and the mask is
+    recomputed at every step of the ADMM update. Wider groups take ``topk``.
+    """
     rows, cols = score.shape
     check_groups(cols, m)
     groups = score.reshape(rows, cols // m, m)
-    idx = torch.topk(groups, n, dim=-1, largest=False).indices
-    mask = torch.zeros_like(groups, dtype=torch.bool)
-    mask.scatter_(-1, idx, True)
+    mask = torch.empty_like(groups, dtype=torch.bool)
+    if m > NM_RANK_MAX_M:
+        return mask.zero_().scatter_(-1, torch.topk(groups, n, dim=-1, largest=False).indices, True).reshape(rows, cols)
+    columns = groups.unbind(-1)
+    rank = torch.empty_like(columns[0], dtype=torch.uint8)
+    for i, col in enumerate(columns):
+        rank.zero_()
+        for j, other in enumerate(columns):
+            if j != i:  # an equal score in an earlier column ranks lower
+                rank.add_(other <= col if j < i else other < col)
+        torch.lt(rank, n, out=mask[..., i])
     return mask.reshape(rows, cols)
 
 

@@ -93,7 +93,7 @@ def check_stats(stats_path: Path, shapes: dict[str, tuple[int, int]], cfg: Confi
                              f"(run `statprune calibrate` with pruning.method: {method.name})")
         if method.sketch_rank and stats[name].probed(method.sketch_rank) is None:
             raise InputError(f"--stats: {stats_path} has no {method.sketch_rank}-probe sketch of the input Hessian for "
-                             f"{name}; statprune's sketched update needs one (run `statprune calibrate` with the same config)")
+                             f"{name}; statprune's ADMM update needs one (run `statprune calibrate` with the same config)")
     wanted = cfg.calibration.skip_first_tokens
     if skip is not None and wanted is not None and wanted != skip:
         raise InputError(f"--stats: {stats_path} leaves out the first {skip} position(s) of each window, "

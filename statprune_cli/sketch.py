@@ -1,4 +1,4 @@
-"""A low-rank sketch of a linear's input second moments, and the least-squares update it allows after a mask.
+"""A low-rank sketch of a linear's input second moments: what the ADMM update (admm.py) knows of their correlations.
 
 Channel statistics give the diagonal of H = sum x x^T, which says which weights to drop but not how the kept
 ones could take over: that needs H's off-diagonal part. The full H (SparseGPT's Hessian) costs tokens x in^2

@@ -3,7 +3,7 @@
 Per input channel j we keep count, sum x_j, sum x_j^2 and sum |x_j| in float64. Every method's
 activation term is a function of these (Wanda's ||X_j||_2 is sqrt(sumsq)). Methods that need the
 full second-moment matrix (SparseGPT's Hessian) also get ``gram`` = sum x x^T in float32, and statprune's
-least-squares update a ``sketch`` of it, sum x (x^T Omega) for a fixed probe Omega (sketch.py), in float32:
+ADMM update a ``sketch`` of it, sum x (x^T Omega) for a fixed probe Omega (sketch.py), in float32:
 sums as well, which merge the same way.
 """
 

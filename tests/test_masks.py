@@ -26,7 +26,7 @@ def test_zero_sparsity_prunes_nothing() -> None:
     assert not unstructured_mask(torch.rand(4, 8), 0.0).any()
 
 
-@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4), (3, 8)])
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4), (3, 8), (8, 16)])
 def test_nm_has_exact_zeros_per_group(n: int, m: int) -> None:
     score = torch.rand(12, 64)
     mask = nm_mask(score, n, m)
@@ -34,6 +34,14 @@ def test_nm_has_exact_zeros_per_group(n: int, m: int) -> None:
     assert (groups.sum(-1) == n).all()
     s = score.reshape(12, 64 // m, m)
     assert (s.masked_fill(~groups, -1).amax(-1) <= s.masked_fill(groups, 2).amin(-1)).all()
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (3, 8)])
+def test_nm_ties_go_by_column_like_a_stable_sort(n: int, m: int) -> None:
+    score = torch.randint(0, 3, (16, 64)).float()  # many ties in every group
+    order = score.reshape(16, -1, m).argsort(dim=-1, stable=True)[..., :n]
+    expected = torch.zeros(16, 64 // m, m, dtype=torch.bool).scatter_(-1, order, True).reshape(16, 64)
+    assert torch.equal(nm_mask(score, n, m), expected)
 
 
 def test_nm_rejects_indivisible_columns() -> None:

@@ -141,7 +141,7 @@ def test_one_shot_from_stats_without_the_sketch_is_refused(tmp_path: Path, tiny_
     plain = tmp_path / "plain.stats.safetensors"
     assert runner.invoke(app, ["calibrate", str(cfg), "-q", "-o", str(plain)]).exit_code == 0
     res = runner.invoke(app, ["prune", str(cfg), "-q", "--stats", str(plain), *sketched])
-    assert res.exit_code == 2 and "has no 4-probe sketch" in res.stderr and "sketched update" in res.stderr
+    assert res.exit_code == 2 and "has no 4-probe sketch" in res.stderr and "ADMM update" in res.stderr
     with_sketch = tmp_path / "sketch.stats.safetensors"
     assert runner.invoke(app, ["calibrate", str(cfg), "-q", "-o", str(with_sketch), *sketched]).exit_code == 0
     res = runner.invoke(app, ["prune", str(cfg), "-q", "--json", "--stats", str(with_sketch), *sketched])
