@@ -53,6 +53,8 @@ VARIANTS: dict[str, dict[str, list[str]]] = {
         "wanda": ["pruning.method=wanda"],
         "sparsegpt": ["pruning.method=sparsegpt"],
         "full (LS update)": ["pruning.method=statprune-ls"],  # the former update (scripts/experimental.py)
+        "full (ADMM 10 steps)": ["pruning.method=statprune-admm10"],  # half the update's cost
+        "full +sketch512": ["pruning.options.sketch_rank=512"],
     },
 }
 

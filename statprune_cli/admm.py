@@ -104,11 +104,13 @@ def admm(weight: torch.Tensor, system: SketchSystem, sparsity: float, nm: tuple[
 
 
 def admm_update(weight: torch.Tensor, diag: torch.Tensor, u: torch.Tensor, lam: torch.Tensor, sparsity: float,
-                nm: tuple[int, int] | None, order: torch.Tensor | None = None) -> None:
+                nm: tuple[int, int] | None, order: torch.Tensor | None = None,
+                steps: tuple[int, int] = (STEPS, RAMP)) -> None:
     """Prune ``weight`` in place by ADMM on H ~ diag + U diag(lam) U^T; with ``order`` (reallocated N:M groups) the
     groups are taken over the input channels in that order."""
     if order is None:
-        weight.copy_(admm(weight, SketchSystem.of(diag, u, lam), sparsity, nm))
+        weight.copy_(admm(weight, SketchSystem.of(diag, u, lam), sparsity, nm, steps))
         return
     order = order.long().to(weight.device)
-    weight[:, order] = admm(weight[:, order], SketchSystem.of(diag[order], u[order], lam), sparsity, nm).to(weight.dtype)
+    weight[:, order] = admm(weight[:, order], SketchSystem.of(diag[order], u[order], lam), sparsity, nm,
+                            steps).to(weight.dtype)

@@ -15,12 +15,13 @@ from conftest import prune_report  # noqa: E402
 from statprune_cli.methods import METHODS  # noqa: E402
 
 
+@pytest.mark.parametrize("method", sorted(EXPERIMENTAL))
 @pytest.mark.parametrize("pruning", [{"pattern": "2:4"}, {"sparsity": 0.5, "options": {"sketch_rank": 16}}])
-def test_statprune_ls_prunes_through_the_cli(tmp_path: Path, tiny_model_dir: Path, text_files: dict[str, Path],
-                                               monkeypatch: pytest.MonkeyPatch, pruning: dict) -> None:
+def test_experimental_methods_prune_through_the_cli(tmp_path: Path, tiny_model_dir: Path, text_files: dict[str, Path],
+                                                    monkeypatch: pytest.MonkeyPatch, pruning: dict, method: str) -> None:
     for name, cls in EXPERIMENTAL.items():
         monkeypatch.setitem(METHODS, name, cls)
-    report = prune_report(tmp_path, tiny_model_dir, text_files, method="statprune-ls", **pruning)
+    report = prune_report(tmp_path, tiny_model_dir, text_files, method=method, **pruning)
     weights = load_file(str(tmp_path / "out" / "model.safetensors"))
     linears = {n: w for n, w in weights.items() if n.endswith("proj.weight")}
     if "pattern" in pruning:  # the N:M orders are absorbed: every stored weight is 2:4 as it stands
