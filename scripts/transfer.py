@@ -54,6 +54,7 @@ VARIANTS: dict[str, dict[str, list[str]]] = {
         "sparsegpt": ["pruning.method=sparsegpt"],
         "full (LS update)": ["pruning.method=statprune-ls"],  # the former update (scripts/experimental.py)
         "full (ADMM 10 steps)": ["pruning.method=statprune-admm10"],  # half the update's cost
+        "full (ADMM 20 steps)": ["pruning.method=statprune"],  # = full today, for a comparison at one commit
         "full +sketch512": ["pruning.options.sketch_rank=512"],
     },
 }
