@@ -26,9 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from statprune_cli.admm import admm_update  # noqa: E402
 from statprune_cli.methods import METHODS  # noqa: E402
 from statprune_cli.methods.base import Target  # noqa: E402
-from statprune_cli.methods.statprune import StatPrune, sketch_factors  # noqa: E402
+from statprune_cli.methods.statprune import StatPrune  # noqa: E402
 from statprune_cli.sketch import damped_diagonal  # noqa: E402
-from statprune_cli.stats import ChannelStats  # noqa: E402
 
 SKETCH_DAMP = 0.01  # SparseGPT's percdamp: the least-squares update's H gets this share of its mean diagonal added
 
@@ -79,13 +78,9 @@ class StatPruneLs(StatPrune):
 
     name = "statprune-ls"
 
-    def reconstruct(self, weight: torch.Tensor, mask: torch.Tensor, stats: ChannelStats, target: Target,
-                    order: torch.Tensor | None) -> dict[str, float | int]:
-        if not self.sketch_rank:
-            return super().reconstruct(weight, mask, stats, target, order)
-        u, lam = sketch_factors(stats, self.sketch_rank, weight.device)
-        least_squares_update(weight, mask, stats.sumsq.to(weight.device), u, lam, SKETCH_DAMP)
-        return {"sketch_rank": self.sketch_rank}
+    def sketch_update(self, weight: torch.Tensor, mask: torch.Tensor, diag: torch.Tensor, u: torch.Tensor,
+                      lam: torch.Tensor, target: Target, order: torch.Tensor | None) -> None:
+        least_squares_update(weight, mask, diag, u, lam, SKETCH_DAMP)
 
 
 class StatPruneAdmm10(StatPrune):
@@ -94,13 +89,9 @@ class StatPruneAdmm10(StatPrune):
 
     name = "statprune-admm10"
 
-    def reconstruct(self, weight: torch.Tensor, mask: torch.Tensor, stats: ChannelStats, target: Target,
-                    order: torch.Tensor | None) -> dict[str, float | int]:
-        if not self.sketch_rank:
-            return super().reconstruct(weight, mask, stats, target, order)
-        u, lam = sketch_factors(stats, self.sketch_rank, weight.device)
-        admm_update(weight, stats.sumsq.to(weight.device), u, lam, target.sparsity, target.nm, order, steps=(10, 7))
-        return {"sketch_rank": self.sketch_rank}
+    def sketch_update(self, weight: torch.Tensor, mask: torch.Tensor, diag: torch.Tensor, u: torch.Tensor,
+                      lam: torch.Tensor, target: Target, order: torch.Tensor | None) -> None:
+        admm_update(weight, diag, u, lam, target.sparsity, target.nm, order, steps=(10, 7))
 
 
 EXPERIMENTAL = {m.name: m for m in (StatPruneLs, StatPruneAdmm10)}

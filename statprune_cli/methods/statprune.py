@@ -128,15 +128,20 @@ class StatPrune(Method):
 
     def reconstruct(self, weight: torch.Tensor, mask: torch.Tensor, stats: ChannelStats, target: Target,
                     order: torch.Tensor | None) -> dict[str, float | int]:
-        """Prune ``weight`` in place: zero it where ``mask`` says, or, where the options ask for a sketch, let ADMM on
-        the sketch choose the mask (``mask``'s rule grown gradually, over the N:M groups in ``order``) and move the
-        kept weights. The step an experimental update replaces (scripts/experimental.py)."""
+        """Prune ``weight`` in place: zero it where ``mask`` says, or, where the options ask for a sketch, update it
+        on the sketch (``sketch_update``)."""
         if not self.sketch_rank:
             weight.masked_fill_(mask, 0.0)
             return {}
         u, lam = sketch_factors(stats, self.sketch_rank, weight.device)
-        admm_update(weight, stats.sumsq.to(weight.device), u, lam, target.sparsity, target.nm, order)
+        self.sketch_update(weight, mask, stats.sumsq.to(weight.device), u, lam, target, order)
         return {"sketch_rank": self.sketch_rank}
+
+    def sketch_update(self, weight: torch.Tensor, mask: torch.Tensor, diag: torch.Tensor, u: torch.Tensor,
+                      lam: torch.Tensor, target: Target, order: torch.Tensor | None) -> None:
+        """ADMM on H ~ diag + U diag(lam) U^T chooses the mask (``mask``'s rule grown gradually, over the N:M groups
+        in ``order``) and moves the kept weights. The step an experimental update replaces (scripts/experimental.py)."""
+        admm_update(weight, diag, u, lam, target.sparsity, target.nm, order)
 
 
 def sketch_factors(stats: ChannelStats, k: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
