@@ -108,9 +108,6 @@ def admm_update(weight: torch.Tensor, diag: torch.Tensor, u: torch.Tensor, lam: 
                 steps: tuple[int, int] = (STEPS, RAMP)) -> None:
     """Prune ``weight`` in place by ADMM on H ~ diag + U diag(lam) U^T; with ``order`` (reallocated N:M groups) the
     groups are taken over the input channels in that order."""
-    if order is None:
-        weight.copy_(admm(weight, SketchSystem.of(diag, u, lam), sparsity, nm, steps))
-        return
-    order = order.long().to(weight.device)
-    weight[:, order] = admm(weight[:, order], SketchSystem.of(diag[order], u[order], lam), sparsity, nm,
-                            steps).to(weight.dtype)
+    cols = slice(None) if order is None else order.long().to(weight.device)
+    system = SketchSystem.of(diag[cols], u[cols], lam)
+    weight[:, cols] = admm(weight[:, cols], system, sparsity, nm, steps).to(weight.dtype)

@@ -64,8 +64,8 @@ def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     index as in ``lowest_k``.
 
     Up to m = 8 each entry's rank in its group is counted with m - 1 comparisons against the group's other
-    columns: 3.6x faster than ``topk`` at 2:4 and 1.4x at 4:8 on CPU (docs/experiments.md), and the mask is
-    recomputed at every step of the ADMM update. Wider groups take ``topk``.
+    columns, faster than ``topk`` on CPU (docs/experiments.md); the ADMM update recomputes the mask at every step.
+    Wider groups take ``topk``.
     """
     rows, cols = score.shape
     check_groups(cols, m)
