@@ -19,12 +19,12 @@
    another, on the same machine.
 
 Results accumulate in docs/results/data/peer.jsonl (a rerun with the same protocol skips what is there);
-out/results/peer.md is written at the end. A statprune method that is not registered yet is skipped
-with a message, and a later rerun fills its cells.
+out/results/peer.md (peer-qwen.md for --model qwen) is written at the end. A statprune method that is
+not registered yet is skipped with a message, and a later rerun fills its cells.
 
-Usage: .venv/bin/python scripts/bench_peer.py [--methods wanda,sparsegpt] [--settings 50%,2:4]
-                                             [--tools llmcompressor,statprune] [--nsamples 64] [--seqlen 512]
-                                             [--max-tokens 65536] [--skip-install]
+Usage: .venv/bin/python scripts/bench_peer.py [--model smollm2|qwen] [--methods wanda,sparsegpt]
+                                             [--settings 50%,2:4] [--tools llmcompressor,statprune] [--nsamples 64]
+                                             [--seqlen 512] [--max-tokens 65536] [--skip-install]
 """
 
 from __future__ import annotations
@@ -39,14 +39,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import (BASE_CONFIG, DATA, RESULTS, ROOT, append_jsonl, common_overrides, ensure_model, load_jsonl,  # noqa: E402
+from _runs import (BASE_CONFIG, DATA, MODELS, RESULTS, ROOT, append_jsonl, common_overrides, ensure_model, load_jsonl,  # noqa: E402
                    pattern_overrides, statprune, write_section)
 
 PEER_VENV = ROOT / ".venv-peer"
 PEER_PY = PEER_VENV / "bin" / "python"
 PEER_SPEC = "llmcompressor==0.14.0.1"
 TORCH_SPEC = "torch==2.13.0"
-OUT = ROOT / "bench-out" / "peer"
+OUT = ROOT / "bench-out" / "peer"  # SmolLM2's cells; another model's in OUT / its name
 TOOLS = {"llmcompressor": "llm-compressor", "statprune": "statprune"}
 
 
@@ -80,7 +80,7 @@ def peer_versions() -> dict[str, str]:
 
 # --- statprune's windows --------------------------------------------------------------------------------------------
 
-def save_windows(model: Path, nsamples: int, seqlen: int, eval_tokens: int) -> Path:
+def save_windows(model: Path, nsamples: int, seqlen: int, eval_tokens: int, out: Path) -> Path:
     """statprune's calibration windows for the benchmark config, by statprune's own code, as int64 input_ids."""
     import torch
     from safetensors.torch import load_file, save_file
@@ -90,7 +90,7 @@ def save_windows(model: Path, nsamples: int, seqlen: int, eval_tokens: int) -> P
     from statprune_cli.data import calibration_batches
     from statprune_cli.ui import UI
 
-    path = OUT / f"calib-n{nsamples}-s{seqlen}-seed0.safetensors"
+    path = out / f"calib-n{nsamples}-s{seqlen}-seed0.safetensors"
     if path.exists():
         return path
     cwd = os.getcwd()
@@ -102,7 +102,7 @@ def save_windows(model: Path, nsamples: int, seqlen: int, eval_tokens: int) -> P
         os.chdir(cwd)
     windows = torch.cat(batches).to(torch.int64).contiguous()
     assert windows.shape == (nsamples, seqlen), windows.shape
-    OUT.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256(windows.numpy().tobytes()).hexdigest()
     save_file({"input_ids": windows}, str(path), metadata={"description": desc, "sha256": digest,
                                                             "batch_size": str(cfg.calibration.batch_size)})
@@ -126,12 +126,12 @@ def eval_ppl(folder: Path, seqlen: int, eval_tokens: int, batch_size: int) -> fl
 
 
 def run_llmcompressor(method: str, setting: str, model: Path, windows: Path, args: argparse.Namespace) -> dict:
-    folder = OUT / f"llmcompressor-{method}-{tag(setting)}"
-    result = OUT / f"llmcompressor-{method}-{tag(setting)}.json"
+    folder = args.out / f"llmcompressor-{method}-{tag(setting)}"
+    result = args.out / f"llmcompressor-{method}-{tag(setting)}.json"
     cmd = [str(PEER_PY), str(ROOT / "scripts" / "_peer_oneshot.py"), "--model", str(model), "--windows", str(windows),
            "--method", method, "--setting", setting, "--out", str(folder), "--result", str(result),
            "--batch-size", str(args.batch_size), "--percdamp", str(args.percdamp), "--blocksize", str(args.blocksize)]
-    logfile = OUT / f"llmcompressor-{method}-{tag(setting)}.log"
+    logfile = args.out / f"llmcompressor-{method}-{tag(setting)}.log"
     with logfile.open("w") as f:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
     if proc.returncode != 0:
@@ -146,7 +146,7 @@ def run_llmcompressor(method: str, setting: str, model: Path, windows: Path, arg
 
 
 def run_statprune(method: str, setting: str, model: Path, args: argparse.Namespace) -> dict:
-    folder = OUT / f"statprune-{method}-{tag(setting)}"
+    folder = args.out / f"statprune-{method}-{tag(setting)}"
     overrides = (common_overrides(model, args.nsamples, args.seqlen, args.max_tokens, "test")
                  + [f"pruning.method={method}"] + pattern_overrides(setting))
     r = statprune("prune", str(BASE_CONFIG), "--overwrite", "--output", str(folder),
@@ -202,6 +202,7 @@ def statprune_methods() -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2", choices=list(MODELS))
     ap.add_argument("--methods", default="wanda,sparsegpt")
     ap.add_argument("--settings", default="50%,2:4")
     ap.add_argument("--tools", default="llmcompressor,statprune")
@@ -220,9 +221,10 @@ def main() -> None:
 
     if "llmcompressor" in tools and not args.skip_install:
         ensure_peer_venv(args.peer_spec)
-    model = ensure_model()
-    windows = save_windows(model, args.nsamples, args.seqlen, args.max_tokens)
-    key = f"n{args.nsamples}-s{args.seqlen}-e{args.max_tokens}"
+    model = ensure_model(args.model)
+    args.out = OUT if args.model == "smollm2" else OUT / args.model
+    windows = save_windows(model, args.nsamples, args.seqlen, args.max_tokens, args.out)
+    key = ("" if args.model == "smollm2" else f"{args.model}-") + f"n{args.nsamples}-s{args.seqlen}-e{args.max_tokens}"
     done = {(r["key"], r["tool"], r["method"], r["setting"]) for r in load_jsonl(args.results)}
 
     if (key, "dense", "dense", "-") not in done:
@@ -247,7 +249,7 @@ def main() -> None:
                        "loadavg": [round(load0, 2), round(os.getloadavg()[0], 2)]}
                 append_jsonl(args.results, rec)
                 log(f"{TOOLS[tool]:>14} {method:<10} {setting:>4}  ppl {rec['ppl']:9.3f}  prune {rec['prune_s']:6.1f}s")
-            folders = [OUT / f"{t}-{method}-{tag(setting)}" for t in ("llmcompressor", "statprune")]
+            folders = [args.out / f"{t}-{method}-{tag(setting)}" for t in ("llmcompressor", "statprune")]
             if (key, "compare", method, setting) not in done and all((f / "config.json").exists() for f in folders):
                 rec = {"key": key, "tool": "compare", "method": method, "setting": setting,
                        **compare_masks(*folders)}
@@ -269,6 +271,24 @@ samples by an unstable `torch.argsort` of their lengths, which permutes 64 equal
 statprune's order, and a hook on the embedding checks that they do (with the default shuffle they
 would arrive in random order: the same set, in other batches).
 
+How llm-compressor computes the two methods (read from its source, see the report of this benchmark):
+its Wanda keeps a running mean over calibration *windows* of each input channel's squared L2 norm in
+float32 (the same ranking as Wanda's ||X_j||_2, which is a constant factor away) and compares scores
+within each output row (stable sort) or within each group of M (topk); its SparseGPT accumulates
+H = 2/n X X^T in float32 as a running average over windows, dampens by dampening_frac x mean(diag H),
+sets dead channels (diag 0) to 1 and zeroes their weights, takes the upper Cholesky factor of H^-1,
+and in each block of block_size columns prunes the entries with w^2/[H^-1]_qq^2 <= the block
+matrix's int(numel x sparsity)-th smallest value (over the whole rows x block matrix, not per row),
+or per group of M columns chosen when the group's first column is reached, after the updates
+from the earlier columns of the block. Both see every token (no position skipped, no padding here),
+run decoder layer by decoder layer, collect all linears of a layer on the same inputs (the outputs
+of the already-pruned layers, with the current layer still dense), prune them, then rerun the layer
+to pass its pruned outputs on. Its calibration forward passes use eager attention (statprune: the
+model's default, sdpa), a numerical difference of float32 rounding size.
+"""
+
+# The reading of SmolLM2's cells, written by hand: it goes under that model's tables only
+MEASURED_SMOLLM2 = """\
 Measured. Every cell agrees within 1% (largest: SparseGPT 50%, statprune 0.8% lower).
 - Wanda at 50% and 2:4: the masks of the first layers are identical bit for bit and the share of
   common zeros falls smoothly to 99.7% by the last layer: the same formula, and only
@@ -286,21 +306,6 @@ Measured. Every cell agrees within 1% (largest: SparseGPT 50%, statprune 0.8% lo
 - Wall time, one tool after the other on the otherwise idle machine (load about 2): statprune takes
   0.76-0.80x llm-compressor's time for the same method (the Wanda 50% pair ran in an earlier,
   contended run: its 0.70x is not comparable).
-
-How llm-compressor computes the two methods (read from its source, see the report of this benchmark):
-its Wanda keeps a running mean over calibration *windows* of each input channel's squared L2 norm in
-float32 (the same ranking as Wanda's ||X_j||_2, which is a constant factor away) and compares scores
-within each output row (stable sort) or within each group of M (topk); its SparseGPT accumulates
-H = 2/n X X^T in float32 as a running average over windows, dampens by dampening_frac x mean(diag H),
-sets dead channels (diag 0) to 1 and zeroes their weights, takes the upper Cholesky factor of H^-1,
-and in each block of block_size columns prunes the entries with w^2/[H^-1]_qq^2 <= the block
-matrix's int(numel x sparsity)-th smallest value (over the whole rows x block matrix, not per row),
-or per group of M columns chosen when the group's first column is reached, after the updates
-from the earlier columns of the block. Both see every token (no position skipped, no padding here),
-run decoder layer by decoder layer, collect all linears of a layer on the same inputs (the outputs
-of the already-pruned layers, with the current layer still dense), prune them, then rerun the layer
-to pass its pruned outputs on. Its calibration forward passes use eager attention (statprune: the
-model's default, sdpa), a numerical difference of float32 rounding size.
 """
 
 
@@ -308,15 +313,16 @@ def write_doc(args: argparse.Namespace, key: str, methods: list[str], settings: 
     rows = [r for r in load_jsonl(args.results) if r["key"] == key]
     by = {(r["tool"], r["method"], r["setting"]): r for r in rows}
     dense = by.get(("dense", "dense", "-"))
-    cmd = (f"python scripts/bench_peer.py --methods {args.methods} --settings {args.settings} --nsamples {args.nsamples} "
+    cmd = (f"python scripts/bench_peer.py --model {args.model} --methods {args.methods} --settings {args.settings} --nsamples {args.nsamples} "
            f"--seqlen {args.seqlen} --max-tokens {args.max_tokens}")
     peer = next((r["versions"] for r in rows if r["tool"] == "llmcompressor"), {})
     ours = next((r["versions"] for r in rows if r["tool"] == "statprune"), {})
+    layers = json.loads((MODELS[args.model].folder / "config.json").read_text())["num_hidden_layers"]
     out = [
-        "## Side by side with llm-compressor (SmolLM2-135M)",
+        f"## Side by side with llm-compressor ({MODELS[args.model].label})",
         "",
         f"Made by `{cmd}` on 2 CPU cores, float32, one tool after the other in one run. Both tools prune every linear of "
-        f"the 30 decoder layers (the tied head stays dense) on the same {args.nsamples} windows x {args.seqlen} tokens "
+        f"the {layers} decoder layers (the head stays dense) on the same {args.nsamples} windows x {args.seqlen} tokens "
         f"of the C4 sample (statprune's windows, seed 0, passed to llm-compressor as a `datasets.Dataset` of input_ids "
         f"and checked to reach its model verbatim and in order), sequentially (`oneshot(..., pipeline=\"sequential\")`). "
         f"Both are measured by statprune's perplexity code: first {args.max_tokens} tokens of the WikiText-2 test split, "
@@ -361,8 +367,8 @@ def write_doc(args: argparse.Namespace, key: str, methods: list[str], settings: 
             wd = f"{c['weight_rel_diff']:.2%}" if c else ""
             out.append(f"| {m} | {s} | {d:+.2%} | {'yes' if abs(d) <= 0.01 else '**no**'} | "
                        f"{b['prune_s'] / a['prune_s']:.2f}x | {masks} | {wd} |")
-    out += ["", NOTES]
-    write_section("peer", "\n".join(out) + "\n")
+    out += ["", NOTES] + (["", MEASURED_SMOLLM2] if args.model == "smollm2" else [])
+    write_section("peer" if args.model == "smollm2" else f"peer-{args.model}", "\n".join(out) + "\n")
     log("peer tables written")
 
 
