@@ -213,7 +213,7 @@ def test_lsa_prunes_n_m_in_the_refined_order_and_keeps_more_score(method: str) -
     lin, x = correlated_layer()
     w = lin.weight.detach().clone()
     m = build_method(method, {}, "2:4")
-    stats = ChannelStats.of(x, sketch=32)  # statprune's N:M update reads a sketch (k 256 of 32 inputs: 32); the scores do not
+    stats = ChannelStats.of(x, sketch=32)  # statprune's N:M update reads a sketch (k 512 of 32 inputs: 32); the scores do not
     score = m.score(w, stats)
     heuristic = m.prune(correlated_layer()[0], stats, Target(0.5, (2, 4), reallocation=True)).info
     outcome = m.prune(lin, stats, Target(0.5, (2, 4), reallocation=True, lsa=True))

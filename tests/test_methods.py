@@ -104,9 +104,9 @@ def test_energy_targets_choose_the_linears_whose_energy_is_restored(options: dic
 
 @pytest.mark.parametrize("pattern,options,sketch,sequential,reorders", [
     ("unstructured", {}, 0, False, False),
-    ("2:4", {}, 256, True, True),
-    ("1:4", {}, 256, True, True),
-    ("4:8", {}, 256, True, True),
+    ("2:4", {}, 512, True, True),
+    ("1:4", {}, 512, True, True),
+    ("4:8", {}, 512, True, True),
     ("2:4", {"sketch_rank": 0}, 0, True, True),
     ("unstructured", {"sketch_rank": 32}, 32, False, False),
     ("2:4", {"preset": "paper"}, 0, True, False),
@@ -157,7 +157,7 @@ def test_statprune_default_unstructured_restores_half_the_energy(sparsity: float
 def test_statprune_default_for_nm_runs_admm_on_the_sketch_then_restores_half_the_energy(n: int, m: int) -> None:
     lin, x = layer_and_inputs()
     w = lin.weight.detach().double().clone()
-    stats = ChannelStats.of(x, sketch=256)
+    stats = ChannelStats.of(x, sketch=512)
     build_method("statprune", {}, f"{n}:{m}").prune(lin, stats, Target(n / m, (n, m)))
     updated = w.float()
     k = stats.sketch.shape[1]

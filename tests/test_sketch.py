@@ -93,7 +93,7 @@ def test_the_engine_collects_the_sketch_the_method_asks_for() -> None:
     model, ids = tiny_model("llama"), windows()
     method = build_method("statprune", {"sketch_rank": 4}, "2:4")
     assert method.sketch_rank == 4
-    assert build_method("statprune", {}, "2:4").sketch_rank == 256  # the N:M default
+    assert build_method("statprune", {}, "2:4").sketch_rank == 512  # the N:M default
     assert build_method("statprune", {}, "unstructured").sketch_rank == 0
     assert build_method("statprune", {"preset": "paper"}, "2:4").sketch_rank == 0
     res = engine(model).run(job(method, Target(0.5, (2, 4))), [ids])

@@ -34,7 +34,7 @@ from statprune_cli.admm import admm_update
 from statprune_cli.sketch import nystrom, probe
 from statprune_cli.stats import ChannelStats
 
-SKETCH_RANK = 256  # the probes of the full preset's sketch at N:M
+SKETCH_RANK = 512  # the probes of the full preset's sketch at N:M (at most the input channels: stats.probed)
 PRESETS = ("full", "paper")
 
 
