@@ -140,7 +140,7 @@ def test_realloc_suffixes_set_the_reallocation_key() -> None:
 
 def test_the_sketch_suffix_sets_statprunes_sketch_whatever_the_configs_method(cfg: Path) -> None:
     cells = plan_cells(load_config(cfg), ["statprune+sketch", "statprune+sketch(off)"], ["2:4"])
-    assert [c.cfg.pruning.options["sketch_rank"] for c in cells] == [256, 0]
+    assert [c.cfg.pruning.options["sketch_rank"] for c in cells] == [512, 0]
     with pytest.raises(ConfigError, match="pruning.options"):  # the config's method is not statprune's: refused
         plan_cells(load_config(cfg), ["wanda+sketch"], ["2:4"])
 
