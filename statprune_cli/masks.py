@@ -65,14 +65,15 @@ def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
     Up to m = 8 each entry's rank in its group is counted with m - 1 comparisons against the group's other
     columns, faster than ``topk`` on CPU (docs/experiments.md); the ADMM update recomputes the mask at every step.
-    Wider groups take ``topk``.
+    Wider groups take a stable sort (``topk`` breaks ties in no set order).
     """
     rows, cols = score.shape
     check_groups(cols, m)
     groups = score.reshape(rows, cols // m, m)
     mask = torch.empty_like(groups, dtype=torch.bool)
     if m > NM_RANK_MAX_M:
-        return mask.zero_().scatter_(-1, torch.topk(groups, n, dim=-1, largest=False).indices, True).reshape(rows, cols)
+        lowest = groups.argsort(dim=-1, stable=True)[..., :n]
+        return mask.zero_().scatter_(-1, lowest, True).reshape(rows, cols)
     columns = groups.unbind(-1)
     rank = torch.empty_like(columns[0], dtype=torch.uint8)
     for i, col in enumerate(columns):

@@ -36,7 +36,7 @@ def test_nm_has_exact_zeros_per_group(n: int, m: int) -> None:
     assert (s.masked_fill(~groups, -1).amax(-1) <= s.masked_fill(groups, 2).amin(-1)).all()
 
 
-@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (3, 8)])
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (3, 8), (8, 16)])
 def test_nm_ties_go_by_column_like_a_stable_sort(n: int, m: int) -> None:
     score = torch.randint(0, 3, (16, 64)).float()  # many ties in every group
     order = score.reshape(16, -1, m).argsort(dim=-1, stable=True)[..., :n]
