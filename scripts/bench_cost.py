@@ -133,11 +133,11 @@ column loop's launch overhead on a GPU, which this CPU measurement does not show
 
 
 READING_NM = """At an N:M pattern statprune adds to Wanda's passes its update on a sketch (since df950ee:
-collecting a 256-probe sketch of each distinct linear input's second moments, two products of tokens x in x 256
-multiply-adds, then per linear a Nystrom factorisation and, until 2abb998, a least-squares update of two products of
-the weight with a 256-column basis, as many as a forward pass over 512 tokens; since 2abb998 20 ADMM steps of two such
-products each, with the growing N:M mask's ranking and elementwise work beside them; by count the collection is
-about 3% of Wanda's two passes at the wide model's width and a fifth at SmolLM2's, where 256 probes come close to its 576 channels, on every token; since 39e572b it reads
+collecting a k-probe sketch of each distinct linear input's second moments, k = 512 since e1f0d65 and 256 before, two
+products of tokens x in x k multiply-adds, then per linear a Nystrom factorisation and 20 ADMM steps (since 2abb998; a
+least-squares update before) of two products of the weight with a k-column basis each, with the growing N:M mask's
+ranking and elementwise work beside them; by count, at k = 256 on every token, the collection is about 3% of Wanda's
+two passes at the wide model's width and a fifth at SmolLM2's; since 39e572b it reads
 every 4th token, never fewer than 8,192 (`sketch_every` unset), a quarter of that at 64 windows: a
 `statprune+sketch(every=1)` column, where present, is the run on every token, a `statprune+sketch(off)` column the run
 without the update, and the rows timed before it are under key `n{windows}-s512-2:4-before-sketch` in
