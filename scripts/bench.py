@@ -65,17 +65,25 @@ def model_tag(args: argparse.Namespace) -> str:
     return "" if args.model == "smollm2" else args.model
 
 
-def cell_key(args: argparse.Namespace) -> str:
-    """The model and protocol of a cell in bench.jsonl."""
+def tagged(name: str, args: argparse.Namespace) -> str:
+    """``name`` followed by the model's tag: a section file's name (``bench``, ``bench-qwen``)."""
+    return "-".join(filter(None, [name, model_tag(args)]))
+
+
+def cell_key(args: argparse.Namespace, seed: int | None = None) -> str:
+    """The model and protocol of a cell in bench.jsonl, for ``seed`` (default: ``args.seed``)."""
+    seed = args.seed if seed is None else seed
     tag = model_tag(args)
-    return (f"{tag}-" if tag else "") + f"n{args.nsamples}-s{args.seqlen}-e{args.max_tokens}" + (f"-seed{args.seed}" if args.seed else "")
+    return (f"{tag}-" if tag else "") + f"n{args.nsamples}-s{args.seqlen}-e{args.max_tokens}" + (f"-seed{seed}" if seed else "")
 
 
 def seed0_dense(args: argparse.Namespace) -> Callable[[], dict[str, float]] | None:
     """For another seed's key, the seed-0 key's dense perplexities where they are recorded: the dense model does not
     depend on the calibration seed, and evaluating it again takes minutes on Qwen."""
-    base = cell_key(argparse.Namespace(**{**vars(args), "seed": 0}))
-    rows = [r for r in load_jsonl(args.results) if args.seed and r["key"] == base and r["method"] == "dense"]
+    if not args.seed:
+        return None
+    base = cell_key(args, seed=0)
+    rows = [r for r in load_jsonl(args.results) if r["key"] == base and r["method"] == "dense"]
     return (lambda: rows[0].get("ppls") or {"wikitext2[test]": rows[0]["ppl"]}) if rows else None
 
 
@@ -92,7 +100,7 @@ def write_doc(args: argparse.Namespace, key: str) -> None:
     methods = [m for m in args.methods.split(",") if any(k[0] == m for k in by)]
     dense = by.get(("dense", "-"))
     label, tag = MODELS[args.model].label, model_tag(args)
-    section = args.section + (f"-{tag}" if tag else "")
+    section = tagged(args.section, args)
     flag = f"--model {tag} " if tag else ""
     cmd = (f"python scripts/bench.py {flag}--settings {args.settings} --methods {args.methods} --nsamples {args.nsamples} "
            f"--seqlen {args.seqlen} --max-tokens {args.max_tokens}")

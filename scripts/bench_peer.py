@@ -41,7 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _runs import (BASE_CONFIG, DATA, MODELS, RESULTS, ROOT, append_jsonl, common_overrides, ensure_model, load_jsonl,  # noqa: E402
                    pattern_overrides, statprune, write_section)
-from bench import cell_key, model_tag  # noqa: E402
+from bench import cell_key, model_tag, tagged  # noqa: E402
 
 PEER_VENV = ROOT / ".venv-peer"
 PEER_PY = PEER_VENV / "bin" / "python"
@@ -225,7 +225,7 @@ def main() -> None:
     model = ensure_model(args.model)
     args.out = OUT / model_tag(args)  # OUT itself for SmolLM2, whose tag is empty
     windows = save_windows(model, args.nsamples, args.seqlen, args.max_tokens, args.out)
-    key = cell_key(argparse.Namespace(**vars(args), seed=0))  # bench.py's key for the same model and windows
+    key = cell_key(args, seed=0)  # bench.py's key for the same model and windows
     done = {(r["key"], r["tool"], r["method"], r["setting"]) for r in load_jsonl(args.results)}
 
     if (key, "dense", "dense", "-") not in done:
@@ -369,7 +369,7 @@ def write_doc(args: argparse.Namespace, key: str, methods: list[str], settings: 
             out.append(f"| {m} | {s} | {d:+.2%} | {'yes' if abs(d) <= 0.01 else '**no**'} | "
                        f"{b['prune_s'] / a['prune_s']:.2f}x | {masks} | {wd} |")
     out += ["", NOTES] + (["", MEASURED_SMOLLM2] if args.model == "smollm2" else [])
-    write_section("-".join(filter(None, ["peer", model_tag(args)])), "\n".join(out) + "\n")
+    write_section(tagged("peer", args), "\n".join(out) + "\n")
     log("peer tables written")
 
 
