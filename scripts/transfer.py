@@ -50,8 +50,10 @@ VARIANTS: dict[str, dict[str, list[str]]] = {
         "full -resperm": ["pruning.residual_permutation=false"],
         "full -realloc": ["pruning.reallocation=false", "pruning.residual_permutation=false"],
         "paper": ["pruning.options.preset=paper"],
+        "paper (alpha 0.5)": ["pruning.options.preset=paper", "pruning.options.alpha=0.5"],  # RIA's activation exponent
         "wanda": ["pruning.method=wanda"],
         "sparsegpt": ["pruning.method=sparsegpt"],
+        "ria": ["pruning.method=ria"],
         "full (LS update)": ["pruning.method=statprune-ls"],  # the former update (scripts/experimental.py)
         "full (ADMM 10 steps)": ["pruning.method=statprune-admm10"],  # half the update's cost
         "full (ADMM 20 steps)": ["pruning.method=statprune"],  # = full today, for a comparison at one commit
