@@ -341,15 +341,17 @@ class LinearResult:
     info: dict[str, Any] = field(default_factory=dict)
     reordered: bool = False  # its N:M groups were taken over reallocated input channels
     permutation: torch.Tensor | None = None  # that order, where the model did not absorb it: saved beside the weights
+    zeros_before: int | None = None  # zeros the checkpoint already held (dequantized weights do): they count as pruned
 
     def record(self) -> dict[str, Any]:
         """The JSON-able part (``permutation`` goes to its own file)."""
         return {"shape": list(self.shape), "target": self.target, "zeros": self.zeros, "sparsity": self.sparsity,
-                "info": self.info, "reordered": self.reordered}
+                "info": self.info, "reordered": self.reordered, "zeros_before": self.zeros_before}
 
     @classmethod
     def from_record(cls, r: dict[str, Any]) -> LinearResult:
-        return cls(tuple(r["shape"]), r["target"], r["zeros"], r["sparsity"], r["info"], r.get("reordered", False))
+        return cls(tuple(r["shape"]), r["target"], r["zeros"], r["sparsity"], r["info"], r.get("reordered", False),
+                   zeros_before=r.get("zeros_before"))
 
 
 @dataclass
@@ -667,8 +669,9 @@ class LayerwiseEngine:
             stats.check_finite(name)
         if not all_finite(linear.weight.detach()):
             raise PruneError(f"non-finite weights in {name}")
+        before = count_zeros(linear.weight)
         outcome = pruner.prune(linear, stats, target)
         order = None if outcome.permutation is None else outcome.permutation.detach().to("cpu").contiguous()
         zeros = count_zeros(linear.weight)
         return LinearResult(tuple(linear.weight.shape), target.sparsity, zeros, zeros / linear.weight.numel(),
-                            outcome.info, order is not None, order)
+                            outcome.info, order is not None, order, before)

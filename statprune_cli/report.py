@@ -91,7 +91,7 @@ def model_sparsity(model: nn.Module) -> dict[str, float | int]:
 def layer_summary(result: EngineResult, layer_target: Callable[[int], float]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Per-layer rows and the total over the pruned linears. A row's ``target_sparsity`` is the layer's (OWL's, or
     the run's), which its linears may share out unevenly (``pruning.allocation``); each linear has its own."""
-    rows, zeros, numel = [], 0, 0
+    rows, zeros, numel, before = [], 0, 0, []
     for layer in result.layers:
         lin = {}
         lz, ln = 0, 0
@@ -99,10 +99,22 @@ def layer_summary(result: EngineResult, layer_target: Callable[[int], float]) ->
             n = r.shape[0] * r.shape[1]
             lin[name] = {"shape": list(r.shape), "target_sparsity": r.target, "sparsity": r.sparsity, **r.info}
             lz, ln = lz + r.zeros, ln + n
+            before.append(r.zeros_before)
         zeros, numel = zeros + lz, numel + ln
         rows.append({"layer": layer.index, "seconds": round(layer.seconds, 4), "target_sparsity": layer_target(layer.index),
                      "sparsity": lz / ln if ln else 0.0, "linears": lin})
-    return rows, {"zeros": zeros, "parameters": numel, "sparsity": zeros / numel if numel else 0.0}
+    known = None if None in before else sum(before)  # a run resumed from an older version did not count them
+    return rows, {"zeros": zeros, "parameters": numel, "sparsity": zeros / numel if numel else 0.0, "zeros_before": known}
+
+
+def zeros_before_note(totals: dict[str, Any]) -> list[str]:
+    """Why a run can read above its target: the checkpoint's own zeros count, and masks that only zero weights keep
+    them (an N:M group that already held more than M-N zeros stays above N/M)."""
+    before, numel = totals.get("zeros_before"), totals["parameters"]
+    if not before:
+        return []
+    return [f"{before:,} of the pruned linears' {numel:,} weights ({before / numel:.3%}) were zero before pruning; "
+            "they count in the reported sparsity"]
 
 
 def print_report(report: dict[str, Any], console: Console | None = None) -> None:

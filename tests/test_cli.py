@@ -44,6 +44,7 @@ def test_prune_writes_a_loadable_folder_and_report(cfg: Path, tmp_path: Path) ->
     assert not list(tmp_path.glob(".out.tmp-*"))
     assert json.loads((out / "report.json").read_text())["method"] == "wanda"
     assert report["sparsity"]["pruned_linears"]["sparsity"] == pytest.approx(0.5)
+    assert report["sparsity"]["pruned_linears"]["zeros_before"] == 0 and not report["notes"]
     assert 0 < report["sparsity"]["all_parameters"]["sparsity"] < 0.5
     assert report["perplexity"][0]["windows"] > 0 and report["perplexity"][0]["perplexity"] > 1
     assert len(report["layers"]) == 3 and "peak_rss_mib" in report["memory"]
@@ -55,6 +56,25 @@ def test_prune_writes_a_loadable_folder_and_report(cfg: Path, tmp_path: Path) ->
     q = model.model.layers[1].self_attn.q_proj.weight
     assert ((q == 0).sum(1) == q.shape[1] // 2).all()
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
+
+
+def test_report_counts_the_checkpoints_own_zeros(tmp_path: Path, text_files: dict[str, Path]) -> None:
+    """A checkpoint that already holds zeros (a dequantized one does) reads above 2:4 after a mask-only method:
+    the report counts those zeros and says why."""
+    d = tmp_path / "zeros"
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].mlp.gate_proj.weight[:, :8] = 0  # two whole 4-column groups per row
+    model.save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    cfg = write_config(tmp_path / "run.yaml", d, text_files, tmp_path / "out", pruning={"method": "magnitude", "pattern": "2:4"})
+    res = run("prune", str(cfg), "--quiet", "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    totals = report["sparsity"]["pruned_linears"]
+    assert totals["zeros_before"] == 128 * 8
+    assert totals["zeros"] == totals["parameters"] // 2 + 128 * 4  # each all-zero group keeps its two extra zeros
+    assert any(n.startswith("1,024 of the pruned linears'") for n in report["notes"])
 
 
 @pytest.mark.parametrize("pruning", [[], ["--set", "pruning.method=statprune", "--set", "pruning.pattern=2:4"]])

@@ -27,7 +27,7 @@ from statprune_cli.memory import trim_heap
 from statprune_cli.perplexity import EvalSet, eval_sets, perplexities
 from statprune_cli.plan import Plan, make_plan
 from statprune_cli.pruning import PruneInputs, Pruned, check_stats, config_method, layer_target, needs_batches, prune_model
-from statprune_cli.report import layer_summary, model_sparsity, package_versions, peak_memory, strict_json
+from statprune_cli.report import layer_summary, model_sparsity, package_versions, peak_memory, strict_json, zeros_before_note
 from statprune_cli.runtime import Placement, Timer, activation_folder, check_world, decide_streaming, setup_runtime
 from statprune_cli.streaming import (Checkpoint, StreamedLayers, StreamingOutput, folder_sparsity, load_skeleton, partial_dir,
                                      resolve_folder, tokenizer_folder)
@@ -203,7 +203,7 @@ class Run:
             "perplexity": ppl,
             "timings": {},
             "memory": {},
-            "notes": pruned.notes,
+            "notes": pruned.notes + zeros_before_note(totals),
             "versions": versions,
             "output_dir": str(out),
         }
