@@ -69,6 +69,7 @@ def report(folder: Path) -> dict:
 def test_statprune_on_two_processes_equals_one_bit_for_bit(tmp_path: Path, tiny_model_dir: Path,
                                                            text_files: dict[str, Path], one_thread: None) -> None:
     # the energy restoration scales every kept weight by the statistics' second moments, so any change in their sums shows
+    # unstructured: the channel sums alone (the N:M sketch is summed as it comes: the next test)
     cfg = config(tmp_path, tiny_model_dir, text_files, pruning={"method": "statprune", "options": {"energy_targets": ["re:.*"]}})
     single("prune", str(cfg), "-o", str(tmp_path / "one"))
     res = torchrun("prune", str(cfg), "--json", "-o", str(tmp_path / "two"))
@@ -82,16 +83,20 @@ def test_statprune_on_two_processes_equals_one_bit_for_bit(tmp_path: Path, tiny_
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def test_calibration_sums_are_bit_identical_and_sparsegpt_within_float32_rounding(
-        tmp_path: Path, tiny_model_dir: Path, text_files: dict[str, Path], one_thread: None) -> None:
-    cfg = config(tmp_path, tiny_model_dir, text_files, pruning={"method": "sparsegpt"}, eval={"datasets": []})
+# statprune at N:M: ADMM's steps amplify the sketch's rounding, and from the second layer on the inputs differ too,
+# enough to move the channel reallocation's orders: the first layer is compared
+@pytest.mark.parametrize("pruning,tol,prefix", [({"method": "sparsegpt"}, 1e-4, "model.layers."),
+                                                ({"method": "statprune", "pattern": "2:4"}, 1e-3, "model.layers.0.")])
+def test_calibration_sums_are_bit_identical_and_second_order_methods_within_float32_rounding(
+        pruning: dict, tol: float, prefix: str, tmp_path: Path, tiny_model_dir: Path, text_files: dict[str, Path], one_thread: None) -> None:
+    cfg = config(tmp_path, tiny_model_dir, text_files, pruning=pruning, eval={"datasets": []})
     single("calibrate", str(cfg), "-o", str(tmp_path / "one.safetensors"))
     res = torchrun("calibrate", str(cfg), "-o", str(tmp_path / "two.safetensors"))
     assert res.returncode == 0, res.stderr
     one, two = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
     assert one.keys() == two.keys()
     for k in one:
-        if k.endswith(".gram"):  # float32, all-reduced: rounding only
+        if k.endswith((".gram", ".sketch")):  # float32, all-reduced: rounding only
             assert torch.allclose(one[k], two[k], rtol=0, atol=1e-6 * float(one[k].abs().max())), k
         else:  # float64 sums in global batch order
             assert torch.equal(one[k], two[k]), k
@@ -100,10 +105,14 @@ def test_calibration_sums_are_bit_identical_and_sparsegpt_within_float32_roundin
     res = torchrun("prune", str(cfg), "-o", str(tmp_path / "two"))
     assert res.returncode == 0, res.stderr
     a, b = tensors(tmp_path / "one"), tensors(tmp_path / "two")
-    for k in (k for k in a if k.endswith("proj.weight")):
-        flipped = ((a[k] == 0) != (b[k] == 0)).float().mean()
-        assert flipped <= 0.001, k  # the documented tolerance: masks differ only at near-ties
-        assert torch.allclose(a[k], b[k], rtol=0, atol=1e-4 * float(a[k].abs().max())), k
+    compared = [k for k in a if k.startswith(prefix) and k.endswith("proj.weight")]
+    assert len(compared) >= 7
+    for k in compared:
+        flipped = (a[k] == 0) != (b[k] == 0)
+        assert flipped.float().mean() <= 0.001, k  # the documented tolerance: masks differ only at near-ties
+        same = ~flipped.any(1)  # a flipped weight moves the update of the rest of its row
+        assert same.float().mean() >= 0.9, k
+        assert torch.allclose(a[k][same], b[k][same], rtol=0, atol=tol * float(a[k].abs().max())), k
 
 
 def test_a_killed_rank_fails_the_launch_and_the_run_resumes_on_two_processes(
