@@ -110,7 +110,7 @@ def layer_summary(result: EngineResult, layer_target: Callable[[int], float]) ->
 def zeros_before_note(totals: dict[str, Any]) -> list[str]:
     """Why a run can read above its target: the checkpoint's own zeros count, and masks that only zero weights keep
     them (an N:M group that already held more than M-N zeros stays above N/M)."""
-    before, numel = totals.get("zeros_before"), totals["parameters"]
+    before, numel = totals["zeros_before"], totals["parameters"]
     if not before:
         return []
     return [f"{before:,} of the pruned linears' {numel:,} weights ({before / numel:.3%}) were zero before pruning; "

@@ -83,12 +83,15 @@ def test_statprune_on_two_processes_equals_one_bit_for_bit(tmp_path: Path, tiny_
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-# statprune at N:M: ADMM's steps amplify the sketch's rounding, and from the second layer on the inputs differ too,
-# enough to move the channel reallocation's orders: the first layer is compared
-@pytest.mark.parametrize("pruning,tol,prefix", [({"method": "sparsegpt"}, 1e-4, "model.layers."),
-                                                ({"method": "statprune", "pattern": "2:4"}, 1e-3, "model.layers.0.")])
+# statprune at N:M: ADMM's steps amplify the sketch's rounding, a flipped weight moves the update of the rest of its
+# row, and from the second layer on the inputs differ too, enough to move the channel reallocation's orders: the first
+# layer's rows with no flipped weight are compared
+@pytest.mark.parametrize("pruning,tol,prefix,flipped_rows_move", [
+    ({"method": "sparsegpt"}, 1e-4, "model.layers.", False),
+    ({"method": "statprune", "pattern": "2:4"}, 1e-3, "model.layers.0.", True)])
 def test_calibration_sums_are_bit_identical_and_second_order_methods_within_float32_rounding(
-        pruning: dict, tol: float, prefix: str, tmp_path: Path, tiny_model_dir: Path, text_files: dict[str, Path], one_thread: None) -> None:
+        pruning: dict, tol: float, prefix: str, flipped_rows_move: bool, tmp_path: Path, tiny_model_dir: Path,
+        text_files: dict[str, Path], one_thread: None) -> None:
     cfg = config(tmp_path, tiny_model_dir, text_files, pruning=pruning, eval={"datasets": []})
     single("calibrate", str(cfg), "-o", str(tmp_path / "one.safetensors"))
     res = torchrun("calibrate", str(cfg), "-o", str(tmp_path / "two.safetensors"))
@@ -110,7 +113,7 @@ def test_calibration_sums_are_bit_identical_and_second_order_methods_within_floa
     for k in compared:
         flipped = (a[k] == 0) != (b[k] == 0)
         assert flipped.float().mean() <= 0.001, k  # the documented tolerance: masks differ only at near-ties
-        same = ~flipped.any(1)  # a flipped weight moves the update of the rest of its row
+        same = ~flipped.any(1) if flipped_rows_move else torch.ones(flipped.shape[0], dtype=torch.bool)
         assert same.float().mean() >= 0.9, k
         assert torch.allclose(a[k][same], b[k][same], rtol=0, atol=tol * float(a[k].abs().max())), k
 
