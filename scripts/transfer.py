@@ -42,6 +42,8 @@ VARIANTS: dict[str, dict[str, list[str]]] = {
         "wanda": ["pruning.method=wanda"],
         "sparsegpt": ["pruning.method=sparsegpt"],
         "full +sketch": [*FULL, "pruning.options.sketch_rank=256"],  # ADMM on a 256-probe sketch, as at N:M
+        # the same fitted to the pruned model's inputs, as at N:M (two passes per layer)
+        "full +sketch +sequential": [*FULL, "pruning.options.sketch_rank=256", "pruning.sequential=true"],
     },
     "nm": {
         "full": [],
