@@ -44,6 +44,7 @@ VARIANTS: dict[str, dict[str, list[str]]] = {
         "full +sketch": [*FULL, "pruning.options.sketch_rank=256"],  # ADMM on a 256-probe sketch, as at N:M
         # the same fitted to the pruned model's inputs, as at N:M (two passes per layer)
         "full +sketch +sequential": [*FULL, "pruning.options.sketch_rank=256", "pruning.sequential=true"],
+        "full +owl": [*FULL, "pruning.profile=owl"],  # OWL's layer profile (outlier count above 7x the mean score)
     },
     "nm": {
         "full": [],
