@@ -75,7 +75,7 @@ def main() -> None:
     bf16 = Bf16System.of(h.diagonal().clone(), u, lam)
     r, z, dual = w.clone(), w.clone(), torch.zeros_like(w)
     mask = w > 0
-    ramp_mask = sparsity * 0.5
+    mid_ramp = sparsity * 0.5  # a ramp step's sparsity: every ramp step takes about the same work
 
     def elementwise() -> None:  # one step's work besides the solve and the mask (admm.admm)
         torch.add(w, dual, out=z).masked_fill_(mask, 0.0)
@@ -86,14 +86,14 @@ def main() -> None:
     parts = {
         "solve, float32 products": best(lambda: fp32.solve_(r), args.repeats),
         "solve, bfloat16 products": best(lambda: bf16.solve_(r), args.repeats),
-        "growing mask (ramp steps)": best(lambda: gradual_mask(w.abs(), ramp_mask, nm), args.repeats),
+        "growing mask (ramp steps)": best(lambda: gradual_mask(w.abs(), mid_ramp, nm), args.repeats),
         "elementwise": best(elementwise, args.repeats),
     }
     for name, seconds in parts.items():
         print(f"  step part: {name:28s} {seconds:7.3f}")
     for name, system in (("float32", fp32), ("bfloat16", bf16)):
         out: list[torch.Tensor] = []
-        seconds = best(lambda: out.append(admm(w, system, sparsity, nm)), 1)  # noqa: B023 - called at once
+        seconds = best(lambda s=system, o=out: o.append(admm(w, s, sparsity, nm)), 1)
         print(f"  update ({STEPS} steps, mask over {RAMP}), {name} products: {seconds:7.2f} s, output error {error(out[-1]):.6f}")
 
 
