@@ -77,7 +77,8 @@ def main() -> None:
     mask = w > 0
     mid_ramp = sparsity * 0.5  # a ramp step's sparsity: every ramp step takes about the same work
 
-    def elementwise() -> None:  # one step of admm.admm besides the solve and the mask (whose timing takes the absolute values)
+    # one step of admm.admm besides the solve and the mask (whose timing takes the absolute values)
+    def elementwise() -> None:
         torch.add(w, dual, out=z).masked_fill_(mask, 0.0)
         dual.add_(w).sub_(z)
         torch.sub(z, dual, out=r).mul_(RHO).add_(w)
@@ -93,7 +94,8 @@ def main() -> None:
     for name, system in (("float32", fp32), ("bfloat16", bf16)):
         out: list[torch.Tensor] = []
         seconds = best(lambda s=system, o=out: o.append(admm(w, s, sparsity, nm)), 1)
-        print(f"  update ({STEPS} steps, mask over {RAMP}), {name} products: {seconds:7.2f} s, output error {error(out[-1]):.6f}")
+        print(f"  update ({STEPS} steps, mask over {RAMP}), {name} products: {seconds:7.2f} s, "
+              f"output error {error(out[-1]):.6f}")
 
 
 if __name__ == "__main__":
